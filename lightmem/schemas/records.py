@@ -1,0 +1,315 @@
+"""The event contracts: one pydantic model per record, the one place a field is defined.
+
+The versioned JSON Schema files under ``schemas/json/`` are generated from these models
+(``lightmem schemas export``) and a test keeps them identical, so producers in other
+languages validate against exactly what the Python side accepts.
+
+Exceptions::
+
+    ValueError
+     └── SchemaError        a payload failed to decode or validate; lists every error
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+__all__ = [
+    "SchemaError",
+    "Record",
+    "Role",
+    "TurnEvent",
+    "SegmentTurn",
+    "Segment",
+    "EntryMode",
+    "MemoryEntry",
+    "ChangeOp",
+    "MemoryChange",
+    "SleepAction",
+    "SleepWindowCommand",
+    "DeadLetter",
+    "stable_id",
+]
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True)]
+
+
+class SchemaError(ValueError):
+    """A payload failed to decode or validate against a record's schema.
+
+    ``errors`` holds one ``(field, reason, value repr)`` triple per problem, all of them,
+    not only the first.
+    """
+
+    def __init__(self, record: str, errors: list[tuple[str, str, str]]) -> None:
+        self.record = record
+        self.errors = errors
+        lines = "; ".join(f"{field}: {reason} (got {value})" for field, reason, value in errors)
+        super().__init__(f"invalid {record}: {lines}")
+
+
+def stable_id(*parts: object) -> str:
+    """A deterministic id from the given parts, so re-processing never duplicates a record."""
+    joined = "\x1f".join(str(p) for p in parts)
+    return hashlib.sha256(joined.encode()).hexdigest()[:32]
+
+
+class Record(BaseModel):
+    """Base of every event record: strict about unknown fields, JSON in and out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Version of this record's schema; bumped on incompatible changes.
+    schema_version: Literal[1] = 1
+
+    @classmethod
+    def parse(cls, payload: bytes | str | dict[str, Any]) -> Self:
+        """Decode and validate ``payload``; raise :class:`SchemaError` naming every bad field."""
+        try:
+            if isinstance(payload, dict):
+                return cls.model_validate(payload)
+            return cls.model_validate_json(payload)
+        except ValidationError as exc:
+            errors = []
+            for err in exc.errors(include_url=False):
+                loc = ".".join(str(p) for p in err["loc"]) or "<record>"
+                value = "nothing" if err["type"] == "missing" else repr(err.get("input"))
+                if len(value) > 80:
+                    value = value[:77] + "..."
+                errors.append((loc, err["msg"], value))
+            raise SchemaError(cls.__name__, errors) from None
+
+    def to_json(self) -> str:
+        """Serialise to compact JSON."""
+        return self.model_dump_json(exclude_none=False)
+
+    def to_bytes(self) -> bytes:
+        """Serialise to UTF-8 JSON bytes (the Kafka value)."""
+        return self.to_json().encode()
+
+
+class Role(StrEnum):
+    user = "user"
+    assistant = "assistant"
+
+
+class TurnEvent(Record):
+    """One chat message produced by the platform (topic ``lightmem.turns.v1``)."""
+
+    #: Tenant (customer) the conversation belongs to.
+    tenant: Name
+    #: End user whose memory this turn feeds: memories are scoped to (tenant, user).
+    user: Name
+    #: Conversation id; the partition key is ``tenant/conversation``.
+    conversation: Name
+    #: Session within the conversation; a new session flushes the sensory buffer.
+    session: Name
+    #: Turn id, unique within the conversation.
+    turn_id: Name
+    #: Who wrote it: the user or the assistant (the other party).
+    role: Role
+    #: Display name of the speaker ("Caroline", "assistant").
+    speaker: Name
+    #: The message text.
+    text: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+    #: When the message was written (timezone-aware ISO 8601).
+    event_time: AwareDatetime
+    #: Free-form platform metadata, carried through untouched.
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def conversation_key(self) -> str:
+        """Kafka key and buffer key: ``tenant/conversation``."""
+        return f"{self.tenant}/{self.conversation}"
+
+    @property
+    def scope(self) -> str:
+        """Memory scope: ``tenant/user``."""
+        return f"{self.tenant}/{self.user}"
+
+
+class SegmentTurn(BaseModel):
+    """A turn as it travels inside a segment: original and compressed text side by side."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    turn_id: Name
+    role: Role
+    speaker: Name
+    event_time: AwareDatetime
+    #: The text as the platform sent it (kept for audit, replay and evaluation).
+    original_text: str
+    #: The text after sensory pre-compression (equal to the original when not compressed).
+    compressed_text: str
+
+
+class Segment(Record):
+    """A topic segment cut from a sensory buffer (topic ``lightmem.segments.v1``)."""
+
+    tenant: Name
+    user: Name
+    conversation: Name
+    session: Name
+    #: Deterministic id: hash of the conversation key and the first turn id.
+    segment_id: str
+    #: Turns of the segment, in conversation order.
+    turns: list[SegmentTurn] = Field(min_length=1)
+    #: Why the segment was closed: a detected topic boundary or a buffer flush.
+    closed_by: Literal["boundary", "flush"]
+
+    @property
+    def conversation_key(self) -> str:
+        return f"{self.tenant}/{self.conversation}"
+
+    @property
+    def scope(self) -> str:
+        return f"{self.tenant}/{self.user}"
+
+
+class EntryMode(StrEnum):
+    #: Facts written by one LLM call per topic-buffer flush.
+    llm = "llm"
+    #: No LLM configured: each entry is a compressed turn tagged with its topic segment.
+    extractive = "extractive"
+
+
+class MemoryEntry(Record):
+    """One long-term memory (topic ``lightmem.entries.v1``, key = ``tenant/user``)."""
+
+    #: Deterministic id (scope, source turns, fact index): replays upsert, never duplicate.
+    id: str
+    tenant: Name
+    user: Name
+    conversation: Name
+    #: The topic segment the fact came from.
+    topic_id: str
+    speaker: str
+    #: The memory itself: a standalone sentence (llm) or a compressed turn (extractive).
+    fact: str
+    #: When the source turn happened (the memory's time for temporal reasoning).
+    event_time: AwareDatetime
+    #: When the entry was written.
+    ingest_time: AwareDatetime
+    #: Turn ids the fact was extracted from.
+    source_turn_ids: list[str] = Field(min_length=1)
+    #: Source turns' original text, joined.
+    original_text: str
+    #: Source turns' compressed text, joined.
+    compressed_text: str
+    mode: EntryMode
+    #: Bumped on every sleep-time update.
+    version: int = Field(default=1, ge=1)
+    #: Sentence embedding; absent on the wire, filled by the index sink.
+    embedding: list[float] | None = None
+
+    @property
+    def scope(self) -> str:
+        return f"{self.tenant}/{self.user}"
+
+
+class ChangeOp(StrEnum):
+    add = "add"
+    update = "update"
+    delete = "delete"
+
+
+class MemoryChange(Record):
+    """Every add/update/delete of a memory (topic ``lightmem.memory-changes.v1``)."""
+
+    #: Deterministic id: (memory id, op, resulting version).
+    change_id: str
+    op: ChangeOp
+    memory_id: str
+    tenant: Name
+    user: Name
+    #: The entry before the change (None for add).
+    before: MemoryEntry | None = None
+    #: The entry after the change (None for delete).
+    after: MemoryEntry | None = None
+    #: Newer entries that caused an update/delete.
+    caused_by: list[str] = Field(default_factory=list)
+    #: The consolidator's explanation, or "ingest".
+    reason: str = ""
+    at: AwareDatetime
+
+
+class SleepAction(StrEnum):
+    open = "open"
+    close = "close"
+    schedule = "schedule"
+
+
+class SleepWindowCommand(Record):
+    """An operator's command on the sleep-time window (topic ``lightmem.sleep-control.v1``)."""
+
+    command_id: Name
+    action: SleepAction
+    #: Limit the window to one tenant; None = all tenants.
+    tenant: Name | None = None
+    #: For ``open``: when the window closes by itself.
+    until: AwareDatetime | None = None
+    #: For ``schedule``: a cron expression (minute hour dom month dow) and window length.
+    cron: str | None = None
+    duration_s: int | None = Field(default=None, gt=0)
+    issued_at: AwareDatetime
+    issued_by: str = "ops"
+
+
+class DeadLetter(Record):
+    """An event a stage could not process, with everything needed to replay it."""
+
+    #: The stage that gave up: parse, compress, segment, summarize, index, consolidate, ...
+    stage: Name
+    #: Human-readable reason: field, problem, value.
+    reason: str
+    #: Exception class name.
+    error_type: str
+    #: Where the event came from: a topic name, or a file path for file ingest.
+    source: str
+    partition: int | None = None
+    #: Kafka offset, or the 1-based line number for file ingest.
+    offset: int | None = None
+    #: The original bytes, decoded as UTF-8 with replacement (see ``raw_b64`` for exactness).
+    raw: str
+    raw_b64: str
+    at: AwareDatetime
+
+    @classmethod
+    def from_raw(
+        cls,
+        raw: bytes,
+        *,
+        stage: str,
+        error: BaseException,
+        source: str,
+        at: datetime,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> DeadLetter:
+        """Build a dead letter for ``raw`` that failed in ``stage`` with ``error``."""
+        import base64
+
+        return cls(
+            stage=stage,
+            reason=str(error),
+            error_type=type(error).__name__,
+            source=source,
+            partition=partition,
+            offset=offset,
+            raw=raw.decode("utf-8", errors="replace"),
+            raw_b64=base64.b64encode(raw).decode(),
+            at=at,
+        )
