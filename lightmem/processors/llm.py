@@ -1,0 +1,139 @@
+"""The LLM seen by the processors: a narrow chat protocol, usage accounting, errors.
+
+The processors never import an SDK: ``lightmem.streams.openai_chat.OpenAIChatModel`` (any
+OpenAI-compatible endpoint) implements :class:`ChatModel`, and tests may pass their own.
+
+Exceptions::
+
+    LLMError
+     ├── LLMTransientError   timeouts, 429, 5xx after the client's own retries: retry later
+     └── LLMPermanentError   400-class errors, refusals: dead-letter the input
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+__all__ = [
+    "ChatMessage",
+    "Completion",
+    "ChatModel",
+    "LLMError",
+    "LLMTransientError",
+    "LLMPermanentError",
+    "UsageMeter",
+    "UsageTotals",
+]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One chat completion with the usage the endpoint reported."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    model: str = ""
+
+
+class LLMError(Exception):
+    """Base of every LLM failure."""
+
+
+class LLMTransientError(LLMError):
+    """The endpoint is unavailable or throttling; the same request may succeed later."""
+
+
+class LLMPermanentError(LLMError):
+    """The request itself is rejected; retrying it will not help."""
+
+
+class ChatModel(Protocol):
+    """Anything that answers a chat: ``complete(messages, stage=..., tenant=...)``.
+
+    Implementations record every call in their :class:`UsageMeter` under ``stage`` and
+    ``tenant`` (cost is the product's headline), and raise :class:`LLMError` subclasses.
+    """
+
+    meter: UsageMeter
+
+    def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        stage: str,
+        tenant: str,
+        json_mode: bool = False,
+        max_tokens: int | None = None,
+    ) -> Completion: ...
+
+
+@dataclass
+class UsageTotals:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    errors: int = 0
+
+    def add(self, other: UsageTotals) -> None:
+        self.calls += other.calls
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.latency_s += other.latency_s
+        self.errors += other.errors
+
+
+@dataclass
+class UsageMeter:
+    """Counts LLM calls, prompt/completion tokens and latency per (stage, tenant).
+
+    Thread-safe: consolidation runs targets concurrently.
+    """
+
+    _totals: dict[tuple[str, str], UsageTotals] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, stage: str, tenant: str, completion: Completion) -> None:
+        """Count one successful call."""
+        with self._lock:
+            t = self._totals.setdefault((stage, tenant), UsageTotals())
+            t.calls += 1
+            t.prompt_tokens += completion.prompt_tokens
+            t.completion_tokens += completion.completion_tokens
+            t.latency_s += completion.latency_s
+
+    def record_error(self, stage: str, tenant: str, latency_s: float = 0.0) -> None:
+        """Count one failed call (it still cost a round trip)."""
+        with self._lock:
+            t = self._totals.setdefault((stage, tenant), UsageTotals())
+            t.errors += 1
+            t.latency_s += latency_s
+
+    def merge(self, stage: str, tenant: str, totals: UsageTotals) -> None:
+        """Add totals recorded elsewhere (e.g. loaded from a persisted run)."""
+        with self._lock:
+            self._totals.setdefault((stage, tenant), UsageTotals()).add(totals)
+
+    def by_key(self) -> dict[tuple[str, str], UsageTotals]:
+        """A copy of the per-(stage, tenant) totals."""
+        with self._lock:
+            return {k: UsageTotals(**vars(v)) for k, v in self._totals.items()}
+
+    def total(self, stage: str | None = None, tenant: str | None = None) -> UsageTotals:
+        """Sum over every key matching ``stage`` and ``tenant`` (None = any)."""
+        out = UsageTotals()
+        for (s, t), v in self.by_key().items():
+            if (stage is None or s == stage) and (tenant is None or t == tenant):
+                out.add(v)
+        return out
