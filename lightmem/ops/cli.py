@@ -1,0 +1,266 @@
+"""The operator's command line: ``lightmem ...``.
+
+Exit codes: 0 success, 1 the operation failed (or some input was rejected), 2 usage error.
+Progress and errors go to stderr (rich); data (entries, search hits, JSON) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lightmem.settings import Settings, load_settings
+
+from . import bench_cli, schemas_cli
+
+app = typer.Typer(
+    name="lightmem",
+    help="LightMem Stream: long-term memory for LLM chat platforms.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(schemas_cli.app, name="schemas")
+app.add_typer(bench_cli.app, name="bench")
+try:  # the services launcher needs the streaming extras; the embedded CLI does not
+    from . import services_cli
+
+    app.add_typer(services_cli.app, name="services")
+except ImportError:  # pragma: no cover - only without the [stream] extra
+    pass
+
+err = Console(stderr=True)
+out = Console()
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Embedded data directory [env LIGHTMEM_DATA_DIR]")
+]
+LlmUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--llm-base-url",
+        help="OpenAI-compatible endpoint; none = extractive mode [env LIGHTMEM_LLM_BASE_URL]",
+    ),
+]
+Tenant = Annotated[str, typer.Option("--tenant", help="Tenant of the memory scope")]
+
+
+def _runtime(settings: Settings):  # noqa: ANN202 - imported lazily: keeps `--help` fast
+    from lightmem.streams.embedded import EmbeddedRuntime
+
+    return EmbeddedRuntime(settings)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def _print_usage(usage: dict, title: str = "LLM usage") -> None:
+    table = Table(title=title)
+    for col in ("stage", "tenant", "calls", "prompt tok", "completion tok", "latency s", "errors"):
+        table.add_column(col)
+    for (stage, tenant), t in sorted(usage.items()):
+        table.add_row(stage, tenant, str(t.calls), str(t.prompt_tokens),
+                      str(t.completion_tokens), f"{t.latency_s:.2f}", str(t.errors))
+    if not usage:
+        table.add_row("-", "-", "0", "0", "0", "0.00", "0")
+    err.print(table)
+
+
+def _ingest(runtime, path: Path, *, flush: bool, dead_letters: Path | None) -> int:  # noqa: ANN001
+    """Ingest one JSONL file with a progress bar; return the process exit code."""
+    total = sum(1 for _ in path.open("rb"))
+    with _progress() as progress:
+        task = progress.add_task(f"ingest {path.name}", total=total)
+        report = runtime.ingest_file(
+            path,
+            flush=flush,
+            dead_letter_path=dead_letters,
+            on_progress=lambda n: progress.update(task, advance=n),
+        )
+    for bad in report.rejected:
+        err.print(f"[red]{path}:{bad.line}[/red] {bad.reason}")
+    err.print(
+        f"turns read {report.lines}, processed {report.processed}, already seen "
+        f"{report.skipped}, rejected {len(report.rejected)}; segments {report.segments}, "
+        f"memories written {report.entries}, dead letters {report.dead_letters} "
+        f"[{report.mode} mode]"
+    )
+    if report.dead_letter_path is not None and (report.rejected or report.dead_letters):
+        err.print(f"dead letters appended to {report.dead_letter_path}")
+    return 1 if report.rejected or report.dead_letters else 0
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="TurnEvent JSONL")],
+    data_dir: DataDir = None,
+    llm_base_url: LlmUrl = None,
+    flush: Annotated[
+        bool,
+        typer.Option(help="Flush every conversation's buffers at the end of the file; "
+                     "--no-flush keeps open buffers for the next ingest"),
+    ] = True,
+    dead_letters: Annotated[
+        Path | None, typer.Option(help="Dead-letter JSONL [default: DATA_DIR/dead-letters.jsonl]")
+    ] = None,
+) -> None:
+    """Ingest turn events from a JSONL file into the embedded memory (re-runs continue)."""
+    runtime = _runtime(load_settings(data_dir=data_dir, llm_base_url=llm_base_url))
+    code = _ingest(runtime, file, flush=flush, dead_letters=dead_letters)
+    _print_usage(runtime.usage_this_run(), "LLM usage (this run)")
+    raise typer.Exit(code)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for")],
+    user: Annotated[str, typer.Option("--user", help="User of the memory scope")],
+    tenant: Tenant = "default",
+    k: Annotated[int, typer.Option("-k", min=1, help="Memories to return")] = 10,
+    answer: Annotated[bool, typer.Option(help="Answer the query from the memories")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout")] = False,
+    data_dir: DataDir = None,
+    llm_base_url: LlmUrl = None,
+) -> None:
+    """Search one user's memories (kNN within the tenant/user scope)."""
+    runtime = _runtime(load_settings(data_dir=data_dir, llm_base_url=llm_base_url))
+    hits = runtime.search(tenant, user, query, k=k)
+    if as_json:
+        for h in hits:
+            out.print_json(data={"score": h.score, **h.entry.model_dump(mode="json",
+                                                                      exclude={"embedding"})})
+    else:
+        from lightmem.processors.retrieve import render
+
+        for h in hits:
+            out.print(f"{h.score:.3f}  {render(h.entry)}", markup=False, highlight=False)
+    if not hits:
+        err.print(f"no memories for {tenant}/{user}")
+    if answer:
+        result = runtime.answer(tenant, user, query, hits)
+        out.print(f"answer ({result.mode}): {result.text}", markup=False, highlight=False)
+
+
+@app.command()
+def consolidate(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Queue score to revisit a target")
+    ] = None,
+    data_dir: DataDir = None,
+    llm_base_url: LlmUrl = None,
+) -> None:
+    """Sleep-time update of the embedded memory: update queues, then one LLM call per target."""
+    settings = load_settings(
+        data_dir=data_dir, llm_base_url=llm_base_url, update_threshold=threshold
+    )
+    if not settings.llm_configured:
+        err.print("[red]consolidate needs an LLM[/red]: set --llm-base-url or "
+                  "LIGHTMEM_LLM_BASE_URL (extractive memories are never rewritten)")
+        raise typer.Exit(1)
+    runtime = _runtime(settings)
+    with _progress() as progress:
+        task = progress.add_task("consolidate", total=None)
+        report = runtime.consolidate(
+            tenant=tenant,
+            on_total=lambda n: progress.update(task, total=n),
+            on_progress=lambda n: progress.update(task, advance=n),
+        )
+    err.print(
+        f"entries {report.entries}, targets {report.targets}, updated {report.updated}, "
+        f"deleted {report.deleted}, ignored {report.ignored}, failed {report.failed}"
+    )
+    _print_usage(runtime.usage_this_run(), "LLM usage (this run)")
+    raise typer.Exit(1 if report.failed else 0)
+
+
+@app.command()
+def stats(data_dir: DataDir = None) -> None:
+    """Memories per scope, LLM spend per stage and tenant, buffered turns, dead letters."""
+    runtime = _runtime(load_settings(data_dir=data_dir))
+    s = runtime.stats()
+    table = Table(title=f"memories ({s.path})")
+    table.add_column("tenant")
+    table.add_column("user")
+    table.add_column("memories", justify="right")
+    for (tenant, user), n in sorted(s.entries.items()):
+        table.add_row(tenant, user, str(n))
+    err.print(table)
+    _print_usage(s.usage, "LLM usage (all runs)")
+    err.print(
+        f"turns processed {s.turns}, conversations with buffered turns {s.open_buffers}, "
+        f"dead letters {s.dead_letters}, changes {s.changes}"
+    )
+    out.print_json(data=s.as_json())
+
+
+@app.command()
+def history(
+    memory_id: Annotated[str, typer.Argument(help="Memory id")], data_dir: DataDir = None
+) -> None:
+    """Every recorded change (add/update/delete) of one memory, oldest first."""
+    runtime = _runtime(load_settings(data_dir=data_dir))
+    changes = runtime.store.history(memory_id)
+    if not changes:
+        err.print(f"no changes recorded for {memory_id}")
+        raise typer.Exit(1)
+    for c in changes:
+        out.print(c.to_json(), markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    llm_base_url: LlmUrl = None,
+    keep: Annotated[bool, typer.Option(help="Keep the previous demo data instead of resetting")]
+    = False,
+) -> None:
+    """Ingest the bundled sample conversation, print the memories, cost and a few answers."""
+    from importlib.resources import files
+
+    settings = load_settings(data_dir=data_dir or Path(".lightmem/demo"), llm_base_url=llm_base_url)
+    if not keep and settings.data_dir.exists():
+        shutil.rmtree(settings.data_dir)
+    data = files("lightmem.ops") / "data"
+    turns = Path(str(data / "demo_turns.jsonl"))
+    questions = json.loads((data / "demo_questions.json").read_text())
+    mode = "LLM fact extraction" if settings.llm_configured else "extractive (no LLM configured)"
+    err.rule(f"LightMem demo: {mode}")
+    runtime = _runtime(settings)
+    code = _ingest(runtime, turns, flush=True, dead_letters=None)
+
+    from lightmem.processors.retrieve import render
+
+    err.rule("memory entries")
+    for entry in runtime.store.iter_entries():
+        out.print(f"{render(entry)}   [dim]({entry.speaker}, topic {entry.topic_id[:8]})[/dim]",
+                  highlight=False)
+    err.rule("LLM calls and tokens")
+    _print_usage(runtime.usage_this_run())
+    err.rule("questions answered from memory")
+    for q in questions:
+        hits = runtime.search("default", "alice", q["question"], k=3)
+        result = runtime.answer("default", "alice", q["question"], hits)
+        out.print(f"[bold]Q:[/bold] {q['question']}", highlight=False)
+        out.print(f"A ({result.mode}): {result.text}", markup=False, highlight=False)
+    err.print(f"data in {settings.data_dir}; try: lightmem search --user alice "
+              f"--data-dir {settings.data_dir} \"dog\"")
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover
+    app()

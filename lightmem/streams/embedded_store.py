@@ -1,0 +1,351 @@
+"""The embedded store: one SQLite file (apsw + sqlite-vec) under the data directory.
+
+Why SQLite + sqlite-vec: a single file, no server, and ACID transactions that span the
+memories, the vector index, the per-conversation buffers and the processed-turn ledger. A
+batch of turns is applied in one transaction, so a killed ``lightmem ingest`` never leaves
+half a batch behind and a re-run continues exactly where the last commit stopped.
+sqlite-vec's ``vec0`` table gives exact (brute-force) cosine kNN with the scope as a
+partition key and the event time as a filterable column, which is the update-queue query
+(same scope, event time <= the entry's) as well as retrieval. apsw is used because CPython
+builds (pyenv's included) often ship ``sqlite3`` without extension loading.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import apsw
+import numpy as np
+import sqlite_vec
+
+from lightmem.processors.llm import UsageMeter, UsageTotals
+from lightmem.processors.store import ScoredEntry, VersionConflict
+from lightmem.schemas import DeadLetter, MemoryChange, MemoryEntry
+
+__all__ = ["EmbeddedStore", "StoreMismatch"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    event_time_us INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_scope ON entries (tenant, user, event_time_us);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    change_id TEXT UNIQUE NOT NULL,
+    memory_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_memory ON changes (memory_id, seq);
+CREATE TABLE IF NOT EXISTS buffers (
+    kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    conversation_key TEXT NOT NULL, turn_id TEXT NOT NULL, PRIMARY KEY (conversation_key, turn_id)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    stage TEXT NOT NULL, tenant TEXT NOT NULL,
+    calls INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    latency_s REAL NOT NULL, errors INTEGER NOT NULL,
+    PRIMARY KEY (stage, tenant)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
+"""
+
+
+class StoreMismatch(RuntimeError):
+    """The database was created with another embedding dimension than the one in use."""
+
+
+def _us(t: datetime) -> int:
+    return int(t.timestamp() * 1_000_000)
+
+
+def _vec(v: Sequence[float]) -> bytes:
+    return np.asarray(v, dtype=np.float32).tobytes()
+
+
+class EmbeddedStore:
+    """Memories, vectors, buffers, ledger, usage and dead letters in one SQLite file.
+
+    Implements :class:`lightmem.processors.store.MemoryStore`.
+
+    Args:
+        path: the database file (created with its parent directory if missing).
+        dim: embedding dimension (384 for all-MiniLM-L6-v2); checked against an existing file.
+    """
+
+    def __init__(self, path: Path, dim: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.dim = dim
+        self._db = apsw.Connection(str(path))
+        self._db.enable_load_extension(True)
+        self._db.load_extension(sqlite_vec.loadable_path())
+        self._db.enable_load_extension(False)
+        # WAL lets `lightmem search` read while an ingest is writing.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self.transaction():
+            self._db.execute(_SCHEMA)
+            stored = self._meta("embedding_dim")
+            if stored is None:
+                self._set_meta("embedding_dim", str(dim))
+            elif int(stored) != dim:
+                raise StoreMismatch(
+                    f"{path} holds {stored}-dimensional embeddings, the embedder gives {dim}: "
+                    "use another --data-dir or re-ingest"
+                )
+            self._db.execute(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS entry_vectors USING vec0("
+                "id TEXT PRIMARY KEY, scope TEXT PARTITION KEY, event_time_us INTEGER, "
+                f"embedding FLOAT[{dim}] distance_metric=cosine)"
+            )
+
+    # -- plumbing
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside commits together or not at all (nested calls are savepoints)."""
+        with self._db:
+            yield
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    # -- MemoryStore
+
+    def upsert(self, entries: Sequence[MemoryEntry]) -> None:
+        """Insert or replace entries by id (idempotent). Each must carry its embedding."""
+        with self.transaction():
+            for e in entries:
+                self._write(e)
+
+    def _write(self, e: MemoryEntry) -> None:
+        if e.embedding is None:
+            raise ValueError(f"entry {e.id} has no embedding: embed before storing")
+        body = e.model_copy(update={"embedding": None}).to_json()
+        self._db.execute(
+            "INSERT INTO entries(id, tenant, user, conversation, event_time_us, version, body) "
+            "VALUES(?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET tenant=excluded.tenant, "
+            "user=excluded.user, conversation=excluded.conversation, "
+            "event_time_us=excluded.event_time_us, version=excluded.version, body=excluded.body",
+            (e.id, e.tenant, e.user, e.conversation, _us(e.event_time), e.version, body),
+        )
+        # vec0 has no upsert: delete then insert, inside the caller's transaction.
+        self._db.execute("DELETE FROM entry_vectors WHERE id=?", (e.id,))
+        self._db.execute(
+            "INSERT INTO entry_vectors(id, scope, event_time_us, embedding) VALUES(?,?,?,?)",
+            (e.id, e.scope, _us(e.event_time), _vec(e.embedding)),
+        )
+
+    def search(
+        self,
+        tenant: str,
+        user: str,
+        vector: Sequence[float],
+        k: int,
+        *,
+        not_after: datetime | None = None,
+    ) -> list[ScoredEntry]:
+        """Exact cosine kNN within the (tenant, user) scope, best first."""
+        sql = (
+            "SELECT v.id, v.distance, e.body FROM entry_vectors v JOIN entries e ON e.id = v.id "
+            "WHERE v.embedding MATCH ? AND k = ? AND v.scope = ?"
+        )
+        args: list[Any] = [_vec(vector), k, f"{tenant}/{user}"]
+        if not_after is not None:
+            sql += " AND v.event_time_us <= ?"
+            args.append(_us(not_after))
+        sql += " ORDER BY v.distance"
+        rows = self._db.execute(sql, args).fetchall()
+        return [
+            ScoredEntry(entry=MemoryEntry.model_validate_json(body), score=1.0 - float(dist))
+            for _id, dist, body in rows
+        ]
+
+    def get(self, ids: Sequence[str], *, with_embedding: bool = False) -> list[MemoryEntry]:
+        """The stored entries with these ids, in the order asked (missing ids skipped)."""
+        out = []
+        for entry_id in ids:
+            row = self._db.execute("SELECT body FROM entries WHERE id=?", (entry_id,)).fetchone()
+            if row is None:
+                continue
+            entry = MemoryEntry.model_validate_json(row[0])
+            if with_embedding:
+                vec = self._db.execute(
+                    "SELECT embedding FROM entry_vectors WHERE id=?", (entry_id,)
+                ).fetchone()
+                entry = entry.model_copy(
+                    update={"embedding": np.frombuffer(vec[0], dtype=np.float32).tolist()}
+                )
+            out.append(entry)
+        return out
+
+    def _version(self, entry_id: str) -> int | None:
+        row = self._db.execute("SELECT version FROM entries WHERE id=?", (entry_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def replace(self, entry: MemoryEntry, *, expected_version: int) -> None:
+        """Write ``entry`` if the stored version is ``expected_version``; else VersionConflict."""
+        with self.transaction():
+            current = self._version(entry.id)
+            if current != expected_version:
+                raise VersionConflict(f"{entry.id}: stored {current}, expected {expected_version}")
+            self._write(entry)
+
+    def delete(self, entry_id: str, *, expected_version: int) -> None:
+        """Delete if the stored version is ``expected_version``; else VersionConflict."""
+        with self.transaction():
+            current = self._version(entry_id)
+            if current != expected_version:
+                raise VersionConflict(f"{entry_id}: stored {current}, expected {expected_version}")
+            self._db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+            self._db.execute("DELETE FROM entry_vectors WHERE id=?", (entry_id,))
+
+    # -- listing and stats
+
+    def iter_entries(
+        self, tenant: str | None = None, user: str | None = None, *, with_embedding: bool = False
+    ) -> Iterator[MemoryEntry]:
+        """Entries in event-time order, optionally within one tenant / scope."""
+        sql, args = "SELECT id FROM entries WHERE 1=1", []
+        if tenant is not None:
+            sql += " AND tenant=?"
+            args.append(tenant)
+        if user is not None:
+            sql += " AND user=?"
+            args.append(user)
+        ids = [r[0] for r in self._db.execute(sql + " ORDER BY event_time_us, id", args)]
+        for i in range(0, len(ids), 256):
+            yield from self.get(ids[i : i + 256], with_embedding=with_embedding)
+
+    def count_entries(self) -> dict[tuple[str, str], int]:
+        """Number of memories per (tenant, user)."""
+        rows = self._db.execute("SELECT tenant, user, count(*) FROM entries GROUP BY tenant, user")
+        return {(t, u): int(n) for t, u, n in rows}
+
+    # -- memory changes (the embedded twin of lightmem.memory-changes.v1)
+
+    def append_changes(self, changes: Sequence[MemoryChange]) -> None:
+        """Record changes; a change id already recorded is ignored (idempotent replays)."""
+        with self.transaction():
+            for c in changes:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO changes(change_id, memory_id, body) VALUES(?,?,?)",
+                    (c.change_id, c.memory_id, c.to_json()),
+                )
+
+    def history(self, memory_id: str) -> list[MemoryChange]:
+        """Every recorded change of one memory, oldest first."""
+        rows = self._db.execute(
+            "SELECT body FROM changes WHERE memory_id=? ORDER BY seq", (memory_id,)
+        )
+        return [MemoryChange.model_validate_json(r[0]) for r in rows]
+
+    def change_counts(self) -> dict[str, int]:
+        """Number of recorded changes per op."""
+        rows = self._db.execute("SELECT body FROM changes").fetchall()
+        out: dict[str, int] = {}
+        for (body,) in rows:
+            op = json.loads(body)["op"]
+            out[op] = out.get(op, 0) + 1
+        return out
+
+    # -- buffers and ledger (per-conversation stage state)
+
+    def load_buffer(self, kind: str, key: str) -> str | None:
+        """The persisted JSON state of one buffer, or None."""
+        row = self._db.execute(
+            "SELECT body FROM buffers WHERE kind=? AND key=?", (kind, key)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def save_buffer(self, kind: str, key: str, body: str | None) -> None:
+        """Persist a buffer's JSON state (None removes it)."""
+        if body is None:
+            self._db.execute("DELETE FROM buffers WHERE kind=? AND key=?", (kind, key))
+        else:
+            self._db.execute(
+                "INSERT INTO buffers(kind, key, body) VALUES(?,?,?) "
+                "ON CONFLICT(kind, key) DO UPDATE SET body=excluded.body",
+                (kind, key, body),
+            )
+
+    def buffer_keys(self, kind: str) -> list[str]:
+        """Keys of every persisted buffer of a kind."""
+        return [r[0] for r in self._db.execute("SELECT key FROM buffers WHERE kind=?", (kind,))]
+
+    def seen(self, conversation_key: str, turn_id: str) -> bool:
+        """Whether this turn was already processed (re-ingest skips it)."""
+        row = self._db.execute(
+            "SELECT 1 FROM ledger WHERE conversation_key=? AND turn_id=?",
+            (conversation_key, turn_id),
+        ).fetchone()
+        return row is not None
+
+    def mark_seen(self, conversation_key: str, turn_id: str) -> None:
+        """Record a processed turn (in the caller's transaction)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO ledger(conversation_key, turn_id) VALUES(?,?)",
+            (conversation_key, turn_id),
+        )
+
+    def turns_seen(self) -> int:
+        """Number of turns processed so far."""
+        return int(self._db.execute("SELECT count(*) FROM ledger").fetchone()[0])
+
+    # -- usage and dead letters
+
+    def add_usage(self, meter: UsageMeter) -> None:
+        """Add a meter's totals to the persisted usage (in the caller's transaction)."""
+        for (stage, tenant), t in meter.by_key().items():
+            self._db.execute(
+                "INSERT INTO usage VALUES(?,?,?,?,?,?,?) ON CONFLICT(stage, tenant) DO UPDATE SET "
+                "calls=calls+excluded.calls, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+                "completion_tokens=completion_tokens+excluded.completion_tokens, "
+                "latency_s=latency_s+excluded.latency_s, errors=errors+excluded.errors",
+                (stage, tenant, t.calls, t.prompt_tokens, t.completion_tokens, t.latency_s,
+                 t.errors),
+            )
+
+    def usage(self) -> dict[tuple[str, str], UsageTotals]:
+        """Persisted LLM usage per (stage, tenant)."""
+        rows = self._db.execute("SELECT * FROM usage ORDER BY stage, tenant")
+        return {
+            (s, t): UsageTotals(calls=c, prompt_tokens=p, completion_tokens=ct, latency_s=lat,
+                                errors=err)
+            for s, t, c, p, ct, lat, err in rows
+        }
+
+    def add_dead_letter(self, letter: DeadLetter) -> None:
+        """Keep a dead letter (in the caller's transaction)."""
+        self._db.execute("INSERT INTO dead_letters(body) VALUES(?)", (letter.to_json(),))
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter recorded, oldest first."""
+        rows = self._db.execute("SELECT body FROM dead_letters ORDER BY seq")
+        return [DeadLetter.model_validate_json(r[0]) for r in rows]
