@@ -44,6 +44,8 @@ class Completion:
     completion_tokens: int
     latency_s: float
     model: str = ""
+    #: True when the endpoint reported no usage and the token counts are an estimate.
+    usage_estimated: bool = False
 
 
 class LLMError(Exception):

@@ -13,7 +13,6 @@ Exceptions::
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self

@@ -13,11 +13,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Encoder", "minilm_dir", "load_encoder", "configure_torch"]
+__all__ = ["MINILM_DIM", "Encoder", "minilm_dir", "load_encoder", "configure_torch"]
 
 # Model loads must never try the network (HF Hub is unreachable; a retry loop would hang).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+#: Embedding size of all-MiniLM-L6-v2 (the store's vector width, known without loading it).
+MINILM_DIM = 384
 
 
 def minilm_dir() -> Path:
@@ -70,6 +74,8 @@ def load_encoder(device: str = "cpu") -> Encoder:
         model_kwargs={"attn_implementation": "eager"},
     )
     model.eval()
+    if model.get_embedding_dimension() != MINILM_DIM:
+        raise RuntimeError(f"{minilm_dir()} is not all-MiniLM-L6-v2 (dimension mismatch)")
     transformer = model[0]
     return Encoder(
         sentence_model=model,
