@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     retrieve_k: int = Field(default=20, ge=1)
 
     # --- process
+    #: Turns applied per transaction by the embedded runtime (also the compression batch).
+    ingest_batch_turns: int = Field(default=64, ge=1)
     torch_threads: int | None = None
 
     @property

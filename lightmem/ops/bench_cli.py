@@ -60,7 +60,7 @@ def pipeline(
 ) -> None:
     """Sensory-stage throughput (compress + segment) vs the bare model forward passes."""
     from lightmem.processors.segment import push, to_segment_turn
-    from lightmem.streams.embedded import BATCH_TURNS, EmbeddedRuntime
+    from lightmem.streams.embedded import EmbeddedRuntime
 
     try:
         samples = load_locomo(data)
@@ -90,7 +90,8 @@ def pipeline(
     encode.calls.clear()
 
     err.print(f"pipeline: {len(events)} turns through compress + buffer + segment ...")
-    chunks = [events[i : i + BATCH_TURNS] for i in range(0, len(events), BATCH_TURNS)]
+    step = settings.ingest_batch_turns
+    chunks = [events[i : i + step] for i in range(0, len(events), step)]
     segments = 0
     compress_s = 0.0
     t0 = time.perf_counter()

@@ -19,11 +19,11 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
-from lightmem.processors.compress import SensoryCompressor
+from lightmem.processors.compress import CompressionBackend, SensoryCompressor
 from lightmem.processors.embed import Embedder
 from lightmem.processors.llm import ChatModel, LLMError, UsageMeter, UsageTotals
 from lightmem.processors.retrieve import Answer, Retriever
@@ -72,9 +72,6 @@ log = logging.getLogger(__name__)
 
 SENSORY = "sensory"
 TOPIC = "topic"
-#: Turns applied per transaction (and compressed per model batch group).
-BATCH_TURNS = 64
-
 
 @dataclass(frozen=True)
 class RejectedLine:
@@ -131,6 +128,16 @@ class RuntimeStats:
             "dead_letters": self.dead_letters,
             "changes": self.changes,
         }
+
+
+@cache
+def _compression_backend(
+    name: str, *, cache_dir: Path, model: str | None, batch_size: int
+) -> CompressionBackend:
+    """One loaded compressor model per process, however many runtimes use it."""
+    from .causal_lm import load_compression_backend
+
+    return load_compression_backend(name, cache_dir=cache_dir, model=model, batch_size=batch_size)
 
 
 def _utcnow() -> datetime:
@@ -196,9 +203,7 @@ class EmbeddedRuntime:
 
     @cached_property
     def compressor(self) -> SensoryCompressor:
-        from .causal_lm import load_compression_backend
-
-        backend = load_compression_backend(
+        backend = _compression_backend(
             self.settings.compressor,
             cache_dir=self.settings.cache_dir,
             model=self.settings.compressor_model,
@@ -286,7 +291,7 @@ class EmbeddedRuntime:
                         DeadLetter.from_raw(raw.rstrip(b"\r\n"), stage="parse", error=exc,
                                             source=source, offset=number, at=self.clock()),
                     )
-            if len(batch) >= BATCH_TURNS:
+            if len(batch) >= self.settings.ingest_batch_turns:
                 self._apply_batch(batch, report)
                 on_progress(len(batch))
                 batch = []
