@@ -61,6 +61,36 @@ class Settings(BaseSettings):
     update_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     retrieve_k: int = Field(default=20, ge=1)
 
+    # --- Kafka (streaming deployment). Security settings pass through to every client.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    #: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (with SASL_* protocols).
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    #: CA bundle to verify the brokers (SSL / SASL_SSL).
+    kafka_ssl_cafile: Path | None = None
+    #: Partitions of the turns/segments/entries topics (parallelism of the workers).
+    kafka_partitions: int = Field(default=4, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    #: Turn events larger than this go to the dead-letter topic (bytes).
+    max_event_bytes: int = Field(default=256_000, ge=1024)
+    #: A stage that fails on the same event this many times dead-letters it (poison message).
+    poison_attempts: int = Field(default=3, ge=1)
+    #: faust worker web server: bound to 127.0.0.1; 0 = off.
+    worker_web_port: int = Field(default=0, ge=0)
+    worker_id: str = "lightmem"
+
+    # --- Elasticsearch (streaming deployment)
+    es_url: str = "http://127.0.0.1:9200"
+    es_api_key: SecretStr | None = None
+    es_username: str | None = None
+    es_password: SecretStr | None = None
+    es_ca_certs: Path | None = None
+    #: Alias the workers write to and search through; indices are ``<alias>-<version>``.
+    es_alias: str = "lightmem-memories"
+
     # --- process
     #: Turns applied per transaction by the embedded runtime (also the compression batch).
     ingest_batch_turns: int = Field(default=64, ge=1)
