@@ -13,6 +13,7 @@ import pytest
 from lightmem.ops.llm_stub import OpenAIStubServer, StubReply, count_words, scripted_responder
 from lightmem.processors.llm import (
     ChatMessage,
+    LLMConfigError,
     LLMPermanentError,
     LLMTransientError,
     UsageMeter,
@@ -137,12 +138,14 @@ def test_500_forever_is_transient_after_the_retries() -> None:
     assert (totals.calls, totals.errors) == (0, 1)
 
 
-def test_permanent_error_message_never_contains_the_api_key() -> None:
+def test_auth_error_is_a_config_error_without_the_api_key() -> None:
     # Some proxies echo the request (headers included) in their error body.
     reply = StubReply(status=401, content=f"invalid key Bearer {KEY}")
     with OpenAIStubServer(lambda request: reply) as server:
         chat = model_for(server)
-        with pytest.raises(LLMPermanentError) as caught:
+        # Not a permanent (dead-letter) error: a bad key must stop the run, not bury
+        # every input in the dead-letter queue.
+        with pytest.raises(LLMConfigError) as caught:
             chat.complete(MESSAGES, stage="summarize", tenant="acme")
     assert KEY not in str(caught.value)
     assert "***" in str(caught.value)

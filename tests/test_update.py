@@ -482,7 +482,9 @@ def test_apply_update_bumps_version_and_merges_sources() -> None:
     assert (updated.id, updated.tenant, updated.user) == (target.id, target.tenant, target.user)
     assert change.op is ChangeOp.update
     assert change.change_id == stable_id("t", "update", 4)
-    assert change.before == target and change.after == updated
+    # Change records are audit records: the entries without their vectors.
+    assert change.before == target.model_copy(update={"embedding": None})
+    assert change.after == updated
     assert change.caused_by == ["n1", "n2"]
     assert change.reason == "r" and change.at == NOW
     # Deterministic: replaying the same decision gives the same change.
@@ -495,7 +497,8 @@ def test_apply_delete_and_ignore() -> None:
     gone, change = apply_decision(target, Decision("delete", reason="contradicted"), newer, NOW)
     assert gone is None and change is not None
     assert change.op is ChangeOp.delete
-    assert change.before == target and change.after is None
+    assert change.before == target.model_copy(update={"embedding": None})
+    assert change.after is None
     assert change.change_id == stable_id("t", "delete", 3)
     assert change.caused_by == ["n"]
     assert apply_decision(target, Decision("ignore"), newer, NOW) == (target, None)
@@ -536,7 +539,8 @@ def test_consolidate_target_updates_and_reembeds() -> None:
     stored = store.get(["t"])[0]
     assert stored.fact == "Caroline has a dog called Rex." and stored.version == 2
     assert stored.embedding == pytest.approx(fake_embed([stored.fact])[0].tolist())
-    assert change.after == stored
+    assert stored.embedding is not None
+    assert change.after == stored.model_copy(update={"embedding": None})
     assert len(chat.calls) == 1
 
 

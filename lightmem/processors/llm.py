@@ -7,7 +7,10 @@ Exceptions::
 
     LLMError
      ├── LLMTransientError   timeouts, 429, 5xx after the client's own retries: retry later
-     └── LLMPermanentError   400-class errors, refusals: dead-letter the input
+     ├── LLMPermanentError   400-class errors, refusals: dead-letter the input
+     └── LLMConfigError      401/403/404: the endpoint, key or model is wrong; stop, since
+                             every input would fail the same way (dead-lettering them all
+                             would bury the real problem)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "LLMError",
     "LLMTransientError",
     "LLMPermanentError",
+    "LLMConfigError",
     "UsageMeter",
     "UsageTotals",
 ]
@@ -58,6 +62,10 @@ class LLMTransientError(LLMError):
 
 class LLMPermanentError(LLMError):
     """The request itself is rejected; retrying it will not help."""
+
+
+class LLMConfigError(LLMError):
+    """The endpoint rejects us, not the input (bad key, no access, unknown model)."""
 
 
 class ChatModel(Protocol):

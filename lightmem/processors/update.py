@@ -576,7 +576,8 @@ def consolidate_target(
                 vector = np.asarray(embedder([entry.fact]), dtype=np.float32)[0]
                 entry = entry.model_copy(update={"embedding": vector.tolist()})
                 store.replace(entry, expected_version=target.version)
-                change = change.model_copy(update={"after": entry})
+                # Re-validated (model_copy would skip it) so the record drops the vector.
+                change = MemoryChange.model_validate({**change.model_dump(), "after": entry})
             else:
                 store.delete(target.id, expected_version=target.version)
         except VersionConflict:

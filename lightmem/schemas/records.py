@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
 )
 
 __all__ = [
@@ -243,6 +244,15 @@ class MemoryChange(Record):
     #: The consolidator's explanation, or "ingest".
     reason: str = ""
     at: AwareDatetime
+
+    @field_validator("before", "after")
+    @classmethod
+    def _without_embedding(cls, entry: MemoryEntry | None) -> MemoryEntry | None:
+        # A change is an audit record; vectors live in the index and would make every
+        # change record ~8 KB of floats.
+        if entry is not None and entry.embedding is not None:
+            return entry.model_copy(update={"embedding": None})
+        return entry
 
 
 class SleepAction(StrEnum):

@@ -549,7 +549,7 @@ def _added(entry: MemoryEntry, now: datetime) -> MemoryChange:
         memory_id=entry.id,
         tenant=entry.tenant,
         user=entry.user,
-        after=entry.model_copy(update={"embedding": None}),
+        after=entry,
         reason="ingest",
         at=now,
     )

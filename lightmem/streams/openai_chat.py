@@ -10,7 +10,8 @@ into the processors' error hierarchy::
     APIStatusError 408/409/429/5xx (RateLimitError,
         InternalServerError), after the SDK's retries     -> LLMTransientError
     APIResponseValidationError (not a chat completion)    -> LLMTransientError
-    APIStatusError, any other 4xx (400, 401, 404, ...)    -> LLMPermanentError
+    401, 403, 404 (bad key, no access, unknown model)     -> LLMConfigError (stop the run)
+    APIStatusError, any other 4xx (400, 422, ...)         -> LLMPermanentError
     a reply with no text (refusal, tool calls only)       -> LLMPermanentError
 
 Exceptions raised: only those of :mod:`lightmem.processors.llm` (``LLMError`` and its two
@@ -29,6 +30,7 @@ import openai
 from lightmem.processors.llm import (
     ChatMessage,
     Completion,
+    LLMConfigError,
     LLMError,
     LLMPermanentError,
     LLMTransientError,
@@ -39,6 +41,8 @@ __all__ = ["OpenAIChatModel"]
 
 #: Status codes the SDK itself retries; still failing after its retries means "try later".
 _TRANSIENT_STATUS = frozenset({408, 409, 429})
+#: The endpoint, key or model is wrong: every request would fail alike.
+_CONFIG_STATUS = frozenset({401, 403, 404})
 
 #: Local servers (vLLM, Ollama, llama.cpp) ignore the key but the SDK insists on one.
 _PLACEHOLDER_KEY = "not-needed"
@@ -234,6 +238,8 @@ class OpenAIChatModel:
             text = self._scrub(f"HTTP {status} from {self.base_url} ({self.model}): {exc.message}")
             if status in _TRANSIENT_STATUS or status >= 500:
                 return LLMTransientError(text)
+            if status in _CONFIG_STATUS:
+                return LLMConfigError(text)
             return LLMPermanentError(text)
         # APIResponseValidationError and friends: the endpoint answered something that is
         # not a chat completion. That is a server fault, not the input's, so retry later.
