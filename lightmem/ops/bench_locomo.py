@@ -1081,6 +1081,10 @@ def run_locomo_bench(
             "LIGHTMEM_LLM_MODEL and LIGHTMEM_LLM_API_KEY): without one the benchmark would "
             "use the in-repo stub, which restates turns and can neither answer nor judge"
         )
+    # Import every module the run will need now, not midway through a long run.
+    import lightmem.streams.embedded  # noqa: F401
+    import lightmem.streams.openai_chat  # noqa: F401
+
     samples, questions, qstats = _load(config)
     if not qstats.selected:
         raise ValueError(f"no question to evaluate in {config.data} with these limits")

@@ -1,0 +1,319 @@
+"""``lightmem bench locomo``: the recall metrics on hand-made hits with known answers, the
+evidence/question selection, the per-turn units, answer-mode judging, the refusal to answer
+with the stub, and one real CLI run on a tiny LoCoMo slice (models)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from lightmem.ops.bench_locomo import (
+    BenchConfig,
+    Question,
+    Retrieved,
+    SystemResult,
+    SystemSpec,
+    _unit_segments,
+    evidence_recall,
+    judge_answer,
+    parse_evidence,
+    parse_verdict,
+    recall_at_budget,
+    recall_at_k,
+    run_locomo_bench,
+    select_questions,
+    top_k,
+    within_budget,
+)
+from lightmem.ops.cli import app
+from lightmem.ops.llm_stub import (
+    OpenAIStubServer,
+    StubReply,
+    fact_extraction_responder,
+    scripted_responder,
+)
+from lightmem.ops.locomo import LocomoSample, load_locomo
+from lightmem.processors.llm import UsageTotals
+from lightmem.schemas import Role, TurnEvent
+from lightmem.settings import load_settings
+from lightmem.streams.openai_chat import OpenAIChatModel
+
+
+def hit(*turns: str, words: int) -> Retrieved:
+    return Retrieved(frozenset(turns), words)
+
+
+# Best first. Evidence of the question below: D1:1, D2:5, D3:7.
+HITS = [
+    hit("D1:1", words=100),  # evidence
+    hit("D9:9", words=50),
+    hit("D2:5", "D2:6", words=300),  # evidence (an entry drawn from two turns)
+    hit("D1:1", words=10),  # evidence again: no extra credit
+    hit("D3:7", words=20),  # evidence
+]
+EVIDENCE = ("D1:1", "D2:5", "D3:7")
+
+
+# -- recall -------------------------------------------------------------------------------
+
+
+def test_evidence_recall_counts_each_evidence_turn_once() -> None:
+    assert evidence_recall(EVIDENCE, []) == 0.0
+    assert evidence_recall(EVIDENCE, HITS[:1]) == pytest.approx(1 / 3)
+    assert evidence_recall(EVIDENCE, HITS[:4]) == pytest.approx(2 / 3)
+    assert evidence_recall(EVIDENCE, HITS) == 1.0
+    # Duplicate evidence ids count once.
+    assert evidence_recall(("D1:1", "D1:1"), HITS[:1]) == 1.0
+    with pytest.raises(ValueError, match="evidence"):
+        evidence_recall((), HITS)
+
+
+@pytest.mark.parametrize(("k", "expected"), [(1, 1 / 3), (2, 1 / 3), (3, 2 / 3), (4, 2 / 3),
+                                             (5, 1.0), (20, 1.0)])
+def test_recall_at_k(k: int, expected: float) -> None:
+    assert recall_at_k(EVIDENCE, HITS, k) == pytest.approx(expected)
+    assert len(top_k(HITS, k)) == min(k, len(HITS))
+
+
+@pytest.mark.parametrize(
+    ("words", "taken", "expected"),
+    [
+        (99, 0, 0.0),  # the best hit alone crosses the budget: nothing fits
+        (100, 1, 1 / 3),  # exact fit is included
+        (149, 1, 1 / 3),
+        (150, 2, 1 / 3),
+        # 150 + 300 crosses: hit 3 is excluded and the scan stops, even though the later
+        # 10- and 20-word hits would fit (the rule is a prefix of the ranking).
+        (449, 2, 1 / 3),
+        (450, 3, 2 / 3),
+        (479, 4, 2 / 3),
+        (480, 5, 1.0),
+        (2048, 5, 1.0),
+    ],
+)
+def test_recall_at_budget_takes_a_prefix_that_fits(words: int, taken: int,
+                                                   expected: float) -> None:
+    assert within_budget(HITS, words) == HITS[:taken]
+    assert recall_at_budget(EVIDENCE, HITS, words) == pytest.approx(expected)
+
+
+def test_bad_k_and_budget_are_rejected() -> None:
+    with pytest.raises(ValueError, match="k"):
+        top_k(HITS, 0)
+    with pytest.raises(ValueError, match="words"):
+        within_budget(HITS, 0)
+
+
+# -- evidence and question selection ----------------------------------------------------------
+
+
+def test_parse_evidence_normalises_locomo_quirks() -> None:
+    assert parse_evidence(["D8:6; D9:17", "D:11:26", "D", "D1:03", "D8:6"]) == [
+        "D8:6", "D9:17", "D11:26", "D1:3"
+    ]
+    assert parse_evidence([]) == []
+
+
+def _turns(n: int, *, sessions: int = 1) -> list[TurnEvent]:
+    start = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+    per = -(-n // sessions)
+    events = []
+    for i in range(n):
+        s = i // per + 1
+        role = Role.user if i % 2 == 0 else Role.assistant
+        events.append(TurnEvent(
+            tenant="locomo", user="c1", conversation="c1", session=f"session_{s}",
+            turn_id=f"D{s}:{i % per + 1}", role=role,
+            speaker="Ann" if role is Role.user else "Bob", text=f"turn number {i}",
+            event_time=start + timedelta(days=s, seconds=30 * i),
+        ))
+    return events
+
+
+def test_select_questions_drops_unknown_ids_and_limits() -> None:
+    qa = [
+        {"question": "a?", "answer": "x", "evidence": ["D1:1"], "category": 4},
+        {"question": "b?", "answer": 2022, "evidence": ["D1:2; D1:99"], "category": 2},
+        {"question": "c?", "answer": "x", "evidence": ["D1:99"], "category": 1},
+        {"question": "d?", "adversarial_answer": "x", "evidence": ["D1:1"], "category": 5},
+        {"question": "e?", "answer": "x", "evidence": ["D1:5"], "category": 3},
+        {"question": "f?", "answer": "x", "evidence": [], "category": 3},
+    ]
+    turns = _turns(6)
+    sample = LocomoSample("c1", turns, qa)
+    ids = [t.turn_id for t in turns]
+    qs, stats = select_questions(sample, all_turn_ids=ids, kept_turn_ids=ids[:4])
+    assert [(q.question, q.evidence, q.answer) for q in qs] == [
+        ("a?", ("D1:1",), "x"), ("b?", ("D1:2",), "2022")
+    ]
+    assert stats.total == 6 and stats.other_category == 1
+    assert stats.unknown_evidence_ids == 2  # D1:99 twice
+    assert stats.no_evidence == 2  # c? (only an unknown id) and f?
+    assert stats.beyond_turn_limit == 1  # e? needs D1:5, beyond the first 4 turns
+    assert stats.selected == 2
+    limited, _ = select_questions(sample, all_turn_ids=ids, limit=1)
+    assert [q.question for q in limited] == ["a?"]
+
+
+def test_unit_segments_one_call_per_user_turn_or_per_turn() -> None:
+    turns = _turns(8, sessions=2)  # u a u a | u a u a
+    sample = LocomoSample("c1", turns, [])
+    exchanges = _unit_segments(sample, "exchange", tag="t")
+    assert [[t.turn_id for t in s.turns] for s in exchanges] == [
+        ["D1:1", "D1:2"], ["D1:3", "D1:4"], ["D2:1", "D2:2"], ["D2:3", "D2:4"]
+    ]
+    assert [s.session for s in exchanges] == ["session_1"] * 2 + ["session_2"] * 2
+    singles = _unit_segments(sample, "turn", tag="t")
+    assert [len(s.turns) for s in singles] == [1] * 8
+    assert len({s.segment_id for s in singles}) == 8
+    # Not compressed: the prompt carries the original text.
+    assert all(t.compressed_text == t.original_text for s in singles for t in s.turns)
+
+
+# -- answer mode ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "verdict"), [
+    ("CORRECT", True), ("correct.", True), ("WRONG", False), ("INCORRECT", False),
+    ("The answer is WRONG, not CORRECT", False), ("maybe", None),
+])
+def test_parse_verdict(text: str, verdict: bool | None) -> None:
+    assert parse_verdict(text) is verdict
+
+
+def test_judge_answer_is_one_metered_call() -> None:
+    question = Question("c1", "When did Ann move?", "May 2023", 2, ("D1:1",))
+    with OpenAIStubServer(scripted_responder(["CORRECT", "WRONG"])) as server:
+        chat = OpenAIChatModel(server.base_url, "stub", "", max_retries=0)
+        assert judge_answer(chat, question, "In May 2023.", tenant="locomo") is True
+        assert judge_answer(chat, question, "I don't know.", tenant="locomo") is False
+        prompts = [r["messages"][-1]["content"] for r in server.chat_requests]
+    assert "Gold answer: May 2023" in prompts[0] and "Generated answer: In May 2023." in prompts[0]
+    assert chat.meter.total(stage="judge").calls == 2
+
+
+def test_ratios_lightmem_over_per_turn() -> None:
+    from lightmem.ops.bench_locomo import BenchReport, QuestionStats
+
+    def result(spec: SystemSpec, calls: int, prompt: int, completion: int) -> SystemResult:
+        return SystemResult(spec, llm=UsageTotals(calls=calls, prompt_tokens=prompt,
+                                                  completion_tokens=completion))
+
+    report = BenchReport(
+        config=BenchConfig(), settings={}, llm={}, conversations=[], turns=0,
+        question_stats=QuestionStats(), wall_s=0.0,
+        systems=[result(SystemSpec("naive"), 0, 0, 0),
+                 result(SystemSpec("lightmem", rate=0.6, th=512), 5, 1000, 500),
+                 result(SystemSpec("per-turn"), 100, 4000, 1000)],
+    )
+    [row] = report.ratios()
+    assert row["system"] == "LightMem r=0.6 th=512"
+    assert row["calls"] == 0.05 and row["prompt_tokens"] == 0.25
+    assert row["completion_tokens"] == 0.5 and row["total_tokens"] == 0.3
+    assert row["calls_baseline_over_lightmem"] == 20.0
+
+
+def test_answer_mode_refuses_without_a_real_endpoint(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIGHTMEM_LLM_BASE_URL", raising=False)
+    result = CliRunner().invoke(app, ["bench", "locomo", "--answer", "--data",
+                                      str(tmp_path / "absent.json"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "refused" in result.output and "LIGHTMEM_LLM_BASE_URL" in result.output
+    assert not (tmp_path / "locomo.json").exists()
+
+
+# -- real runs (models) ---------------------------------------------------------------------
+
+
+def _user_exchanges(turns: list[TurnEvent]) -> int:
+    """Calls the per-turn baseline should make: one per user turn, plus one per session
+    that opens with the assistant (those turns have no user turn to ride with)."""
+    calls = sum(t.role is Role.user for t in turns)
+    firsts = {}
+    for t in turns:
+        firsts.setdefault(t.session, t)
+    return calls + sum(t.role is Role.assistant for t in firsts.values())
+
+
+@pytest.mark.models
+def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIGHTMEM_LLM_BASE_URL", raising=False)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "bench", "locomo", "--data", str(locomo_path), "--out", str(out),
+        "--limit-conversations", "1", "--limit-turns", "40",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "STUB" in result.output
+    report = json.loads((out / "locomo.json").read_text())
+    assert (out / "locomo_recall.png").stat().st_size > 0
+    assert "STUB LLM" in (out / "locomo.md").read_text()
+    assert report["llm"]["source"] == "stub" and report["turns"] == 40
+    assert report["questions"]["selected"] > 0
+    systems = {s["kind"]: s for s in report["systems"]}
+    assert list(systems) == ["naive", "extractive", "lightmem", "per-turn"]
+
+    # Expected counts from the data itself.
+    turns = load_locomo(locomo_path, limit=1)[0].turns[:40]
+    assert systems["naive"]["entries"] == 40  # one entry per turn: "speaker: text"
+    assert systems["naive"]["words_stored"] == sum(len(f"{t.speaker}: {t.text}".split())
+                                                   for t in turns)
+    assert systems["extractive"]["entries"] == 40  # one compressed turn per turn
+    assert systems["extractive"]["words_stored"] < systems["naive"]["words_stored"]
+    assert systems["naive"]["llm_calls"] == systems["extractive"]["llm_calls"] == 0
+    # The per-turn baseline makes one call per user turn (exchange), LightMem far fewer.
+    assert systems["per-turn"]["llm_calls"] == _user_exchanges(turns)
+    assert 0 < systems["lightmem"]["llm_calls"] < systems["per-turn"]["llm_calls"] / 3
+    # The stub restates every turn: one fact per turn, no dead letters.
+    assert systems["lightmem"]["entries"] == systems["per-turn"]["entries"] == 40
+    assert all(s["dead_letters"] == 0 for s in systems.values())
+    [ratio] = report["ratios_lightmem_over_per_turn"]
+    assert ratio["calls"] == pytest.approx(
+        systems["lightmem"]["llm_calls"] / systems["per-turn"]["llm_calls"], abs=1e-4)
+    assert systems["lightmem"]["shared_stages"] == ["compress", "segment"]
+    for s in systems.values():
+        at_k = [s["recall_at_k"][k] for k in ("5", "10", "20")]
+        at_w = [s["recall_at_words"][w] for w in ("256", "512", "1024", "2048")]
+        assert all(0.0 <= v <= 1.0 for v in at_k + at_w)
+        assert at_k == sorted(at_k) and at_w == sorted(at_w)  # more context, more recall
+        assert all(words <= int(w) for w, words in s["context_words"].items())
+    # 40 turns hold fewer than 2048 words: the largest budget retrieves everything.
+    assert systems["extractive"]["recall_at_words"]["2048"] == 1.0
+
+
+def _routing_responder(request: dict[str, Any]) -> str | StubReply:
+    """Extraction prompts get facts; answer prompts an answer; judge prompts a verdict."""
+    system = request["messages"][0]["content"]
+    if "extract long-term memories" in system:
+        return fact_extraction_responder(request)
+    if "You grade answers" in system:
+        return "CORRECT" if "Generated answer: ANSWER" in request["messages"][-1]["content"] \
+            else "WRONG"
+    return "ANSWER"
+
+
+@pytest.mark.models
+def test_answer_mode_with_an_endpoint(locomo_path: Path, tmp_path: Path) -> None:
+    with OpenAIStubServer(_routing_responder) as server:
+        settings = load_settings(llm_base_url=server.base_url, llm_model="stub",
+                                 data_dir=tmp_path / "unused")
+        config = BenchConfig(data=locomo_path, limit_conversations=1, limit_turns=30,
+                             limit_questions=3, systems=("naive",), answer=True)
+        report = run_locomo_bench(config, settings=settings)
+        answer_prompts = [r for r in server.chat_requests
+                          if "Question:" in r["messages"][-1]["content"]
+                          and "Gold answer" not in r["messages"][-1]["content"]]
+    [naive] = report.systems
+    assert report.llm["source"] == "endpoint"
+    assert naive.answer is not None and naive.answer.judged == naive.questions > 0
+    assert naive.answer.correct == naive.questions  # every answer was "ANSWER"
+    assert report.eval_llm is not None and report.eval_llm.calls == 2 * naive.questions
+    assert len(answer_prompts) == naive.questions
+    assert naive.llm.calls == 0  # answering is not memory-building cost
