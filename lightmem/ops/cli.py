@@ -18,7 +18,7 @@ from rich.table import Table
 
 from lightmem.settings import Settings, load_settings
 
-from . import bench_cli, schemas_cli
+from . import bench_cli, schemas_cli, stream_cli
 
 app = typer.Typer(
     name="lightmem",
@@ -28,12 +28,21 @@ app = typer.Typer(
 )
 app.add_typer(schemas_cli.app, name="schemas")
 app.add_typer(bench_cli.app, name="bench")
-try:  # the services launcher needs the streaming extras; the embedded CLI does not
-    from . import services_cli
+try:  # the services launcher and index admin need the streaming extras; embedded does not
+    from . import index_cli, services_cli
 
     app.add_typer(services_cli.app, name="services")
+    app.add_typer(index_cli.app, name="index")
 except ImportError:  # pragma: no cover - only without the [stream] extra
     pass
+
+# The streaming deployment (Kafka + Elasticsearch); heavy imports happen inside the commands.
+app.add_typer(stream_cli.topics_app, name="topics")
+app.add_typer(stream_cli.dlq_app, name="dlq")
+app.command()(stream_cli.produce)
+app.command()(stream_cli.flush)
+app.command()(stream_cli.worker)
+app.command()(stream_cli.replay)
 
 err = Console(stderr=True)
 out = Console()
@@ -82,15 +91,24 @@ def _print_usage(usage: dict, title: str = "LLM usage") -> None:
 
 def _ingest(runtime, path: Path, *, flush: bool, dead_letters: Path | None) -> int:  # noqa: ANN001
     """Ingest one JSONL file with a progress bar; return the process exit code."""
+    from lightmem.processors.llm import LLMError
+
     total = sum(1 for _ in path.open("rb"))
-    with _progress() as progress:
-        task = progress.add_task(f"ingest {path.name}", total=total)
-        report = runtime.ingest_file(
-            path,
-            flush=flush,
-            dead_letter_path=dead_letters,
-            on_progress=lambda n: progress.update(task, advance=n),
-        )
+    try:
+        with _progress() as progress:
+            task = progress.add_task(f"ingest {path.name}", total=total)
+            report = runtime.ingest_file(
+                path,
+                flush=flush,
+                dead_letter_path=dead_letters,
+                on_progress=lambda n: progress.update(task, advance=n),
+            )
+    except LLMError as exc:
+        # Transient (endpoint down) or configuration (bad key/model): the batch in flight
+        # was rolled back, committed batches stay; a re-run continues from there.
+        err.print(f"[red]ingest stopped[/red]: {type(exc).__name__}: {exc}")
+        err.print("committed turns are kept; fix the endpoint and run the same command again")
+        return 1
     for bad in report.rejected:
         err.print(f"[red]{path}:{bad.line}[/red] {bad.reason}")
     err.print(

@@ -1,0 +1,183 @@
+"""Reading and replaying the dead-letter topic.
+
+:func:`read_dead_letters` reads ``lightmem.dlq.v1`` from the beginning to its current end
+with a consumer that *assigns* the partitions itself: no consumer group joins, and no offset
+is committed, so listing never disturbs anything.
+
+:func:`replay_dead_letters` re-produces the original bytes (``raw_b64``) of the selected dead
+letters to where they came from, with their original key:
+
+- ``source`` is a pipeline topic: back to that topic;
+- ``source`` is a file (``lightmem produce``): to the turns topic, keyed by the turn's
+  ``tenant/conversation`` when the bytes parse (else unkeyed: the worker dead-letters them
+  again, with the reason);
+- ``source`` is ``summarizer`` (a failed summarization): each carried segment goes back to
+  the segments topic, marked as a redelivery so that the short-term stage buffers it again.
+
+A replayed record that still fails is dead-lettered again with a new offset: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from lightmem.schemas import DeadLetter, SchemaError, Segment, TurnEvent
+from lightmem.settings import Settings
+
+from .producer import TurnProducer
+from .stages import REDELIVERY_HEADER, SUMMARIZER_SOURCE
+from .topics import Topics, kafka_config
+
+__all__ = ["DeadLetterRecord", "read_dead_letters", "replay_dead_letters", "ReplayTarget"]
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """One record of the DLQ topic."""
+
+    partition: int
+    #: Offset in the DLQ topic (what ``lightmem dlq replay --offset`` selects).
+    offset: int
+    key: bytes | None
+    #: The decoded dead letter; None when the record itself does not decode.
+    letter: DeadLetter | None
+    error: str | None = None
+
+    @property
+    def original(self) -> bytes:
+        """The dead event's exact bytes."""
+        assert self.letter is not None
+        return base64.b64decode(self.letter.raw_b64)
+
+
+def read_dead_letters(
+    settings: Settings, topics: Topics | None = None, *, timeout_s: float = 30.0
+) -> list[DeadLetterRecord]:
+    """Every record of the DLQ topic, oldest first per partition.
+
+    Raises:
+        LookupError: the DLQ topic does not exist.
+        TimeoutError: the end of the topic was not reached within ``timeout_s``.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+    topics = topics or Topics.from_settings(settings)
+    consumer = Consumer(kafka_config(
+        settings,
+        **{
+            # Required by the client even with assign(); never joins or commits.
+            "group.id": f"lightmem-dlq-list-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+        },
+    ))
+    try:
+        meta = consumer.list_topics(topics.dlq, timeout=timeout_s).topics.get(topics.dlq)
+        if meta is None or meta.error is not None:
+            raise LookupError(f"topic {topics.dlq!r} does not exist: run `lightmem topics "
+                              "create`")
+        ends: dict[int, int] = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topics.dlq, p),
+                                                       timeout=timeout_s)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return []
+        consumer.assign([TopicPartition(topics.dlq, p, OFFSET_BEGINNING) for p in ends])
+        out: list[DeadLetterRecord] = []
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        done: set[int] = set()
+        while len(done) < len(ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topics.dlq}: end not reached within {timeout_s:.0f}s")
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                raise KafkaException(msg.error())
+            p, offset = msg.partition(), msg.offset()
+            if p in done or offset >= ends[p]:
+                continue
+            try:
+                letter, error = DeadLetter.parse(msg.value() or b""), None
+            except SchemaError as exc:
+                letter, error = None, str(exc)
+            out.append(DeadLetterRecord(p, offset, msg.key(), letter, error))
+            if offset >= ends[p] - 1:
+                done.add(p)
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()
+
+
+@dataclass(frozen=True)
+class ReplayTarget:
+    """Where one dead letter goes back to."""
+
+    record: DeadLetterRecord
+    topic: str | None
+    #: (key, value, headers) records to produce; empty with a reason when not replayable.
+    records: tuple[tuple[bytes | None, bytes, tuple[tuple[str, bytes], ...]], ...] = ()
+    problem: str | None = None
+
+
+def plan_replay(records: Iterable[DeadLetterRecord], topics: Topics) -> list[ReplayTarget]:
+    """Decide, for each dead letter, what to re-produce where (nothing is sent)."""
+    pipeline_topics = {topics.turns, topics.segments, topics.entries}
+    plans = []
+    for rec in records:
+        letter = rec.letter
+        if letter is None:
+            plans.append(ReplayTarget(rec, None, problem=f"not a dead letter: {rec.error}"))
+            continue
+        raw = rec.original
+        if letter.source in pipeline_topics:
+            plans.append(ReplayTarget(rec, letter.source, ((rec.key, raw, ()),)))
+        elif letter.source == SUMMARIZER_SOURCE:
+            try:
+                payload = json.loads(raw)
+                segments = [Segment.parse(s) for s in payload["segments"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                plans.append(ReplayTarget(rec, None, problem=f"no segments to replay: {exc}"))
+                continue
+            header = ((REDELIVERY_HEADER, b"1"),)
+            plans.append(ReplayTarget(rec, topics.segments, tuple(
+                (s.conversation_key.encode(), s.to_bytes(), header) for s in segments)))
+        elif letter.stage == "parse" and letter.partition is None:
+            # From a file: the turns topic, keyed by the turn when it parses now.
+            try:
+                key: bytes | None = TurnEvent.parse(raw).conversation_key.encode()
+            except SchemaError:
+                key = None
+            plans.append(ReplayTarget(rec, topics.turns, ((key, raw, ()),)))
+        else:
+            plans.append(ReplayTarget(rec, None,
+                                      problem=f"unknown source {letter.source!r}"))
+    return plans
+
+
+def replay_dead_letters(
+    settings: Settings, plans: Sequence[ReplayTarget], topics: Topics | None = None
+) -> int:
+    """Produce the planned records; returns how many records were delivered.
+
+    Raises:
+        DeliveryError: some records were not delivered (every failure is listed).
+    """
+    sent = 0
+    with TurnProducer(settings, topics) as producer:
+        for plan in plans:
+            if plan.topic is None:
+                continue
+            for key, value, headers in plan.records:
+                producer.produce(plan.topic, value, key=key, headers=list(headers) or None)
+                sent += 1
+    return sent
