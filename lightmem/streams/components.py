@@ -1,28 +1,38 @@
 """The LightMem processors, built from settings, for the streaming workers.
 
 The same processors, with the same settings and the same once-per-process model loads, as
-the embedded runtime (:class:`~lightmem.streams.embedded.EmbeddedRuntime`): the encoder
-comes from :func:`~lightmem.streams.models.load_encoder` and the compressor from the
-embedded runtime's per-process cache, so an embedded runtime and a worker in one process
-share one copy of each model. Everything loads lazily, on first use.
+the embedded runtime (:class:`~lightmem.streams.embedded.EmbeddedRuntime` is a subclass):
+the encoder comes from :func:`~lightmem.streams.models.load_encoder` and the compressor from
+a per-process cache, so an embedded runtime and a worker in one process share one copy of
+each model. Everything loads lazily, on first use.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from functools import cached_property
+from functools import cache, cached_property
+from pathlib import Path
 
-from lightmem.processors.compress import SensoryCompressor
+from lightmem.processors.compress import CompressionBackend, SensoryCompressor
 from lightmem.processors.embed import Embedder
 from lightmem.processors.llm import ChatModel, UsageMeter
 from lightmem.processors.segment import MiniLMAttention, SensoryBuffer, TopicSegmenter
 from lightmem.processors.summarize import Summarizer, TopicBuffer
 from lightmem.settings import Settings
 
-from .embedded import _compression_backend
 from .models import Encoder, configure_torch, load_encoder
 
 __all__ = ["Components"]
+
+
+@cache
+def _compression_backend(
+    name: str, *, cache_dir: Path, model: str | None, batch_size: int
+) -> CompressionBackend:
+    """One loaded compressor model per process, however many runtimes/workers use it."""
+    from .causal_lm import load_compression_backend
+
+    return load_compression_backend(name, cache_dir=cache_dir, model=model, batch_size=batch_size)
 
 
 class Components:

@@ -18,26 +18,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import cache, cached_property
+from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from lightmem.processors.compress import CompressionBackend, SensoryCompressor
-from lightmem.processors.embed import Embedder
 from lightmem.processors.llm import ChatModel, LLMError, UsageMeter, UsageTotals
 from lightmem.processors.retrieve import Answer, Retriever
 from lightmem.processors.segment import (
-    MiniLMAttention,
-    SensoryBuffer,
     SensoryBufferState,
-    TopicSegmenter,
     push,
     should_flush,
     to_segment_turn,
 )
 from lightmem.processors.store import ScoredEntry, VersionConflict
-from lightmem.processors.summarize import Summarizer, TopicBuffer, TopicBufferState
+from lightmem.processors.summarize import TopicBufferState
 from lightmem.processors.update import (
     Consolidator,
     UpdateQueueBuilder,
@@ -57,8 +52,9 @@ from lightmem.schemas import (
 )
 from lightmem.settings import Settings
 
+from .components import Components
 from .embedded_store import EmbeddedStore
-from .models import MINILM_DIM, Encoder, configure_torch, load_encoder
+from .models import MINILM_DIM
 
 __all__ = [
     "EmbeddedRuntime",
@@ -130,21 +126,11 @@ class RuntimeStats:
         }
 
 
-@cache
-def _compression_backend(
-    name: str, *, cache_dir: Path, model: str | None, batch_size: int
-) -> CompressionBackend:
-    """One loaded compressor model per process, however many runtimes use it."""
-    from .causal_lm import load_compression_backend
-
-    return load_compression_backend(name, cache_dir=cache_dir, model=model, batch_size=batch_size)
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class EmbeddedRuntime:
+class EmbeddedRuntime(Components):
     """LightMem in one process over one SQLite file under ``settings.data_dir``.
 
     Models load lazily: ``stats`` and ``history`` never touch them, ``search`` loads only
@@ -163,11 +149,9 @@ class EmbeddedRuntime:
         chat: ChatModel | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self.settings = settings
-        self._chat_override = chat
+        super().__init__(settings, chat=chat)
         self.clock = clock
         self._persisted_usage: dict[tuple[str, str], UsageTotals] = {}
-        configure_torch(settings.torch_threads)
 
     # -- lazily built parts
 
@@ -175,66 +159,9 @@ class EmbeddedRuntime:
     def store(self) -> EmbeddedStore:
         return EmbeddedStore(self.settings.data_dir / "lightmem.db", dim=MINILM_DIM)
 
-    @cached_property
-    def encoder(self) -> Encoder:
-        return load_encoder()
-
-    @cached_property
-    def embedder(self) -> Embedder:
-        return Embedder(self.encoder.sentence_model, batch_size=self.settings.embed_batch_size)
-
-    @cached_property
-    def chat(self) -> ChatModel | None:
-        if self._chat_override is not None:
-            return self._chat_override
-        if not self.settings.llm_configured:
-            return None
-        from .openai_chat import OpenAIChatModel
-
-        assert self.settings.llm_base_url is not None
-        return OpenAIChatModel(
-            self.settings.llm_base_url,
-            self.settings.llm_model,
-            self.settings.llm_api_key.get_secret_value(),
-            timeout=self.settings.llm_timeout_s,
-            max_retries=self.settings.llm_max_retries,
-            meter=UsageMeter(),
-        )
-
-    @cached_property
-    def compressor(self) -> SensoryCompressor:
-        backend = _compression_backend(
-            self.settings.compressor,
-            cache_dir=self.settings.cache_dir,
-            model=self.settings.compressor_model,
-            batch_size=self.settings.compress_batch_size,
-        )
-        return SensoryCompressor(backend, rate=self.settings.compression_rate)
-
-    @cached_property
-    def sensory_buffer(self) -> SensoryBuffer:
-        return SensoryBuffer(self.encoder.count_tokens, self.settings.sensory_budget_tokens)
-
-    @cached_property
-    def segmenter(self) -> TopicSegmenter:
-        attention = MiniLMAttention(self.encoder.attention_model, self.encoder.tokenizer)
-        return TopicSegmenter(attention, self.embedder, tolerance=self.settings.segment_tolerance)
-
-    @cached_property
-    def topic_buffer(self) -> TopicBuffer:
-        return TopicBuffer(self.encoder.count_tokens, self.settings.topic_buffer_tokens)
-
-    @cached_property
-    def summarizer(self) -> Summarizer:
-        return Summarizer(self.chat)
-
     @property
     def mode(self) -> str:
         return self.summarizer.mode.value
-
-    @property
-    def idle_timeout(self) -> timedelta:
-        return timedelta(seconds=self.settings.idle_timeout_s)
 
     # -- ingest
 
