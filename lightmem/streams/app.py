@@ -79,6 +79,10 @@ SESSION_TIMEOUT_S = 10.0
 PROGRESS_LOG_S = 10.0
 #: A stage busy with one batch for longer than this is reported in the log.
 STUCK_WARNING_S = 60.0
+#: Lost-record watchdog: check interval, and how long an idle agent with read but
+#: uncommitted records is tolerated before its partition is re-read.
+WATCHDOG_S = 5.0
+STALL_S = 15.0
 #: Transient-failure backoff: first delay and cap (seconds).
 BACKOFF_S = (0.5, 30.0)
 
@@ -159,6 +163,8 @@ class _Counters:
     skipped: int = 0
     dead_letters: int = 0
     retries: int = 0
+    #: Partitions sought back after faust dropped fetched records (recover_lost_records).
+    reseeks: int = 0
     stream_time: datetime | None = None
     idle_requested: set[bytes] = field(default_factory=set)
     replay_flushed: set[int] = field(default_factory=set)
@@ -218,6 +224,8 @@ class Pipeline:
         self._logged: dict[str, tuple[int, ...]] = {}
         #: stage -> (what it is doing, since when): for diagnosing a stuck worker.
         self.where: dict[str, tuple[str, float]] = {}
+        self._batches: dict[str, Any] = {}
+        self._stuck: dict[Any, tuple[int | None, int | None, float]] = {}
         self._register()
 
     # -- construction
@@ -272,14 +280,17 @@ class Pipeline:
         @app.agent(self.turns_topic, name="sense_turns", concurrency=1)
         async def sense_turns(stream: faust.StreamT) -> None:
             self._at("sensory", "waiting for records")
-            async for events in stream.take_events(size, within=BATCH_WITHIN_S):
+            self._batches["sensory"] = batches = stream.take_events(size, within=BATCH_WITHIN_S)
+            async for events in batches:
                 await self.on_turns([_inbound(e) for e in events])
                 self._at("sensory", "waiting for records")
 
         @app.agent(self.segments_topic, name="summarize_segments", concurrency=1)
         async def summarize_segments(stream: faust.StreamT) -> None:
             self._at("short-term", "waiting for records")
-            async for events in stream.take_events(size, within=BATCH_WITHIN_S):
+            self._batches["short-term"] = batches = stream.take_events(
+                size, within=BATCH_WITHIN_S)
+            async for events in batches:
                 batch = [_inbound(e) for e in events]
                 await self._run("short-term", self.short_term.step, batch,
                                 self.topic_table, self.topic_lock)
@@ -288,8 +299,9 @@ class Pipeline:
         @app.agent(self.entries_topic, name="index_entries", concurrency=1)
         async def index_entries(stream: faust.StreamT) -> None:
             self._at("index", "waiting for records")
-            async for events in stream.take_events(self.settings.embed_batch_size,
-                                                   within=BATCH_WITHIN_S):
+            self._batches["index"] = batches = stream.take_events(
+                self.settings.embed_batch_size, within=BATCH_WITHIN_S)
+            async for events in batches:
                 await self._run("index", self.sink.step, [_inbound(e) for e in events])
                 self._at("index", "waiting for records")
 
@@ -297,6 +309,7 @@ class Pipeline:
             interval = max(1.0, min(self.settings.idle_timeout_s / 4, 10.0))
             app.timer(interval, name="flush_idle")(self.flush_idle)
         app.timer(PROGRESS_LOG_S, name="log_progress")(self.log_progress)
+        app.timer(WATCHDOG_S, name="recover_lost_records")(self.recover_lost_records)
 
         @app.task
         async def install_task_dump() -> None:
@@ -405,16 +418,89 @@ class Pipeline:
         now = time.monotonic()
         for stage, (what, since) in self.where.items():
             log.warning("stage %s: %s for %.1fs", stage, what, now - since)
+            gen = self._batches.get(stage)
+            frame = getattr(gen, "ag_frame", None)
+            if frame is not None:
+                f = frame.f_locals
+                log.warning("  take(): buffer %s, events %s, full %s, consumed %s, consuming %r",
+                            len(f.get("buffer", ())), len(f.get("events", ())),
+                            getattr(f.get("buffer_full"), "is_set", lambda: "?")(),
+                            getattr(f.get("buffer_consumed"), "is_set", lambda: "?")(),
+                            f.get("buffer_consuming"))
+        consumer = self.app.consumer
+        for name in ("_active_partitions", "_paused_partitions", "_buffered_partitions"):
+            log.warning("consumer %s: %s", name, sorted(map(str, getattr(consumer, name, None)
+                                                                or ())))
+        log.warning("flow control active: %s", self.app.flow_control.is_active())
+        read = getattr(consumer, "_read_offset", {})
+        for tp in sorted(consumer.assignment()):
+            try:
+                high = consumer.highwater(tp)
+            except Exception as exc:  # noqa: BLE001 - diagnostics only
+                high = repr(exc)
+            log.warning("  %s[%d]: read %s, highwater %s, committed %s", tp.topic, tp.partition,
+                        read.get(tp), high, consumer._committed_offset.get(tp))
+        for topic in (self.turns_topic, self.segments_topic, self.entries_topic):
+            queue = getattr(topic, "_queue", None)
+            log.warning("channel %s: queued %s", topic.get_topic_name(),
+                        queue.qsize() if queue is not None else "?")
+        log.warning("unacked: %s", sorted(str(m.tp) + "@" + str(m.offset)
+                                          for m in consumer.unacked))
         _dump_tasks()
+
+    async def recover_lost_records(self) -> None:
+        """Timer: re-read records that faust fetched but never handed to an agent.
+
+        Under load, right after a (re)start, faust 0.15 can drop fetched records of a
+        stream partition (its fetcher races with the recovery's pause/seek of the stream
+        partitions): the read offset moves past them, they never reach the agent, are never
+        acked, and the committed offset stays behind them forever. Nothing is lost for good
+        (a restart re-reads from the committed offset), but the worker stops making
+        progress. The symptom is exact: a partition with records read but not committed,
+        none of them in flight, while its agent has been idle for ``STALL_S``. Then seek the
+        partition back to its committed offset; the stages skip what they already applied.
+        """
+        consumer = self.app.consumer
+        now = time.monotonic()
+        stage_of = {self.topics.turns: "sensory", self.topics.segments: "short-term",
+                    self.topics.entries: "index"}
+        in_flight = {m.tp for m in consumer.unacked}
+        read_offsets = getattr(consumer, "_read_offset", {})
+        for tp in consumer.assignment():
+            stage = stage_of.get(tp.topic)
+            if stage is None:
+                continue
+            read = read_offsets.get(tp)
+            committed = consumer._committed_offset.get(tp)
+            what, since = self.where.get(stage, ("", now))
+            idle = what == "waiting for records" and now - since >= STALL_S
+            stuck = (read is not None and (committed is None or read >= committed)
+                     and tp not in in_flight and idle)
+            if not stuck:
+                self._stuck.pop(tp, None)
+                continue
+            seen = self._stuck.setdefault(tp, (read, committed, now))
+            if seen[:2] != (read, committed):
+                self._stuck[tp] = (read, committed, now)
+                continue
+            if now - seen[2] < STALL_S:
+                continue
+            target = committed if committed is not None else 0
+            log.warning("%s: records %s..%d of %s[%d] were read but never reached the agent "
+                        "(faust dropped them); seeking back to %d", stage, target, read,
+                        tp.topic, tp.partition, target)
+            self._stuck.pop(tp, None)
+            self.counters[stage].reseeks += 1
+            await consumer.seek(tp, target)
 
     async def log_progress(self) -> None:
         """Timer: one INFO line per stage whose counters moved since the last tick."""
         for stage, c in self.counters.items():
-            now = (c.batches, c.applied, c.skipped, c.dead_letters, c.retries)
+            now = (c.batches, c.applied, c.skipped, c.dead_letters, c.retries, c.reseeks)
             if now != self._logged.get(stage):
                 self._logged[stage] = now
                 log.info("%s: batches %d, applied %d, skipped %d, dead letters %d, "
-                         "transient retries %d", stage, *now)
+                         "transient retries %d, re-reads %d", stage, *now)
         clock = time.monotonic()
         for stage, (what, since) in self.where.items():
             if what != "waiting for records" and clock - since > STUCK_WARNING_S:
