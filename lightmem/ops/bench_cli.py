@@ -7,6 +7,9 @@ are excluded from both.
 
 ``bench locomo``: evidence recall and memory-building cost on LoCoMo for NaiveRAG, LightMem
 (extractive and LLM) and a per-turn extractor, side by side (see :mod:`.bench_locomo`).
+
+``bench stream``: turns/s, latency to searchable and lag per stage through the real Kafka and
+Elasticsearch, beside the embedded runtime on the same turns (see :mod:`.bench_stream`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from rich.table import Table
 from lightmem.settings import load_settings
 
 from .bench_locomo import locomo_command
+from .bench_stream import stream_command
 from .locomo import DEFAULT_LOCOMO, load_locomo
 
 app = typer.Typer(help="Benchmarks (numbers beside a baseline, same run).", no_args_is_help=True)
@@ -35,6 +39,8 @@ out = Console()
 
 #: ``bench locomo``: recall and build cost on LoCoMo, LightMem beside its baselines.
 app.command(name="locomo")(locomo_command)
+#: ``bench stream``: the Kafka + Elasticsearch path beside the embedded runtime.
+app.command(name="stream")(stream_command)
 
 
 @dataclass
