@@ -91,6 +91,36 @@ class Settings(BaseSettings):
     #: Alias the workers write to and search through; indices are ``<alias>-<version>``.
     es_alias: str = "lightmem-memories"
 
+    # --- observability
+    #: Prometheus endpoint of a worker (``/metrics``); 0 = off.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    #: Address the metrics endpoint binds: only this host by default.
+    metrics_addr: str = "127.0.0.1"
+    #: Log lines of the workers and the CLI: ``text``, or ``json`` (one object per line).
+    log_format: Literal["text", "json"] = "text"
+
+    # --- sleep-time stage (consumer group over the entries topic, see streams/sleep.py)
+    #: Consumer group of the sleep workers.
+    sleep_group: str = "lightmem-sleep"
+    #: Targets consolidated at once inside one worker (the LLM is the bottleneck).
+    sleep_concurrency: int = Field(default=8, ge=1)
+    #: Entries taken per poll; offsets are committed after each batch's changes are durable.
+    sleep_batch_entries: int = Field(default=200, ge=1)
+    #: How long one poll waits (seconds): the reaction time to control commands.
+    sleep_poll_s: float = Field(default=1.0, gt=0)
+    #: Cron schedule (minute hour day-of-month month day-of-week) of sleep windows; none = off.
+    sleep_cron: str | None = None
+    #: Length of each scheduled window (seconds).
+    sleep_cron_duration_s: int = Field(default=3600, gt=0)
+    #: Automatic mode: open when ingest stays below the threshold, close when it returns.
+    sleep_auto: bool = False
+    #: Automatic mode threshold: turns per second on the turns topic.
+    sleep_auto_max_rate: float = Field(default=1.0, ge=0)
+    #: Automatic mode: how long traffic must stay below the threshold (seconds).
+    sleep_auto_quiet_s: float = Field(default=300.0, gt=0)
+    #: Automatic mode: how often the turns topic's end offsets are sampled (seconds).
+    sleep_auto_sample_s: float = Field(default=10.0, gt=0)
+
     # --- process
     #: Turns applied per transaction by the embedded runtime (also the compression batch).
     ingest_batch_turns: int = Field(default=64, ge=1)

@@ -55,6 +55,8 @@ out = Console()
 POLL_S = 0.5
 #: Stop waiting for the stream to finish after this long without progress.
 STALL_S = 180.0
+#: Hits per page when polling the index.
+PAGE = 2000
 STAGES = ("sensory", "short-term", "index")
 
 
@@ -127,7 +129,8 @@ def run_embedded(settings: Settings, turns: list[TurnEvent]) -> dict[str, Any]:
 class _Watch:
     """Background poller: when each turn first became searchable, and lag per stage."""
 
-    store: Any
+    client: Any
+    alias: str
     lag_reader: Any
     stage_of: dict[str, str]
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -137,6 +140,21 @@ class _Watch:
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    def _scan(self) -> Iterator[tuple[str, list[str]]]:
+        """(user, source turn ids) of every searchable entry: two small fields per hit, no
+        model validation, so that polling steals little CPU from the worker."""
+        after: list[Any] | None = None
+        while True:
+            resp = self.client.search(index=self.alias, size=PAGE, sort=[{"id": "asc"}],
+                                      search_after=after, track_total_hits=False,
+                                      source_includes=["user", "source_turn_ids"])
+            hits = resp["hits"]["hits"]
+            for h in hits:
+                yield h["_source"]["user"], h["_source"].get("source_turn_ids") or []
+            if len(hits) < PAGE:
+                return
+            after = hits[-1]["sort"]
+
     def run(self) -> None:
         from lightmem.streams.lag import by_topic
 
@@ -144,10 +162,10 @@ class _Watch:
             t = time.monotonic()
             try:
                 n = 0
-                for entry in self.store.iter_entries():
+                for user, turn_ids in self._scan():
                     n += 1
-                    for turn_id in entry.source_turn_ids:
-                        self.seen.setdefault((entry.user, turn_id), t)
+                    for turn_id in turn_ids:
+                        self.seen.setdefault((user, turn_id), t)
                 self.entries = n
             except Exception as exc:  # noqa: BLE001 - the index may not exist yet
                 self.errors.append(repr(exc))
@@ -202,7 +220,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     from confluent_kafka.admin import AdminClient
 
     from lightmem.streams.control import FlushCommand
-    from lightmem.streams.es_store import ElasticsearchStore, es_client
+    from lightmem.streams.es_store import es_client
     from lightmem.streams.lag import LagReader
     from lightmem.streams.producer import TurnProducer
     from lightmem.streams.topics import Topics, create_topics, delete_topics, kafka_config
@@ -219,7 +237,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     stage_of = {topics.turns: "sensory", topics.segments: "short-term",
                 topics.entries: "index"}
     lag_reader = LagReader(settings, app_id)
-    watch = _Watch(ElasticsearchStore(es, alias=alias), lag_reader, stage_of)
+    watch = _Watch(es, alias, lag_reader, stage_of)
     poller = threading.Thread(target=watch.run, name="bench-watch", daemon=True)
     produced_at: dict[tuple[str, str], float] = {}
     try:

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from lightmem.settings import Settings, load_settings
 
-from . import bench_cli, schemas_cli, stream_cli
+from . import bench_cli, bench_sleep, schemas_cli, sleep_cli, stream_cli
 
 app = typer.Typer(
     name="lightmem",
@@ -43,9 +43,31 @@ app.command()(stream_cli.produce)
 app.command()(stream_cli.flush)
 app.command()(stream_cli.worker)
 app.command()(stream_cli.replay)
+# Sleep-time consolidation on the streaming deployment (issue 5).
+app.add_typer(sleep_cli.app, name="sleep")
+app.command("sleep-worker")(sleep_cli.sleep_worker)
+bench_cli.app.command("sleep")(bench_sleep.sleep)
 
 err = Console(stderr=True)
 out = Console()
+
+
+@app.callback()
+def _configure(
+    ctx: typer.Context,
+    log_format: stream_cli.LogFormatOpt = None,
+) -> None:
+    """LightMem Stream: long-term memory for LLM chat platforms."""
+    from lightmem.streams.logs import configure_logging, secrets_of
+
+    try:
+        settings = load_settings(log_format=log_format)
+    except ValueError as exc:  # pydantic's ValidationError: a bad value in the environment
+        err.print(f"[red]error:[/red] invalid settings: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    # Every command's log records: secrets redacted; with json, one object per line.
+    configure_logging(settings.log_format, secrets=secrets_of(settings))
+    ctx.obj = {"log_format": log_format}  # `lightmem --log-format json worker` too
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Embedded data directory [env LIGHTMEM_DATA_DIR]")
@@ -86,6 +108,27 @@ def _print_usage(usage: dict, title: str = "LLM usage") -> None:
                       str(t.completion_tokens), f"{t.latency_s:.2f}", str(t.errors))
     if not usage:
         table.add_row("-", "-", "0", "0", "0", "0.00", "0")
+    err.print(table)
+
+
+def _print_tenants(entries: dict, usage: dict) -> None:
+    """Per tenant: users, memories, LLM calls and tokens (the embedded store has no lag:
+    ingest is synchronous; buffered turns are reported below)."""
+    rows: dict[str, list[int]] = {}
+    for (tenant, _), n in entries.items():
+        r = rows.setdefault(tenant, [0, 0, 0, 0, 0])
+        r[0] += 1
+        r[1] += n
+    for (_, tenant), t in usage.items():
+        r = rows.setdefault(tenant, [0, 0, 0, 0, 0])
+        r[2] += t.calls
+        r[3] += t.prompt_tokens
+        r[4] += t.completion_tokens
+    table = Table(title="per tenant")
+    for col in ("tenant", "users", "memories", "LLM calls", "prompt tok", "completion tok"):
+        table.add_column(col, justify="left" if col == "tenant" else "right")
+    for tenant, r in sorted(rows.items()):
+        table.add_row(tenant, *map(str, r))
     err.print(table)
 
 
@@ -207,10 +250,31 @@ def consolidate(
 
 
 @app.command()
-def stats(data_dir: DataDir = None) -> None:
-    """Memories per scope, LLM spend per stage and tenant, buffered turns, dead letters."""
+def stats(
+    data_dir: DataDir = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="The streaming deployment (Elasticsearch, Kafka lag, the workers' "
+        "/metrics) instead of the embedded store")] = False,
+    topic_prefix: stream_cli.PrefixOpt = None,
+    app_id: Annotated[str | None, typer.Option(
+        "--app-id", help="--stream: the workers' consumer group [env LIGHTMEM_WORKER_ID]")]
+    = None,
+    metrics_url: Annotated[list[str] | None, typer.Option(
+        "--metrics-url", help="--stream: a worker's /metrics URL (repeatable); LLM spend is "
+        "summed over them")] = None,
+) -> None:
+    """Per tenant: memories, LLM spend and lag (the embedded store, or --stream).
+
+    Also memories per scope, LLM spend per stage, and buffered turns and dead letters
+    (embedded) or the consumer lag per partition (--stream). Tables on stderr, JSON on stdout.
+    """
+    if stream:
+        stream_cli.print_stream_stats(topic_prefix=topic_prefix, app_id=app_id,
+                                      metrics_urls=metrics_url or [])
+        return
     runtime = _runtime(load_settings(data_dir=data_dir))
     s = runtime.stats()
+    _print_tenants(s.entries, s.usage)
     table = Table(title=f"memories ({s.path})")
     table.add_column("tenant")
     table.add_column("user")
@@ -228,16 +292,24 @@ def stats(data_dir: DataDir = None) -> None:
 
 @app.command()
 def history(
-    memory_id: Annotated[str, typer.Argument(help="Memory id")], data_dir: DataDir = None
+    memory_id: Annotated[str, typer.Argument(help="Memory id")], data_dir: DataDir = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Read the memory-changes topic of the streaming deployment "
+        "(LIGHTMEM_KAFKA_*) instead of the embedded store")] = False,
+    topic_prefix: Annotated[str | None, typer.Option(
+        "--topic-prefix", help="Topic prefix (with --stream)")] = None,
 ) -> None:
     """Every recorded change (add/update/delete) of one memory, oldest first."""
-    runtime = _runtime(load_settings(data_dir=data_dir))
-    changes = runtime.store.history(memory_id)
+    if stream:
+        changes = sleep_cli.stream_history(memory_id, topic_prefix)
+    else:
+        changes = _runtime(load_settings(data_dir=data_dir)).store.history(memory_id)
     if not changes:
         err.print(f"no changes recorded for {memory_id}")
         raise typer.Exit(1)
     for c in changes:
-        out.print(c.to_json(), markup=False, highlight=False)
+        # One JSON object per line: rich would wrap long records at the terminal width.
+        typer.echo(c.to_json())
 
 
 @app.command()

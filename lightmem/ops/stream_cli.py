@@ -56,6 +56,15 @@ BootstrapOpt = Annotated[
     str | None, typer.Option("--bootstrap", help="Kafka bootstrap servers [env "
                              "LIGHTMEM_KAFKA_BOOTSTRAP]."),
 ]
+MetricsPortOpt = Annotated[
+    int | None, typer.Option("--metrics-port", min=0, max=65535,
+                             help="Serve Prometheus /metrics on this port (127.0.0.1 unless "
+                             "LIGHTMEM_METRICS_ADDR); 0 = off [env LIGHTMEM_METRICS_PORT]."),
+]
+LogFormatOpt = Annotated[
+    str | None, typer.Option("--log-format", help="text | json (one JSON object per line) "
+                             "[env LIGHTMEM_LOG_FORMAT]."),
+]
 
 
 def _err() -> Console:
@@ -169,6 +178,7 @@ def flush(
 
 
 def worker(
+    ctx: typer.Context,
     app_id: Annotated[str | None, typer.Option("--app-id", help="faust app id = consumer "
                                                "group [env LIGHTMEM_WORKER_ID]")] = None,
     index: Annotated[str | None, typer.Option(help="Write this index instead of the alias "
@@ -178,15 +188,20 @@ def worker(
     replay_run: Annotated[str | None, typer.Option(hidden=True)] = None,
     stop_offsets: Annotated[str | None, typer.Option(hidden=True)] = None,
     idle_timer: Annotated[bool, typer.Option(hidden=True)] = True,
+    metrics_port: MetricsPortOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the streaming worker: sensory stage, short-term stage and index sink.
 
     Stops cleanly on SIGTERM/SIGINT. The web server is off unless
-    LIGHTMEM_WORKER_WEB_PORT is set (then bound to 127.0.0.1).
+    LIGHTMEM_WORKER_WEB_PORT is set (then bound to 127.0.0.1); so is the Prometheus
+    endpoint unless --metrics-port / LIGHTMEM_METRICS_PORT is set.
     """
     from lightmem.streams.app import WorkerOptions, run_worker
 
-    settings = _settings(worker_id=app_id)
+    if log_format is None and isinstance(ctx.obj, dict):  # `lightmem --log-format X worker`
+        log_format = ctx.obj.get("log_format")
+    settings = _settings(worker_id=app_id, metrics_port=metrics_port, log_format=log_format)
     topics = _topics(settings, topic_prefix)
     if replay_run:
         topics = topics.for_replay(replay_run)
@@ -201,6 +216,48 @@ def worker(
     options = WorkerOptions.from_settings(settings, topics=topics, index=index,
                                           stop_offsets=stops, idle_timer=idle_timer)
     raise typer.Exit(run_worker(settings, options, loglevel=loglevel))
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+
+def print_stream_stats(*, topic_prefix: str | None, app_id: str | None,
+                       metrics_urls: list[str]) -> None:
+    """``lightmem stats --stream``: tables on stderr, JSON on stdout (exit 1 when a server
+    does not answer)."""
+    from lightmem.streams.stats import stream_stats
+
+    settings = _settings(worker_id=app_id)
+    topics = _topics(settings, topic_prefix)
+    err = _err()
+    try:
+        s = stream_stats(settings, topics, metrics_urls=metrics_urls)
+    except Exception as exc:  # noqa: BLE001 - Kafka, Elasticsearch or HTTP: report, exit 1
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"per tenant (index {s.index}, group {s.group})")
+    for col in ("tenant", "users", "memories", "LLM calls", "prompt tok", "completion tok",
+                "LLM errors", "lag sensory", "lag short-term", "lag index"):
+        table.add_column(col, justify="left" if col == "tenant" else "right")
+    for t in s.tenants():
+        table.add_row(t.tenant, str(t.users), str(t.memories), str(t.llm_calls),
+                      str(t.prompt_tokens), str(t.completion_tokens), str(t.llm_errors),
+                      *(str(t.lag.get(stage, 0)) for stage in ("sensory", "short-term",
+                                                                "index")))
+    err.print(table)
+    if not metrics_urls:
+        err.print("LLM spend: pass the workers' --metrics-url to include it")
+    if not s.tenant_lag_complete:
+        err.print("[yellow]per-tenant lag counts only the first records of each partition's "
+                  "backlog[/yellow]")
+    lag = Table(title=f"consumer lag of group {s.group}")
+    for col in ("stage", "topic", "partition", "committed", "end", "lag"):
+        lag.add_column(col, justify="left" if col in ("stage", "topic") else "right")
+    for stage, p in s.lag:
+        lag.add_row(stage, p.topic, str(p.partition),
+                    "-" if p.committed is None else str(p.committed), str(p.high), str(p.lag))
+    err.print(lag)
+    typer.echo(json.dumps(s.as_json()))
 
 
 # -- dlq -------------------------------------------------------------------------------------
@@ -337,6 +394,10 @@ def replay(
     = None,
     keep_topics: Annotated[bool, typer.Option(help="Keep the run's private topics")] = False,
     topic_prefix: PrefixOpt = None,
+    metrics_port: Annotated[int, typer.Option(
+        "--metrics-port", min=0, max=65535,
+        help="Prometheus /metrics of the backfill worker; 0 = off (the live worker's "
+        "LIGHTMEM_METRICS_PORT is not inherited: the port would clash)")] = 0,
 ) -> None:
     """Backfill a new index: re-run the pipeline from the turns topic under a new group.
 
@@ -364,7 +425,8 @@ def replay(
     err.print(f"backfill {plan.run}: {plan.total} turn record(s) from {topics.turns} into "
               f"index {index} (group {plan.app_id})", highlight=False)
     prepare_backfill(settings, plan)
-    cmd = [sys.executable, "-m", "lightmem", *worker_args(plan, topic_prefix=topics.prefix)]
+    cmd = [sys.executable, "-m", "lightmem", *worker_args(plan, topic_prefix=topics.prefix),
+           "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
     code = 1
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -27,6 +27,12 @@ has seen) and ``lightmem flush`` both put an in-band flush command on the turns 
 the sensory stage applies in order and forwards to the short-term stage. In-band flushes are
 replayed by a backfill exactly where they happened live.
 
+Observability: every stage counts what it consumed, applied, skipped, produced and
+dead-lettered, its failures and its batch times in :mod:`lightmem.streams.metrics`; with
+``metrics_port`` set the worker serves them on ``/metrics`` (127.0.0.1 by default) and samples
+the consumer lag of its partitions every ``LAG_SAMPLE_S``. ``log_format=json`` makes the
+worker log one JSON object per line (:mod:`lightmem.streams.logs`).
+
 Exit codes of the worker: 0 stopped cleanly, 1 could not start (missing topics, bad
 settings), 70 a bug in a stage (the process dies at once, so that no offset of the failed
 batch is committed; the batch is redelivered after a restart).
@@ -51,8 +57,10 @@ import faust
 
 from lightmem.settings import Settings
 
+from . import metrics
 from .components import Components
 from .control import FlushCommand, flush_headers
+from .logs import configure_logging, quiet_progress_bars, secrets_of, worker_logging_config
 from .stages import (
     Inbound,
     IndexSink,
@@ -85,6 +93,8 @@ WATCHDOG_S = 5.0
 STALL_S = 15.0
 #: Transient-failure backoff: first delay and cap (seconds).
 BACKOFF_S = (0.5, 30.0)
+#: Seconds between consumer-lag samples for the ``lightmem_consumer_lag`` gauge.
+LAG_SAMPLE_S = 5.0
 
 
 def _utcnow() -> datetime:
@@ -225,7 +235,10 @@ class Pipeline:
         #: stage -> (what it is doing, since when): for diagnosing a stuck worker.
         self.where: dict[str, tuple[str, float]] = {}
         self._batches: dict[str, Any] = {}
-        self._stuck: dict[Any, tuple[int | None, int | None, float]] = {}
+        self._stuck: dict[Any, tuple[int, float]] = {}
+        # Lag sampling (metrics only): its own thread, its own Kafka clients.
+        self._lag_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-lag")
+        self._lag_reader: Any = None
         self._register()
 
     # -- construction
@@ -282,6 +295,7 @@ class Pipeline:
             self._at("sensory", "waiting for records")
             self._batches["sensory"] = batches = stream.take_events(size, within=BATCH_WITHIN_S)
             async for events in batches:
+                metrics.record_events_in("sensory", self.topics.turns, len(events))
                 await self.on_turns([_inbound(e) for e in events])
                 self._at("sensory", "waiting for records")
 
@@ -291,6 +305,7 @@ class Pipeline:
             self._batches["short-term"] = batches = stream.take_events(
                 size, within=BATCH_WITHIN_S)
             async for events in batches:
+                metrics.record_events_in("short-term", self.topics.segments, len(events))
                 batch = [_inbound(e) for e in events]
                 await self._run("short-term", self.short_term.step, batch,
                                 self.topic_table, self.topic_lock)
@@ -302,6 +317,7 @@ class Pipeline:
             self._batches["index"] = batches = stream.take_events(
                 self.settings.embed_batch_size, within=BATCH_WITHIN_S)
             async for events in batches:
+                metrics.record_events_in("index", self.topics.entries, len(events))
                 await self._run("index", self.sink.step, [_inbound(e) for e in events])
                 self._at("index", "waiting for records")
 
@@ -310,6 +326,8 @@ class Pipeline:
             app.timer(interval, name="flush_idle")(self.flush_idle)
         app.timer(PROGRESS_LOG_S, name="log_progress")(self.log_progress)
         app.timer(WATCHDOG_S, name="recover_lost_records")(self.recover_lost_records)
+        if self.settings.metrics_port:
+            app.timer(LAG_SAMPLE_S, name="sample_lag")(self.sample_lag)
 
         @app.task
         async def install_task_dump() -> None:
@@ -366,6 +384,7 @@ class Pipeline:
         counters = self.counters[stage]
         delay, cap = BACKOFF_S
         while True:
+            started = time.perf_counter()
             try:
                 self._at(stage, f"waiting for the lock ({len(batch)} records)")
                 async with lock or _NoLock():
@@ -382,13 +401,19 @@ class Pipeline:
                 break
             except Exception as exc:  # noqa: BLE001 - sorted right here
                 if not is_transient(exc):
+                    metrics.record_stage_error(stage, "bug")
                     self._die(stage, exc)
+                metrics.record_stage_error(stage, "transient")
                 counters.retries += 1
                 log.warning("%s: transient failure, retrying the batch in %.1fs: %r",
                             stage, delay, exc)
                 self._at(stage, f"backing off {delay:.1f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, cap)
+        metrics.record_step(stage, seconds=time.perf_counter() - started,
+                            applied=result.applied, skipped=result.skipped,
+                            out_topics=[o.topic for o in result.out],
+                            dead_letter_reasons=result.dead_letter_reasons)
         counters.batches += 1
         counters.applied += result.applied
         counters.skipped += result.skipped
@@ -449,48 +474,63 @@ class Pipeline:
         _dump_tasks()
 
     async def recover_lost_records(self) -> None:
-        """Timer: re-read records that faust fetched but never handed to an agent.
+        """Timer: restart a partition that has records to process while its agent starves.
 
-        Under load, right after a (re)start, faust 0.15 can drop fetched records of a
-        stream partition (its fetcher races with the recovery's pause/seek of the stream
+        Under load, right after a (re)start, faust 0.15 can drop fetched records of a stream
+        partition (its fetcher races with the recovery's pause/seek of the stream
         partitions): the read offset moves past them, they never reach the agent, are never
         acked, and the committed offset stays behind them forever. Nothing is lost for good
         (a restart re-reads from the committed offset), but the worker stops making
-        progress. The symptom is exact: a partition with records read but not committed,
-        none of them in flight, while its agent has been idle for ``STALL_S``. Then seek the
-        partition back to its committed offset; the stages skip what they already applied.
+        progress. The symptom, read from the brokers: a partition of ours whose committed
+        offset stays below its high watermark, none of its records in flight, while its
+        agent has waited for records for ``STALL_S`` (a healthy idle agent has committed
+        everything within ``broker_commit_interval``). Then resume the partition (in case
+        faust left it paused) and seek it back to its committed offset; the stages skip
+        what they had already applied.
         """
         consumer = self.app.consumer
         now = time.monotonic()
         stage_of = {self.topics.turns: "sensory", self.topics.segments: "short-term",
                     self.topics.entries: "index"}
+        starving = {stage for stage, (what, since) in self.where.items()
+                    if what == "waiting for records" and now - since >= STALL_S}
+        if self.app.rebalancing or self.app.in_recovery or not starving:
+            self._stuck.clear()
+            return
+        mine = [tp for tp in consumer.assignment() if stage_of.get(tp.topic) in starving]
+        if not mine:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            lags = await loop.run_in_executor(self._lag_executor, self._read_lag,
+                                              sorted({tp.topic for tp in mine}))
+        except Exception as exc:  # noqa: BLE001 - the next tick asks again
+            log.debug("stall check: lag not readable: %r", exc)
+            return
+        by_tp = {(p.topic, p.partition): p for p in lags}
         in_flight = {m.tp for m in consumer.unacked}
         read_offsets = getattr(consumer, "_read_offset", {})
-        for tp in consumer.assignment():
-            stage = stage_of.get(tp.topic)
-            if stage is None:
-                continue
-            read = read_offsets.get(tp)
-            committed = consumer._committed_offset.get(tp)
-            what, since = self.where.get(stage, ("", now))
-            idle = what == "waiting for records" and now - since >= STALL_S
-            stuck = (read is not None and (committed is None or read >= committed)
-                     and tp not in in_flight and idle)
-            if not stuck:
+        for tp in mine:
+            lag = by_tp.get((tp.topic, tp.partition))
+            if lag is None or lag.lag == 0 or tp in in_flight:
                 self._stuck.pop(tp, None)
                 continue
-            seen = self._stuck.setdefault(tp, (read, committed, now))
-            if seen[:2] != (read, committed):
-                self._stuck[tp] = (read, committed, now)
+            target = lag.high - lag.lag  # the committed offset (or the low watermark)
+            seen = self._stuck.setdefault(tp, (target, now))
+            if seen[0] != target:
+                self._stuck[tp] = (target, now)
                 continue
-            if now - seen[2] < STALL_S:
+            if now - seen[1] < STALL_S:
                 continue
-            target = committed if committed is not None else 0
-            log.warning("%s: records %s..%d of %s[%d] were read but never reached the agent "
-                        "(faust dropped them); seeking back to %d", stage, target, read,
-                        tp.topic, tp.partition, target)
+            stage = stage_of[tp.topic]
+            log.warning("%s: %d record(s) of %s[%d] from offset %d never reached the agent "
+                        "(read offset %s, paused %s); resuming and seeking back to %d",
+                        stage, lag.lag, tp.topic, tp.partition, target,
+                        read_offsets.get(tp), tp in consumer._paused_partitions, target)
             self._stuck.pop(tp, None)
             self.counters[stage].reseeks += 1
+            metrics.record_reread(stage)
+            consumer.resume_partitions([tp])
             await consumer.seek(tp, target)
 
     async def log_progress(self) -> None:
@@ -537,6 +577,7 @@ class Pipeline:
                 raise
             log.warning("idle flush: could not produce flush commands: %r", exc)
             return
+        metrics.record_events_out("sensory", self.topics.turns, len(commands))
         counters.idle_requested.update(keys)
         log.info("idle flush requested for %d conversation(s)", len(keys))
 
@@ -590,6 +631,12 @@ def run_worker(
     Loads the models and prepares the Elasticsearch index before joining the consumer
     group, so that a slow start never stalls the group.
     """
+    # Until faust installs its own handlers (when the worker starts), log in the same format
+    # at the same level: the model loading and the metrics address are logged before that.
+    configure_logging(settings.log_format, level=loglevel.upper(),
+                      secrets=secrets_of(settings))
+    if settings.log_format == "json":
+        quiet_progress_bars()
     pipeline = Pipeline(settings, options, components=components)
     needed = [options.topics.turns, options.topics.segments, options.topics.entries,
               options.topics.memory_changes, options.topics.dlq]
@@ -597,15 +644,32 @@ def run_worker(
     if missing:
         log.error("missing topics %s: run `lightmem topics create` first", missing)
         return 1
-    pipeline.components.warm_up()
-    pipeline.store.ensure_index()
-    # `kill -USR1 <pid>` writes every thread's stack to stderr (diagnosing a stuck worker).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    server = None
+    if settings.metrics_port:
+        # Bound before the models load: a port conflict fails the start at once.
+        try:
+            server = metrics.start_metrics_server(settings.metrics_port, settings.metrics_addr)
+        except metrics.MetricsServerError as exc:
+            log.error("%s: set another LIGHTMEM_METRICS_PORT / --metrics-port (0 = off)", exc)
+            return 1
+        log.info("metrics at %s", server.url)
     try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        return int(exc.code or 0)
+        pipeline.components.warm_up()
+        pipeline.store.ensure_index()
+        # `kill -USR1 <pid>` writes every thread's stack to stderr (diagnosing a stuck worker).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True,
+                              redirect_stdouts=False,
+                              logging_config=worker_logging_config(settings.log_format,
+                                                                   loglevel))
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            pipeline.executor.shutdown(wait=False, cancel_futures=True)
+            pipeline.close_lag_reader()
     finally:
-        pipeline.executor.shutdown(wait=False, cancel_futures=True)
+        if server is not None:
+            server.close()
     return 0  # pragma: no cover - execute_from_commandline always raises SystemExit

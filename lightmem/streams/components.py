@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lightmem.processors.compress import CompressionBackend, SensoryCompressor
 from lightmem.processors.embed import Embedder
-from lightmem.processors.llm import ChatModel, UsageMeter
+from lightmem.processors.llm import ChatModel
 from lightmem.processors.segment import MiniLMAttention, SensoryBuffer, TopicSegmenter
 from lightmem.processors.summarize import Summarizer, TopicBuffer
 from lightmem.settings import Settings
@@ -62,6 +62,7 @@ class Components:
             return self._chat_override
         if not self.settings.llm_configured:
             return None
+        from .metrics import PrometheusUsageMeter
         from .openai_chat import OpenAIChatModel
 
         assert self.settings.llm_base_url is not None
@@ -71,7 +72,8 @@ class Components:
             self.settings.llm_api_key.get_secret_value(),
             timeout=self.settings.llm_timeout_s,
             max_retries=self.settings.llm_max_retries,
-            meter=UsageMeter(),
+            # Counted per (stage, tenant) for reports, and in the process's metrics.
+            meter=PrometheusUsageMeter(),
         )
 
     @cached_property

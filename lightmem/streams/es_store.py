@@ -60,6 +60,7 @@ pass through unchanged; none of them carries the credentials (see :func:`es_clie
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ from elasticsearch.helpers import streaming_bulk
 from lightmem.processors.store import ScoredEntry, VersionConflict
 from lightmem.schemas import MemoryEntry
 from lightmem.settings import Settings
+
+from . import metrics
 
 __all__ = [
     "DEFAULT_ALIAS",
@@ -578,27 +581,33 @@ class ElasticsearchStore:
         )
         written = 0
         failures: dict[str, str] = {}
-        for ok, item in streaming_bulk(
-            self.client,
-            actions,
-            chunk_size=self.chunk_size,
-            max_retries=self.max_retries,
-            initial_backoff=self.retry_backoff_s,
-            retry_on_status=_RETRY_STATUSES,
-            # Collect per-document failures ourselves, so the error lists every failed id.
-            raise_on_error=False,
-            refresh=self.refresh_writes if refresh is None else refresh,
-        ):
-            if ok:
-                written += 1
-                continue
-            info = next(iter(item.values()))
-            err = info.get("error")
-            if isinstance(err, Mapping):
-                reason = f"{info.get('status')} {err.get('type')}: {err.get('reason')}"
-            else:
-                reason = f"{info.get('status')}: {err}"
-            failures[str(info.get("_id"))] = reason
+        started = time.perf_counter()
+        try:
+            for ok, item in streaming_bulk(
+                self.client,
+                actions,
+                chunk_size=self.chunk_size,
+                max_retries=self.max_retries,
+                initial_backoff=self.retry_backoff_s,
+                retry_on_status=_RETRY_STATUSES,
+                # Collect per-document failures ourselves, so the error lists every failed id.
+                raise_on_error=False,
+                refresh=self.refresh_writes if refresh is None else refresh,
+            ):
+                if ok:
+                    written += 1
+                    continue
+                info = next(iter(item.values()))
+                err = info.get("error")
+                if isinstance(err, Mapping):
+                    reason = f"{info.get('status')} {err.get('type')}: {err.get('reason')}"
+                else:
+                    reason = f"{info.get('status')}: {err}"
+                failures[str(info.get("_id"))] = reason
+        finally:
+            # A call that raised (connection lost) counts its documents as failed.
+            metrics.record_es_bulk(time.perf_counter() - started, written=written,
+                                   failed=len(batch) - written)
         if failures:
             raise BulkWriteError(failures)
         return written

@@ -139,8 +139,15 @@ class StepResult:
     applied: int = 0
     skipped: int = 0
     dead_letters: int = 0
+    #: Dead letters by reason class (the step that failed: parse, compress, segment, ...).
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
     #: Conversations (keys) flushed by this step.
     flushed: list[bytes] = field(default_factory=list)
+
+    def count_dead_letter(self, reason: str) -> None:
+        """Count one dead letter of reason class ``reason``."""
+        self.dead_letters += 1
+        self.dead_letter_reasons[reason] = self.dead_letter_reasons.get(reason, 0) + 1
 
 
 # -- failure sorting -------------------------------------------------------------------------
@@ -262,7 +269,7 @@ class _Stage:
             offset=rec.offset, at=self.clock(),
         ).model_copy(update={"raw": raw_preview(raw), "error_type": error_type})
         result.out.append(Outbound(self.topics.dlq, rec.key, letter.to_bytes()))
-        result.dead_letters += 1
+        result.count_dead_letter(stage)
         log.warning("%s: dead letter for %s[%d]@%d: %s", self.name, rec.topic, rec.partition,
                     rec.offset, letter.reason)
 
@@ -644,11 +651,11 @@ class ShortTermStage(_Stage):
             letter = letter.model_copy(update={"raw": raw_preview(raw),
                                                "error_type": type(poisoned.cause).__name__})
             result.out.append(Outbound(self.topics.dlq, rec.key, letter.to_bytes()))
-            result.dead_letters += 1
+            result.count_dead_letter("summarize")
             return
         if summary.dead_letter is not None:
             result.out.append(Outbound(self.topics.dlq, rec.key, summary.dead_letter.to_bytes()))
-            result.dead_letters += 1
+            result.count_dead_letter(summary.dead_letter.stage or "summarize")
         for entry in summary.entries:
             result.out.append(Outbound(self.topics.entries, entry.scope.encode(),
                                        entry.to_bytes()))

@@ -1,0 +1,244 @@
+"""Sleep-time consolidation on the streaming deployment: windows and the worker.
+
+::
+
+    lightmem sleep open [--for 30m] [--tenant T]   open a window (until closed, or for a while)
+    lightmem sleep close [--tenant T]              close it (also a scheduled/auto one now)
+    lightmem sleep schedule 'CRON' --for 1h [--tenant T] | --clear
+                                                   windows on a cron schedule (UTC)
+    lightmem sleep status [--log]                  the window now, its sources, the group lag
+    lightmem sleep-worker                          run one member of the sleep consumer group
+
+Commands go to the compacted topic ``lightmem.sleep-control.v1``; every worker follows it.
+Exit codes: 0 success, 1 the operation failed, 2 usage error (a malformed command).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from lightmem.settings import Settings, load_settings
+
+__all__ = ["app", "sleep_worker", "stream_history"]
+
+app = typer.Typer(help="Sleep windows: when the sleep-time workers consolidate memories.",
+                  no_args_is_help=True)
+
+PrefixOpt = Annotated[
+    str | None, typer.Option("--topic-prefix", help="Prefix of every topic name."),
+]
+TenantOpt = Annotated[
+    str | None, typer.Option("--tenant", help="Only this tenant (default: every tenant)"),
+]
+ByOpt = Annotated[str, typer.Option("--by", help="Who issues the command (audit)")]
+
+
+def _err() -> Console:
+    return Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ValidationError as exc:
+        _err().print(f"[red]error:[/red] invalid settings: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _topics(settings: Settings, prefix: str | None) -> Any:
+    from lightmem.streams.topics import Topics
+
+    return Topics.from_settings(settings, prefix)
+
+
+def _send(action: str, *, tenant: str | None, topic_prefix: str | None, by: str,
+          until: datetime | None = None, cron: str | None = None,
+          duration_s: int | None = None) -> None:
+    from lightmem.schemas import SchemaError
+    from lightmem.streams.producer import DeliveryError
+    from lightmem.streams.sleep_control import (
+        CommandError,
+        command_key,
+        new_command,
+        send_command,
+    )
+
+    settings = _settings()
+    try:
+        cmd = new_command(action, tenant=tenant, until=until, cron=cron,
+                          duration_s=duration_s, issued_by=by)
+    except (SchemaError, CommandError) as exc:
+        _err().print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        send_command(settings, cmd, _topics(settings, topic_prefix))
+    except DeliveryError as exc:
+        _err().print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    _err().print(f"sent {cmd.action.value} ({command_key(cmd)}) id {cmd.command_id}",
+                 highlight=False)
+
+
+def _duration(text: str | None) -> int | None:
+    from lightmem.streams.sleep_control import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return int(parse_duration(text).total_seconds())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--for") from None
+
+
+@app.command("open")
+def open_(
+    for_: Annotated[str | None, typer.Option("--for", help="Close by itself after this "
+                                             "long: 90s, 30m, 2h, 1h30m")] = None,
+    tenant: TenantOpt = None,
+    by: ByOpt = "ops",
+    topic_prefix: PrefixOpt = None,
+) -> None:
+    """Open a sleep window now: the sleep workers start consolidating."""
+    seconds = _duration(for_)
+    until = None
+    if seconds is not None:
+        from datetime import timedelta
+
+        until = datetime.now(UTC) + timedelta(seconds=seconds)
+    _send("open", tenant=tenant, until=until, by=by, topic_prefix=topic_prefix)
+
+
+@app.command("close")
+def close(tenant: TenantOpt = None, by: ByOpt = "ops", topic_prefix: PrefixOpt = None) -> None:
+    """Close the window now: workers finish the targets in flight, commit and pause."""
+    _send("close", tenant=tenant, by=by, topic_prefix=topic_prefix)
+
+
+@app.command("schedule")
+def schedule(
+    cron: Annotated[str | None, typer.Argument(help="minute hour day-of-month month "
+                                               "day-of-week (UTC), e.g. '0 2 * * *'")] = None,
+    for_: Annotated[str | None, typer.Option("--for", help="Window length, e.g. 2h")] = None,
+    clear: Annotated[bool, typer.Option(help="Remove the schedule")] = False,
+    tenant: TenantOpt = None,
+    by: ByOpt = "ops",
+    topic_prefix: PrefixOpt = None,
+) -> None:
+    """Open windows on a cron schedule (kept on the control topic)."""
+    if clear == (cron is not None):
+        _err().print("[red]error:[/red] give a CRON expression with --for, or --clear")
+        raise typer.Exit(2)
+    _send("schedule", tenant=tenant, cron=cron, duration_s=_duration(for_), by=by,
+          topic_prefix=topic_prefix)
+
+
+@app.command("status")
+def status(
+    log_: Annotated[bool, typer.Option("--log", help="Also list every control record")]
+    = False,
+    topic_prefix: PrefixOpt = None,
+) -> None:
+    """The window now (from the control topic and the config) and the sleep group's lag."""
+    from lightmem.streams.sleep_control import ControlFollower, describe_records
+
+    settings = _settings()
+    topics = _topics(settings, topic_prefix)
+    follower = ControlFollower(settings, topics, dead_letters=False)
+    try:
+        records = follower.read_to_end()
+    except (LookupError, TimeoutError) as exc:
+        _err().print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        follower.close()
+    now = datetime.now(UTC)
+    out = Console()
+    for line in follower.state.describe(now):
+        out.print(line, markup=False, highlight=False)
+    if log_:
+        for line in describe_records(records):
+            out.print(line, markup=False, highlight=False)
+    rejected = [r for r in records if r.command is None]
+    if rejected:
+        _err().print(f"[yellow]{len(rejected)} control record(s) rejected[/yellow] "
+                     "(dead-lettered by the workers; see --log)")
+    try:
+        from lightmem.streams.lag import LagReader
+
+        reader = LagReader(settings, settings.sleep_group)
+        lags = reader.read([topics.entries])
+    except Exception as exc:  # noqa: BLE001 - lag is extra information; the state is shown
+        _err().print(f"[yellow]lag unavailable:[/yellow] {exc}", highlight=False)
+        return
+    table = Table(title=f"group {settings.sleep_group} on {topics.entries}")
+    for col in ("partition", "committed", "end", "entries to replay"):
+        table.add_column(col, justify="right")
+    for lag in lags:
+        table.add_row(str(lag.partition), "-" if lag.committed is None else str(lag.committed),
+                      str(lag.high), str(lag.lag))
+    _err().print(table)
+
+
+def sleep_worker(
+    topic_prefix: PrefixOpt = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Targets in flight "
+                                                    "[env LIGHTMEM_SLEEP_CONCURRENCY]")] = None,
+    group: Annotated[str | None, typer.Option(help="Consumer group [env "
+                                              "LIGHTMEM_SLEEP_GROUP]")] = None,
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run one sleep-time worker: consumes lightmem.entries.v1 while a window is open.
+
+    Stops cleanly on SIGTERM/SIGINT: the targets in flight finish and are committed.
+    """
+    from lightmem.processors.llm import LLMConfigError
+    from lightmem.streams.sleep import SleepWorker
+    from lightmem.streams.topics import TopicAdminError
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lightmem").setLevel(loglevel.upper())
+    settings = _settings(sleep_concurrency=concurrency, sleep_group=group)
+    if not settings.llm_configured:
+        _err().print("[red]error:[/red] the sleep worker needs an LLM: set "
+                     "LIGHTMEM_LLM_BASE_URL")
+        raise typer.Exit(2)
+    worker = SleepWorker(settings, topics=_topics(settings, topic_prefix))
+
+    def on_signal(signum: int, frame: object) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run(ready=lambda: logging.getLogger("lightmem.sleep").info("sleep worker ready"))
+    except (LLMConfigError, LookupError, TopicAdminError) as exc:
+        _err().print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    s = worker.stats
+    _err().print(f"sleep worker stopped: {s.batches} batches, {s.entries} entries, "
+                 f"{s.targets} targets, {s.updated} updated, {s.deleted} deleted, "
+                 f"{s.failed} failed, {s.recovered} recovered")
+
+
+def stream_history(memory_id: str, topic_prefix: str | None = None) -> list[Any]:
+    """Changes of one memory from the memory-changes topic (``lightmem history --stream``).
+
+    Exits with 1 when the topic cannot be read.
+    """
+    from lightmem.streams.changes import memory_history
+
+    settings = _settings()
+    try:
+        return memory_history(settings, memory_id, _topics(settings, topic_prefix))
+    except (LookupError, TimeoutError) as exc:
+        _err().print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None

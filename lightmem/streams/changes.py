@@ -1,0 +1,102 @@
+"""Reading the memory-changes topic (``lightmem history`` on the streaming deployment).
+
+The topic is keyed ``tenant/user``; a memory id does not say its scope, so the reader scans
+every partition from the beginning to its current end with a consumer that *assigns* the
+partitions (no group joined, nothing committed). Records are at-least-once: the same
+``change_id`` may appear more than once (a replayed batch, a settled outbox entry); the
+first copy is kept.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from lightmem.schemas import MemoryChange, SchemaError
+from lightmem.settings import Settings
+
+from .topics import Topics, kafka_config
+
+__all__ = ["ChangeRecord", "read_changes", "memory_history"]
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    partition: int
+    offset: int
+    change: MemoryChange
+
+
+def read_changes(settings: Settings, topics: Topics | None = None, *,
+                 memory_id: str | None = None, timeout_s: float = 60.0) -> list[ChangeRecord]:
+    """Every change record (of ``memory_id`` only, if given), oldest first per partition.
+
+    Records that do not decode are skipped (the producers validate what they write).
+
+    Raises:
+        LookupError: the topic does not exist.
+        TimeoutError: its end was not reached within ``timeout_s``.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+    topics = topics or Topics.from_settings(settings)
+    topic = topics.memory_changes
+    consumer = Consumer(kafka_config(settings, **{
+        "group.id": f"lightmem-history-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+    }))
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise LookupError(f"topic {topic!r} does not exist: run `lightmem topics create`")
+        ends: dict[int, int] = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                       timeout=timeout_s)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return []
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        needle = memory_id.encode() if memory_id is not None else None
+        out: list[ChangeRecord] = []
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: end not reached within {timeout_s:.0f}s")
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error() is not None:
+                    raise KafkaException(msg.error())
+                p, offset = msg.partition(), msg.offset()
+                if offset >= ends[p] - 1:
+                    done.add(p)
+                value = msg.value() or b""
+                # Cheap pre-filter before validating: the id is in the record's JSON.
+                if needle is not None and needle not in value:
+                    continue
+                try:
+                    change = MemoryChange.parse(value)
+                except SchemaError:
+                    continue
+                if memory_id is None or change.memory_id == memory_id:
+                    out.append(ChangeRecord(p, offset, change))
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()
+
+
+def memory_history(settings: Settings, memory_id: str, topics: Topics | None = None
+                   ) -> list[MemoryChange]:
+    """Every change of one memory, oldest first, one record per ``change_id``.
+
+    One memory lives in one partition, so partition order is its change order.
+    """
+    seen: set[str] = set()
+    out = []
+    for rec in read_changes(settings, topics, memory_id=memory_id):
+        if rec.change.change_id not in seen:
+            seen.add(rec.change.change_id)
+            out.append(rec.change)
+    return out
