@@ -222,14 +222,16 @@ class FakeStore:
         self.docs: dict[str, MemoryEntry] = {}
         self.fail = list(fail or [])
 
-    def bulk_upsert(self, entries: list[MemoryEntry]) -> int:
+    def bulk_create(self, entries: list[MemoryEntry]) -> list[str]:
+        """Like the Elasticsearch store: ids already present are left as they are."""
         if self.fail:
             raise self.fail.pop(0)
         for e in entries:
             if "REJECT" in e.fact:
                 raise ValueError(f"{e.id}: mapping rejects it")
-            self.docs[e.id] = e
-        return len(entries)
+        created = [e.id for e in entries if e.id not in self.docs]
+        self.docs.update({e.id: e for e in entries if e.id in created})
+        return created
 
 
 class FakeEmbedder:
@@ -246,7 +248,7 @@ def entry_recs(texts: list[str]) -> list[Inbound]:
             for i, e in enumerate(entries)]
 
 
-def test_index_sink_upserts_idempotently_and_dead_letters_a_rejected_entry() -> None:
+def test_index_sink_writes_once_and_dead_letters_a_rejected_entry() -> None:
     store = FakeStore()
     sink = IndexSink(settings(), components(embedder=FakeEmbedder()), TOPICS, store,
                      clock=lambda: NOW, sleep=lambda s: None)
@@ -258,8 +260,14 @@ def test_index_sink_upserts_idempotently_and_dead_letters_a_rejected_entry() -> 
     changes = [MemoryChange.parse(o.value) for o in result.out if o.topic ==
                TOPICS.memory_changes]
     assert {c.memory_id for c in changes} == set(store.docs) and {c.op for c in changes} == {"add"}
+    # A redelivery after the sleep-time stage updated the memory: the update stays, and no
+    # second `add` goes to the changes topic.
+    first = MemoryEntry.parse(recs[0].value)
+    store.docs[first.id] = store.docs[first.id].model_copy(update={"version": 2,
+                                                                   "fact": "updated"})
     again = sink.step(recs[:1])
-    assert len(store.docs) == 2 and again.applied == 1
+    assert (again.applied, again.skipped, again.out) == (0, 1, [])
+    assert store.docs[first.id].version == 2 and store.docs[first.id].fact == "updated"
 
 
 def test_transient_store_errors_are_recognised() -> None:

@@ -552,6 +552,20 @@ class ElasticsearchStore:
         """
         self.bulk_upsert(entries)
 
+    def bulk_create(self, entries: Iterable[MemoryEntry], *, refresh: Refresh | None = None
+                    ) -> list[str]:
+        """Write entries whose id is not in the index yet; returns the ids written.
+
+        The index sink's write: entry ids are deterministic, so an id already present was
+        written by an earlier delivery of the same entry and may since have been updated by
+        the sleep-time stage (version > 1). A redelivery must neither overwrite that update
+        nor record a second ``add``: the first write wins. Retries and errors as in
+        :meth:`bulk_upsert`.
+        """
+        created: list[str] = []
+        self._bulk(list(entries), refresh, op="create", created=created)
+        return created
+
     def bulk_upsert(self, entries: Iterable[MemoryEntry], *, refresh: Refresh | None = None) -> int:
         """Index entries with ``_id = entry.id`` through the bulk API.
 
@@ -571,15 +585,19 @@ class ElasticsearchStore:
             BulkWriteError: some documents failed permanently or ran out of retries; every
                 other document of the call was written.
         """
-        batch = list(entries)
+        return self._bulk(list(entries), refresh, op="index")
+
+    def _bulk(self, batch: list[MemoryEntry], refresh: Refresh | None, *, op: str,
+              created: list[str] | None = None) -> int:
         self._check(batch)
         if not batch:
             return 0
         actions = (
-            {"_op_type": "index", "_index": self.target, "_id": e.id, "_source": self._doc(e)}
+            {"_op_type": op, "_index": self.target, "_id": e.id, "_source": self._doc(e)}
             for e in batch
         )
         written = 0
+        present = 0
         failures: dict[str, str] = {}
         started = time.perf_counter()
         try:
@@ -594,10 +612,15 @@ class ElasticsearchStore:
                 raise_on_error=False,
                 refresh=self.refresh_writes if refresh is None else refresh,
             ):
+                info = next(iter(item.values()))
                 if ok:
                     written += 1
+                    if created is not None:
+                        created.append(str(info.get("_id")))
                     continue
-                info = next(iter(item.values()))
+                if op == "create" and info.get("status") == 409:
+                    present += 1  # written before: the first write wins
+                    continue
                 err = info.get("error")
                 if isinstance(err, Mapping):
                     reason = f"{info.get('status')} {err.get('type')}: {err.get('reason')}"
@@ -607,7 +630,7 @@ class ElasticsearchStore:
         finally:
             # A call that raised (connection lost) counts its documents as failed.
             metrics.record_es_bulk(time.perf_counter() - started, written=written,
-                                   failed=len(batch) - written)
+                                   failed=len(batch) - written - present)
         if failures:
             raise BulkWriteError(failures)
         return written

@@ -682,7 +682,8 @@ class IndexSink(_Stage):
     """entries -> embed -> idempotent bulk upsert -> memory changes.
 
     Args:
-        store: Anything with ``bulk_upsert(entries)`` (the Elasticsearch store).
+        store: Anything with ``bulk_create(entries) -> ids written`` (the Elasticsearch
+            store).
     """
 
     name = "index"
@@ -717,33 +718,37 @@ class IndexSink(_Stage):
         if not entries:
             return result
         pairs = list(entries.values())
+        poisoned_before = result.dead_letters
         written = self._write_all(pairs, result)
         now = self.clock()
         for entry in written:
             result.out.append(Outbound(self.topics.memory_changes, entry.scope.encode(),
                                        added_change(entry, now).to_bytes()))
         result.applied += len(written)
+        # Redelivered entries already in the index (possibly updated since by the sleep-time
+        # stage): left as they are, and no second `add` change.
+        result.skipped += len(pairs) - len(written) - (result.dead_letters - poisoned_before)
         return result
 
     def _write_all(self, pairs: list[tuple[Inbound, MemoryEntry]], result: StepResult
                    ) -> list[MemoryEntry]:
+        """The entries newly written (first write wins: see ``bulk_create``)."""
         embedder = self.components.embedder
         try:
             embedded = embedder.embed_entries([e for _, e in pairs])
-            self.store.bulk_upsert(embedded)
-            return embedded
+            created = set(self.store.bulk_create(embedded))
+            return [e for e in embedded if e.id in created]
         except Exception as exc:  # noqa: BLE001 - isolate the poison entries below
             if is_transient(exc):
                 raise
             log.warning("index: batch write failed (%r); writing entries one by one", exc)
         written = []
         for rec, entry in pairs:
-            def write(e: MemoryEntry = entry) -> MemoryEntry:
+            def write(e: MemoryEntry = entry) -> list[MemoryEntry]:
                 [done] = embedder.embed_entries([e])
-                self.store.bulk_upsert([done])
-                return done
+                return [done] if self.store.bulk_create([done]) else []
             try:
-                written.append(self.guarded(write))
+                written.extend(self.guarded(write))
             except _Poisoned as poisoned:
                 self.dead_letter(result, rec, "index", poisoned)
         return written

@@ -303,6 +303,18 @@ def test_ensure_index_creates_the_mapping_behind_the_alias(es_stores, es_client)
 
 
 @pytest.mark.integration
+def test_bulk_create_keeps_the_first_write(es_stores) -> None:  # noqa: ANN001
+    """The index sink's write: a redelivered entry never overwrites a later update."""
+    store = es_stores()
+    assert store.bulk_create([entry("a", unit(1)), entry("b", unit(0, 1))]) == ["a", "b"]
+    [a] = store.get(["a"])
+    store.replace(a.model_copy(update={"fact": "a, updated", "version": 2,
+                                       "embedding": unit(1)}), expected_version=1)
+    assert store.bulk_create([entry("a", unit(1)), entry("c", unit(1, 1))]) == ["c"]
+    assert [(e.fact, e.version) for e in store.get(["a"])] == [("a, updated", 2)]
+    assert sorted(e.id for e in store.iter_entries()) == ["a", "b", "c"]
+
+
 def test_hybrid_search_finds_an_exact_keyword_match(es_stores) -> None:  # noqa: ANN001
     store: ElasticsearchStore = es_stores()
     query = unit(1)
