@@ -9,14 +9,26 @@ stops when every target is done. The LLM is an :class:`~.llm_stub.OpenAIStubServ
 fixed latency per call, answering update / delete / ignore by a fixed rule
 (:func:`consolidation_responder`), so every run does the same work.
 
-Also measured, beside it: ingest (bulk indexing of entries into a scratch index) with no
-window open and while the largest run's window is open.
+Then the issue's other aim, "ingest throughput unchanged while a window is open"
+(``--ingest-turns``, 0 = skip): the streaming ingest path (a ``lightmem worker`` subprocess on
+private topics and index, :func:`~.bench_stream.run_stream`) over the same LoCoMo turns twice,
+beside a ``lightmem sleep-worker`` subprocess on a deployment of its own seeded with
+consolidation work: once with its window closed (the worker idle), once with the window open
+over exactly the measured interval (opened when the turns start, once the first
+consolidation call arrived; the seeded work outlasts the run). Both workers share the
+machine, Kafka and Elasticsearch, as in production. Printed: turns/s closed vs open and the
+ratio, and what the sleep worker did meanwhile (LLM calls from the stub, targets from its
+``/metrics``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -34,12 +46,15 @@ from rich.table import Table
 from lightmem.schemas import MemoryEntry, stable_id
 from lightmem.settings import Settings, load_settings
 
+from .bench_stream import _check_servers, _env, _stop_worker, _tail, interleave, run_stream
 from .llm_stub import OpenAIStubServer
+from .locomo import DEFAULT_LOCOMO, load_locomo
 
 __all__ = ["consolidation_responder", "synthetic_pairs", "sleep", "Pair"]
 
 err = Console(stderr=True)
-out = Console()
+# Wide enough for the tables when stdout is not a terminal (CI logs, files).
+out = Console(width=max(120, Console().width))
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 DIM = 384
@@ -245,6 +260,208 @@ def _run(base: Settings, n: int, pairs_per_worker: int, stub: OpenAIStubServer,
         client.close()
 
 
+# --------------------------------------------------------------------------- ingest
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _targets_done(port: int) -> int:
+    """Targets the sleep worker has finished (applied + already reflected), from its
+    ``/metrics`` (counted per batch)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return int(sum(s.value for fam in text_string_to_metric_families(text)
+                   for s in fam.samples
+                   if s.name in ("lightmem_events_applied_total",
+                                 "lightmem_events_skipped_total")
+                   and s.labels.get("stage") == "sleep"))
+
+
+@dataclass
+class _SleepSide:
+    """A ``lightmem sleep-worker`` subprocess on a deployment of its own."""
+
+    settings: Settings
+    topics: Any
+    store: Any
+    stub: OpenAIStubServer
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    seeded: int = 0
+
+    def consolidation_calls(self) -> int:
+        return sum(1 for r in self.stub.chat_requests
+                   if "TARGET memory:" in str(r["messages"][-1]["content"]))
+
+    def seed(self, targets: int, partitions: int) -> None:
+        scopes = 4 * partitions
+        pairs = synthetic_pairs(scopes, max(1, math.ceil(targets / scopes)), seed=7)
+        _seed(self.settings, self.topics, self.store, pairs, partitions)
+        self.seeded += len(pairs)
+
+    def window(self, action: str) -> None:
+        from lightmem.streams.sleep_control import new_command, send_command
+
+        send_command(self.settings, new_command(action, issued_by="bench"), self.topics)
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the sleep worker exited with {self.proc.returncode}:\n"
+                                   f"{_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sleep worker: no {what} after {timeout:.0f}s:\n"
+                                   f"{_tail(self.log)}")
+            time.sleep(0.05)  # polling interval of the bench, not of the measured work
+
+
+def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int
+                      ) -> _SleepSide:
+    from lightmem.streams.es_store import ElasticsearchStore, es_client
+    from lightmem.streams.topics import Topics, create_topics
+
+    run = uuid.uuid4().hex[:8]
+    port = _free_port()
+    overrides: dict[str, Any] = {
+        "es_alias": f"lmbench-{run}-sleepmem", "sleep_group": f"lmbench-{run}-sleep",
+        "sleep_concurrency": concurrency, "sleep_poll_s": 0.2,
+        # Small batches: the targets counter (per batch) follows the work closely.
+        "sleep_batch_entries": 4 * concurrency,
+        "llm_base_url": stub.base_url, "llm_max_retries": 0, "metrics_port": port,
+        "sleep_cron": None, "sleep_auto": None}
+    settings = base.model_copy(update={k: v for k, v in overrides.items()
+                                       if k not in ("sleep_cron", "sleep_auto")})
+    topics = Topics(prefix=f"lmbench-{run}-sleep.")
+    create_topics(settings, topics)
+    store = ElasticsearchStore(es_client(settings), alias=settings.es_alias)
+    store.ensure_index()
+    log = Path(tempfile.mkdtemp(prefix="lightmem-bench-sleep-")) / "sleep-worker.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lightmem", "sleep-worker", "--topic-prefix", topics.prefix],
+            env=_env(overrides), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    side = _SleepSide(settings, topics, store, stub, port, proc, log)
+    side.wait(lambda: "sleep worker ready" in log.read_text(errors="replace"),
+              "group assignment")
+    return side
+
+
+def _stop_sleep_side(side: _SleepSide) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from lightmem.streams.topics import delete_topics, kafka_config
+
+    _stop_worker(side.proc)
+    settings, client = side.settings, side.store.client
+    delete_topics(settings, side.topics.all())
+    client.indices.delete(index=f"{settings.es_alias}*", ignore_unavailable=True,
+                          allow_no_indices=True)
+    client.options(ignore_status=404).indices.delete_index_template(
+        name=f"{settings.es_alias}-template")
+    admin = AdminClient(kafka_config(settings))
+    for f in admin.delete_consumer_groups([settings.sleep_group,
+                                           f"{settings.sleep_group}.control"]).values():
+        try:
+            f.result(timeout=30)
+        except Exception:  # noqa: BLE001 - a group never committed to does not exist
+            pass
+    client.close()
+
+
+def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
+                      compressor: str, latency: float, concurrency: int) -> dict[str, Any]:
+    """Stream ingest turns/s with the sleep window closed, then open with the sleep worker
+    busy; what the sleep worker did during each measured interval."""
+    samples = load_locomo(data)
+    chosen = interleave(samples, turns)
+    overrides: dict[str, Any] = {
+        "compressor": compressor, "llm_base_url": None,  # extractive ingest
+        "metrics_port": None,  # the sleep worker's port is taken
+    }
+    settings = base.model_copy(update={"compressor": compressor, "llm_base_url": None})
+    partitions = settings.kafka_partitions
+    with OpenAIStubServer(consolidation_responder, latency_s=latency) as stub:
+        err.print(f"ingest: starting a sleep worker ({concurrency} target(s) in flight, "
+                  f"LLM stub {latency * 1000:.0f} ms/call) ...")
+        side = _start_sleep_side(base, stub, concurrency)
+        try:
+            runs: dict[str, dict[str, Any]] = {}
+            for state in ("closed", "open"):
+                marks: dict[str, tuple[int, int]] = {}
+
+                def phase(name: str, state: str = state, marks: dict = marks) -> None:
+                    if name == "start" and state == "open":
+                        before = side.consolidation_calls()
+                        side.window("open")
+                        # The clock starts once the sleep worker is consolidating.
+                        side.wait(lambda: side.consolidation_calls() > before,
+                                  "consolidation call after the open")
+                    marks[name] = (side.consolidation_calls(), _targets_done(side.port))
+
+                if state == "open":
+                    # Enough work to outlast the open run (the closed one as the estimate;
+                    # the LLM latency bounds the sleep worker's pace).
+                    closed_s = runs["closed"]["seconds"]
+                    need = max(50, math.ceil(2.0 * closed_s * concurrency / latency))
+                    err.print(f"ingest: seeding {need} consolidation targets ...")
+                    side.seed(need, partitions)
+                result = run_stream(settings, overrides, chosen, rate,
+                                    label=f"ingest, window {state}", on_phase=phase)
+                if state == "open":
+                    side.window("close")
+                calls = marks["end"][0] - marks["start"][0]
+                done = marks["end"][1] - marks["start"][1]
+                result["sleep_llm_calls"] = calls
+                result["sleep_targets_done"] = done
+                result["sleep_targets_left"] = side.seeded - marks["end"][1]
+                runs[state] = result
+        finally:
+            _stop_sleep_side(side)
+    closed, opened = runs["closed"], runs["open"]
+    return {
+        "turns": len(chosen), "mode": "extractive", "compressor": compressor,
+        "offered_rate": rate, "llm_latency_s": latency, "sleep_concurrency": concurrency,
+        "seeded_targets": side.seeded,
+        "closed": closed, "open": opened,
+        "busy_throughout": opened["sleep_targets_left"] > 0 and opened["sleep_llm_calls"] > 0,
+        "ratio_open_over_closed": round(opened["turns_per_s"] / closed["turns_per_s"], 3),
+    }
+
+
+def _print_ingest(r: dict[str, Any]) -> None:
+    table = Table(title=f"stream ingest while a sleep window is open: {r['turns']} LoCoMo "
+                        f"turns, {r['mode']}, compressor {r['compressor']}, offered "
+                        f"{r['offered_rate']:.0f}/s")
+    for col in ("window", "turns/s", "p50 s", "p95 s", "sleep LLM calls", "sleep targets",
+                "targets left", "open/closed"):
+        table.add_column(col, justify="left" if col == "window" else "right")
+    for state in ("closed", "open"):
+        s = r[state]
+        table.add_row(state, f"{s['turns_per_s']:.1f}", f"{s['latency_p50_s']:.1f}",
+                      f"{s['latency_p95_s']:.1f}", str(s["sleep_llm_calls"]),
+                      str(s["sleep_targets_done"]), str(s["sleep_targets_left"]),
+                      f"{r['ratio_open_over_closed']:.2f}" if state == "open" else "")
+    out.print(table)
+    if r["compressor"] == "none":
+        out.print("compressor none: the entropy compressor makes this comparison too slow "
+                  "on a small machine (--ingest-compressor entropy to use it)")
+    if not r["busy_throughout"]:
+        out.print("[yellow]warning:[/yellow] the sleep worker ran out of work before the "
+                  "ingest ended: the open run was not fully under load")
+
+
 def sleep(
     targets: Annotated[int, typer.Option(min=2, help="Targets per worker")] = 40,
     workers: Annotated[str, typer.Option(help="Worker counts to compare (= partitions)")]
@@ -253,8 +470,19 @@ def sleep(
     concurrency: Annotated[int, typer.Option(min=1, help="Targets in flight per worker")] = 1,
     json_out: Annotated[Path | None, typer.Option("--out", help="Also write JSON here")]
     = None,
+    ingest_turns: Annotated[int, typer.Option(
+        min=0, help="LoCoMo turns of the ingest comparison (window closed vs open); 0 = "
+        "skip it")] = 400,
+    ingest_data: Annotated[Path, typer.Option(help="LoCoMo JSON file")] = DEFAULT_LOCOMO,
+    ingest_rate: Annotated[float, typer.Option(
+        min=0.1, help="Turns/s offered (above capacity: turns/s is the capacity)")] = 200.0,
+    ingest_compressor: Annotated[str, typer.Option(
+        help="entropy | llmlingua2 | none (ingest comparison)")] = "none",
+    ingest_concurrency: Annotated[int, typer.Option(
+        min=1, help="Targets in flight of the sleep worker during the ingest")] = 8,
 ) -> None:
-    """Consolidation throughput (targets/s, LLM calls, tokens) with 1, 2, 4 workers.
+    """Consolidation throughput (targets/s, LLM calls, tokens) with 1, 2, 4 workers, then
+    stream ingest turns/s with the sleep window closed vs open (the sleep worker busy).
 
     The work grows with the workers (``--targets`` per worker), so each run takes about the
     same time and the speedup is throughput against one worker.
@@ -265,6 +493,15 @@ def sleep(
         raise typer.BadParameter(f"not a list of integers: {workers!r}",
                                  param_hint="--workers") from None
     base = load_settings()
+    if ingest_turns:
+        from lightmem.streams.topics import kafka_config
+
+        _check_servers(base, kafka_config)
+        if not ingest_data.exists():
+            raise typer.BadParameter(f"no such file: {ingest_data}", param_hint="--ingest-data")
+        if ingest_compressor not in ("entropy", "llmlingua2", "none"):
+            raise typer.BadParameter(f"entropy, llmlingua2 or none (got {ingest_compressor!r})",
+                                     param_hint="--ingest-compressor")
     results: list[RunResult] = []
     with OpenAIStubServer(consolidation_responder, latency_s=latency) as stub:
         for n in counts:
@@ -283,8 +520,14 @@ def sleep(
                       str(r.prompt_tokens), str(r.completion_tokens), str(r.updated),
                       str(r.deleted))
     out.print(table)
+    ingest = None
+    if ingest_turns:
+        ingest = ingest_comparison(base, data=ingest_data, turns=ingest_turns, rate=ingest_rate,
+                                   compressor=ingest_compressor, latency=latency,
+                                   concurrency=ingest_concurrency)
+        _print_ingest(ingest)
     if json_out is not None:
         json_out.write_text(json.dumps({
             "latency_s": latency, "concurrency": concurrency, "targets_per_worker": targets,
-            "runs": [asdict(r) for r in results]}, indent=2))
+            "runs": [asdict(r) for r in results], "ingest": ingest}, indent=2))
         err.print(f"wrote {json_out}")

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -215,8 +215,15 @@ def _tail(log: Path, n: int = 40) -> str:
 
 
 def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEvent],
-               rate: float, *, keep: bool = False, label: str = "") -> dict[str, Any]:
-    """Produce ``turns`` at ``rate``/s to a fresh deployment and time them to searchable."""
+               rate: float, *, keep: bool = False, label: str = "",
+               on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Produce ``turns`` at ``rate``/s to a fresh deployment and time them to searchable.
+
+    ``on_phase`` (if given) is called with ``"start"`` once the worker owns its partitions,
+    just before the clock starts (it may block: the clock starts after it returns), and with
+    ``"end"`` when the last turn is searchable (``lightmem bench sleep`` runs a sleep window
+    exactly over the measured interval).
+    """
     from confluent_kafka.admin import AdminClient
 
     from lightmem.streams.control import FlushCommand
@@ -256,6 +263,8 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
             produce = progress.add_task(f"{label}: produce @ {rate:.1f}/s", total=len(turns),
                                         lag="")
             searchable = progress.add_task(f"{label}: searchable", total=len(turns), lag="")
+            if on_phase is not None:
+                on_phase("start")
             with TurnProducer(settings, topics) as producer:
                 t0 = time.monotonic()
                 for i, turn in enumerate(turns):
@@ -289,6 +298,8 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
                 if time.monotonic() - last_progress > STALL_S:
                     raise RuntimeError(f"no progress for {STALL_S:.0f}s:\n{_tail(log)}")
                 time.sleep(POLL_S)
+        if on_phase is not None:
+            on_phase("end")
         watch.stop.set()
         poller.join(10)
         seen = {k: v for k, v in watch.seen.items() if k in produced_at}

@@ -7,7 +7,7 @@
     lightmem sleep schedule 'CRON' --for 1h [--tenant T] | --clear
                                                    windows on a cron schedule (UTC)
     lightmem sleep status [--log]                  the window now, its sources, the group lag
-    lightmem sleep-worker                          run one member of the sleep consumer group
+    lightmem sleep-worker [--metrics-port N]      run one member of the sleep consumer group
 
 Commands go to the compacted topic ``lightmem.sleep-control.v1``; every worker follows it.
 Exit codes: 0 success, 1 the operation failed, 2 usage error (a malformed command).
@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lightmem.settings import Settings, load_settings
+
+from .stream_cli import LogFormatOpt, MetricsPortOpt
 
 __all__ = ["app", "sleep_worker", "stream_history"]
 
@@ -188,25 +190,39 @@ def status(
 
 
 def sleep_worker(
+    ctx: typer.Context,
     topic_prefix: PrefixOpt = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Targets in flight "
                                                     "[env LIGHTMEM_SLEEP_CONCURRENCY]")] = None,
     group: Annotated[str | None, typer.Option(help="Consumer group [env "
                                               "LIGHTMEM_SLEEP_GROUP]")] = None,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    metrics_port: MetricsPortOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run one sleep-time worker: consumes lightmem.entries.v1 while a window is open.
 
     Stops cleanly on SIGTERM/SIGINT: the targets in flight finish and are committed.
+    The Prometheus endpoint is off unless --metrics-port / LIGHTMEM_METRICS_PORT is set
+    (then bound to 127.0.0.1 unless LIGHTMEM_METRICS_ADDR).
     """
     from lightmem.processors.llm import LLMConfigError
+    from lightmem.streams import metrics
+    from lightmem.streams.logs import configure_logging, quiet_progress_bars, secrets_of
     from lightmem.streams.sleep import SleepWorker
     from lightmem.streams.topics import TopicAdminError
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lightmem").setLevel(loglevel.upper())
-    settings = _settings(sleep_concurrency=concurrency, sleep_group=group)
+    if log_format is None and isinstance(ctx.obj, dict):  # `lightmem --log-format X sleep-worker`
+        log_format = ctx.obj.get("log_format")
+    settings = _settings(sleep_concurrency=concurrency, sleep_group=group,
+                         metrics_port=metrics_port, log_format=log_format)
+    # As the stream worker: secrets redacted; json = one object per line on stderr.
+    configure_logging(settings.log_format, level=loglevel.upper(),
+                      secrets=secrets_of(settings))
+    logging.getLogger("lightmem").setLevel(loglevel.upper())  # text, root handler set before
+    if settings.log_format == "json":
+        quiet_progress_bars()
+    log = logging.getLogger("lightmem.sleep")
     if not settings.llm_configured:
         _err().print("[red]error:[/red] the sleep worker needs an LLM: set "
                      "LIGHTMEM_LLM_BASE_URL")
@@ -218,11 +234,24 @@ def sleep_worker(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server = None
+    if settings.metrics_port:
+        # Bound before anything else starts: a port conflict fails the start at once.
+        try:
+            server = metrics.start_metrics_server(settings.metrics_port, settings.metrics_addr)
+        except metrics.MetricsServerError as exc:
+            _err().print(f"[red]error:[/red] {exc}: set another LIGHTMEM_METRICS_PORT / "
+                         "--metrics-port (0 = off)", highlight=False)
+            raise typer.Exit(1) from None
+        log.info("metrics at %s", server.url)
     try:
-        worker.run(ready=lambda: logging.getLogger("lightmem.sleep").info("sleep worker ready"))
+        worker.run(ready=lambda: log.info("sleep worker ready"))
     except (LLMConfigError, LookupError, TopicAdminError) as exc:
         _err().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        if server is not None:
+            server.close()
     s = worker.stats
     _err().print(f"sleep worker stopped: {s.batches} batches, {s.entries} entries, "
                  f"{s.targets} targets, {s.updated} updated, {s.deleted} deleted, "

@@ -533,6 +533,46 @@ class Pipeline:
             consumer.resume_partitions([tp])
             await consumer.seek(tp, target)
 
+    async def sample_lag(self) -> None:
+        """Timer: set the ``lightmem_consumer_lag`` gauges of the partitions this worker owns.
+
+        Lag means what ``lightmem stats`` shows (:mod:`lightmem.streams.lag`): high watermark
+        minus the group's committed offset. Read from the brokers in a thread of its own
+        (blocking admin calls, never on the event loop, never behind a model call); only
+        the partitions assigned here, so that the workers of a group never report one
+        partition twice.
+        """
+        stage_topics = {self.topics.turns, self.topics.segments, self.topics.entries}
+        owned = {(tp.topic, tp.partition) for tp in self.app.consumer.assignment()
+                 if tp.topic in stage_topics}
+        if not owned:
+            metrics.set_consumer_lag({})
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            lags = await loop.run_in_executor(self._lag_executor, self._read_lag,
+                                              sorted({t for t, _ in owned}))
+        except Exception as exc:  # noqa: BLE001 - a missed sample; the next tick tries again
+            log.debug("consumer lag not readable: %r", exc)
+            return
+        metrics.set_consumer_lag({(p.topic, p.partition): p.lag for p in lags
+                                  if (p.topic, p.partition) in owned})
+
+    def _read_lag(self, topics: list[str]) -> list[Any]:
+        if self._lag_reader is None:
+            from .lag import LagReader
+
+            self._lag_reader = LagReader(self.settings, self.options.app_id, timeout_s=10.0)
+        return self._lag_reader.read(topics)
+
+    def close_lag_reader(self) -> None:
+        """Stop lag sampling and close its Kafka clients."""
+        # Wait for a sample in flight (bounded by the reader's timeout) before closing.
+        self._lag_executor.shutdown(wait=True, cancel_futures=True)
+        if self._lag_reader is not None:
+            self._lag_reader.close()
+            self._lag_reader = None
+
     async def log_progress(self) -> None:
         """Timer: one INFO line per stage whose counters moved since the last tick."""
         for stage, c in self.counters.items():

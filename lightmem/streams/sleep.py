@@ -39,6 +39,16 @@ Delivery semantics: at-least-once, made idempotent.
 Closing a window mid-batch lets the targets in flight finish, commits what is complete and
 pauses; the rest of the batch is replayed in the next window.
 
+Metrics (:mod:`~lightmem.streams.metrics`, served by ``lightmem sleep-worker --metrics-port``):
+``lightmem_sleep_window_open`` follows the window ("*" and each tenant with a window of its
+own); entries consumed (``events_in``, stage ``sleep``, replays included), changes produced
+(``events_out`` to the memory-changes topic, recovered ones included), targets consolidated
+(``events_applied``; ``events_skipped`` = already reflected), failed targets
+(``stage_errors`` kind ``transient``: replayed) and a crash (kind ``bug``), dead letters
+(stage ``sleep``, reason ``parse`` for entries, ``control`` for control commands), and the
+consumer lag of the assigned partitions, sampled every ``LAG_SAMPLE_S`` by a thread of its
+own. LLM calls are counted by the chat model (stage ``consolidate``).
+
 Exceptions: none of its own. Transient failures (LLM, Elasticsearch, Kafka) leave the batch's
 incomplete entries uncommitted and back off; ``LLMConfigError`` stops the worker.
 """
@@ -81,6 +91,7 @@ from lightmem.schemas import (
 )
 from lightmem.settings import Settings
 
+from . import metrics
 from .components import Components
 from .producer import TurnProducer
 from .sleep_control import ControlFollower, WindowScope
@@ -91,6 +102,8 @@ __all__ = ["SleepWorker", "BatchReport", "Outbox", "OutboxStore", "WorkerStats"]
 log = logging.getLogger(__name__)
 
 STAGE = "sleep"
+#: Seconds between two samples of the ``lightmem_consumer_lag`` gauge (when metrics are on).
+LAG_SAMPLE_S = 5.0
 
 
 def _utcnow() -> datetime:
@@ -225,6 +238,18 @@ def settle(store: Any, pending: Sequence[MemoryChange]) -> list[MemoryChange]:
     return applied
 
 
+class _MeteredFollower(ControlFollower):
+    """A :class:`ControlFollower` that counts the control commands it dead-letters."""
+
+    def _dead_letter(self, msg: Any, exc: Exception) -> None:
+        # Below the bookmark a record was dead-lettered before (by this or another worker):
+        # the parent skips it, so must the count.
+        fresh = msg.offset() >= self._bookmark()
+        super()._dead_letter(msg, exc)
+        if fresh:
+            metrics.DEAD_LETTERS.labels(STAGE, "control").inc()
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -322,6 +347,9 @@ class SleepWorker:
         self._pool: ThreadPoolExecutor | None = None
         self._next_sample = 0.0
         self._settle_partitions: list[int] = []
+        #: Tenants with a window gauge series of their own (set back when they lose it).
+        self._gauged: set[str] = set()
+        self._lag_thread: threading.Thread | None = None
 
     # -- processors
 
@@ -354,7 +382,9 @@ class SleepWorker:
 
         consolidator = self._consolidator()
         self.outbox.ensure()
-        self._follower = ControlFollower(self.settings, self.topics, clock=self.clock)
+        # Load the encoder before joining the group: the first batch must not stall for it.
+        _ = self.components.embedder
+        self._follower = _MeteredFollower(self.settings, self.topics, clock=self.clock)
         self._follower.start()
         self._producer = TurnProducer(self.settings, self.topics)
         self._consumer = Consumer(kafka_config(self.settings, **{
@@ -373,7 +403,12 @@ class SleepWorker:
             while not self._follower.at_end and not self.stop_event.is_set():
                 self._follower.poll(0.5)
             self.scope = self._current_scope()
+            self._publish_window(self.scope)
             log.info("%s: window %s", self.name, self.scope.describe())
+            if self.settings.metrics_port:
+                self._lag_thread = threading.Thread(target=self._sample_lag, daemon=True,
+                                                    name=f"{self.name}-lag")
+                self._lag_thread.start()
             self._consumer.subscribe([self.topics.entries], on_assign=self._on_assign,
                                      on_revoke=self._on_revoke, on_lost=self._on_revoke)
             ready_called = False
@@ -398,10 +433,16 @@ class SleepWorker:
                 self.stats.add(report)
                 if report.failed:
                     self.stop_event.wait(2.0)  # back off before the replay of the failures
+        except Exception:
+            metrics.record_stage_error(STAGE, "bug")  # the worker stops: alert on it
+            raise
         finally:
+            self.stop_event.set()  # ends the lag sampler too
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self._lag_thread is not None:
+            self._lag_thread.join(timeout=30)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         try:
@@ -444,6 +485,7 @@ class SleepWorker:
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in pending])
         self.stats.recovered += len(applied)
+        metrics.record_events_out(STAGE, self.topics.memory_changes, len(applied))
         log.warning("%s: settled %d pending change(s) of a previous worker (%d had reached "
                     "the index and were produced)", self.name, len(pending), len(applied))
 
@@ -468,6 +510,7 @@ class SleepWorker:
         scope = self._current_scope()
         if scope != self.scope:
             before, self.scope = self.scope, scope
+            self._publish_window(scope)
             log.info("%s: window %s -> %s", self.name, before.describe(), scope.describe())
             parts = self._partitions(sorted(self._assigned))
             if parts:
@@ -477,6 +520,40 @@ class SleepWorker:
                 else:
                     self._consumer.pause(parts)
         return self.scope.anything
+
+    def _publish_window(self, scope: WindowScope) -> None:
+        """Set the window gauges: "*" for every tenant, plus each tenant that differs."""
+        metrics.set_sleep_window(None, scope.default)
+        for tenant in scope.exceptions | self._gauged:
+            metrics.set_sleep_window(tenant, scope.allows(tenant))
+        self._gauged |= scope.exceptions
+
+    # -- consumer lag (metrics)
+
+    def _sample_lag(self) -> None:
+        """Thread: every ``LAG_SAMPLE_S``, the group's lag on the partitions assigned here.
+
+        Its own Kafka clients, so a slow broker answer never holds up the consumer loop.
+        """
+        from .lag import LagReader
+
+        reader: LagReader | None = None
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    if reader is None:
+                        reader = LagReader(self.settings, self.settings.sleep_group,
+                                           timeout_s=LAG_SAMPLE_S)
+                    mine = set(self._assigned)  # replaced, never mutated: a safe snapshot
+                    metrics.set_consumer_lag({(p.topic, p.partition): p.lag
+                                              for p in reader.read([self.topics.entries])
+                                              if p.partition in mine})
+                except Exception as exc:  # noqa: BLE001 - a lost sample; the next one retries
+                    log.debug("%s: lag not readable: %r", self.name, exc)
+                self.stop_event.wait(LAG_SAMPLE_S)
+        finally:
+            if reader is not None:
+                reader.close()
 
     def _partitions(self, numbers: Sequence[int], offsets: dict[int, int] | None = None
                     ) -> list[Any]:
@@ -523,6 +600,7 @@ class SleepWorker:
     def _process(self, records: Sequence[_Record], consolidator: Consolidator) -> BatchReport:
         """Consolidate one batch, produce its changes, commit what is complete."""
         report = BatchReport(entries=len(records))
+        started = time.perf_counter()
         now = self.clock()
         by_partition: dict[int, list[_Record]] = defaultdict(list)
         for r in records:
@@ -580,6 +658,12 @@ class SleepWorker:
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in changes])
         self._commit(by_partition, held, incomplete, report)
+        # Held entries are not consumed (read again when their window opens).
+        metrics.record_events_in(STAGE, self.topics.entries, report.entries - report.held)
+        metrics.record_step(STAGE, seconds=time.perf_counter() - started,
+                            applied=report.done - report.reflected, skipped=report.reflected,
+                            out_topics=[self.topics.memory_changes] * len(changes),
+                            dead_letter_reasons={"parse": report.dead_letters})
         log.info("%s: batch of %d entries: %d targets, %d updated, %d deleted, %d ignored, "
                  "%d already reflected, %d failed%s; committed %s", self.name, report.entries,
                  report.targets, report.updated, report.deleted, report.ignored,
@@ -633,6 +717,7 @@ class SleepWorker:
                     log.log(level, "%s: target %s failed: %s: %s", self.name, tid,
                             type(exc).__name__, exc)
                     report.failed += 1
+                    metrics.record_stage_error(STAGE, "transient")
                     continue
                 done.add(tid)
                 report.done += 1

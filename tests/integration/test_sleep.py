@@ -426,3 +426,88 @@ def test_change_in_index_but_not_on_topic_is_recovered(sleep_env: SleepEnv) -> N
     assert "settled 1 pending change" in w.text()
     assert _consolidation_calls(senv) == 1  # the replayed entry did not ask again
 
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``/metrics`` of a worker: (sample name, labels) -> value; {} while it is not up."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return {}
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_follow_the_window_and_the_work(sleep_env: SleepEnv) -> None:
+    """``--metrics-port``: the window gauge follows close/open/close, and the counters equal
+    what happened: records consumed from the entries topic, change records on the
+    memory-changes topic, targets, LLM calls, the dead-lettered control command, and the
+    lag of every partition back to 0. Logs are JSON lines (``--log-format json``)."""
+    import json
+
+    senv = sleep_env
+    pairs = synthetic_pairs(4, 2, seed=3)
+    want = senv.expect(pairs)
+    senv.seed(pairs)
+    port = _free_port()
+    w = senv.start_worker("w1", LIGHTMEM_METRICS_PORT=str(port), LIGHTMEM_LOG_FORMAT="json")
+    entries, changes_topic = senv.topics.entries, senv.topics.memory_changes
+
+    def value(name: str, **labels: str) -> float | None:
+        return _scrape(port).get((name, frozenset(labels.items())))
+
+    def window() -> float | None:
+        return value("lightmem_sleep_window_open", tenant="*")
+
+    wait_for(lambda: "sleep worker ready" in w.text(), what="the worker", workers=[w])
+    assert window() == 0
+    with TurnProducer(senv.settings, senv.topics) as producer:
+        producer.produce(senv.topics.sleep_control, b"not json", key=b"window/*")
+    wait_for(lambda: value("lightmem_dead_letters_total", stage="sleep", reason="control")
+             == 1, what="the control dead letter counted", workers=[w])
+    assert value("lightmem_events_in_total", stage="sleep", topic=entries) is None
+
+    senv.sleep_cli("open")
+    wait_for(lambda: window() == 1, what="the open window gauge", workers=[w])
+    wait_for(lambda: senv.state() == want, what="the consolidated index", workers=[w])
+    wait_for(lambda: senv.committed() == senv.ends(), what="offsets committed", workers=[w])
+    consumed = sum(senv.ends().values())  # every record of the entries topic, once
+    records = _assert_changes_match(senv, pairs)
+    wait_for(lambda: value("lightmem_events_in_total", stage="sleep", topic=entries)
+             == consumed, what="entries consumed counted", workers=[w])
+    assert value("lightmem_events_out_total", stage="sleep", topic=changes_topic) \
+        == len(records)
+    assert value("lightmem_events_applied_total", stage="sleep") == len(pairs)
+    assert value("lightmem_stage_errors_total", stage="sleep", kind="transient") is None
+    assert value("lightmem_llm_calls_total", stage="consolidate", tenant="acme") \
+        == _consolidation_calls(senv) == len(pairs)
+    assert window() == 1
+
+    def lags() -> dict[str, float]:
+        return {dict(labels)["partition"]: v for (name, labels), v in _scrape(port).items()
+                if name == "lightmem_consumer_lag" and dict(labels)["topic"] == entries}
+
+    wait_for(lambda: lags() == {str(p): 0 for p in range(PARTITIONS)},
+             what="lag 0 on every partition", workers=[w])
+
+    senv.sleep_cli("close")
+    wait_for(lambda: window() == 0, what="the closed window gauge", workers=[w])
+    assert value("lightmem_events_in_total", stage="sleep", topic=entries) == consumed
+    # JSON logs: every line the worker's logging wrote is one object.
+    logged = [json.loads(ln) for ln in w.text().splitlines() if ln.startswith("{")]
+    assert any(r["message"] == "sleep worker ready" for r in logged)
+    assert any("window closed -> open" in r["message"] for r in logged)
