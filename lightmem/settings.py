@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "ServicesSettings", "load_settings"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     sleep_auto_quiet_s: float = Field(default=300.0, gt=0)
     #: Automatic mode: how often the turns topic's end offsets are sampled (seconds).
     sleep_auto_sample_s: float = Field(default=10.0, gt=0)
+    #: CPU niceness added by a sleep worker at start (0-19): on a host it shares with the
+    #: ingest workers, sleep-time work takes only the CPU that ingest leaves.
+    sleep_nice: int = Field(default=10, ge=0, le=19)
 
     # --- process
     #: Turns applied per transaction by the embedded runtime (also the compression batch).
@@ -138,3 +141,50 @@ def load_settings(**overrides: object) -> Settings:
     ``None`` overrides are ignored so optional CLI flags fall back to env/defaults.
     """
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _port(default: int) -> object:
+    return Field(default=default, gt=0, lt=65536)
+
+
+class ServicesSettings(BaseSettings):
+    """The local Kafka / Elasticsearch launcher (``lightmem services``, the test fixtures).
+
+    ``LIGHTMEM_<NAME>`` like :class:`Settings`; the JDKs also fall back to ``JAVA_HOME`` /
+    ``ES_JAVA_HOME``. Unset or empty variables keep the defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LIGHTMEM_", extra="ignore",
+                                      env_ignore_empty=True, populate_by_name=True)
+
+    #: Cache folder for downloads, configuration, data and logs (None: the launcher's
+    #: default, ``.cache/services`` in a source checkout, else the user's cache folder).
+    services_dir: Path | None = None
+    #: The user's cache folder (outside a source checkout).
+    xdg_cache_home: Path | None = Field(default=None, validation_alias="XDG_CACHE_HOME")
+    #: An existing cluster / node, used instead of the local servers.
+    kafka_bootstrap: str | None = None
+    es_url: str | None = None
+    kafka_version: str | None = None
+    kafka_port: int = _port(9092)  # type: ignore[assignment]
+    kafka_controller_port: int = _port(9093)  # type: ignore[assignment]
+    kafka_heap_opts: str = "-Xms256m -Xmx1g"
+    kafka_auto_create_topics: bool = False
+    kafka_java_home: Path | None = Field(
+        default=None, validation_alias=AliasChoices("LIGHTMEM_KAFKA_JAVA_HOME", "JAVA_HOME"))
+    es_version: str | None = None
+    es_port: int = _port(9200)  # type: ignore[assignment]
+    es_transport_port: int = _port(9300)  # type: ignore[assignment]
+    es_java_opts: str = "-Xms512m -Xmx1g"
+    es_java_home: Path | None = Field(
+        default=None, validation_alias=AliasChoices("LIGHTMEM_ES_JAVA_HOME", "ES_JAVA_HOME"))
+    #: The account Elasticsearch runs as when we are root (it refuses to run as root).
+    es_user: str = "lightmem-es"
+    mvn: str = "mvn"
+    services_start_timeout: float = Field(default=180.0, gt=0)
+    services_stop_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("kafka_bootstrap", "es_url", "kafka_version", "es_version", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value

@@ -186,7 +186,8 @@ def _run(base: Settings, n: int, pairs_per_worker: int, stub: OpenAIStubServer,
     from lightmem.streams.es_store import ElasticsearchStore, es_client
     from lightmem.streams.sleep import SleepWorker
     from lightmem.streams.sleep_control import new_command, send_command
-    from lightmem.streams.topics import Topics, create_topics, delete_topics
+    from lightmem.streams.teardown import remove_deployment
+    from lightmem.streams.topics import Topics, create_topics
 
     run = uuid.uuid4().hex[:8]
     settings = base.model_copy(update={
@@ -241,22 +242,9 @@ def _run(base: Settings, n: int, pairs_per_worker: int, stub: OpenAIStubServer,
             updated=sum(w.stats.updated for w in workers),
             deleted=sum(w.stats.deleted for w in workers))
     finally:
-        delete_topics(settings, topics.all())
-        client.indices.delete(index=f"{settings.es_alias}*", ignore_unavailable=True,
-                              allow_no_indices=True)
-        client.options(ignore_status=404).indices.delete_index_template(
-            name=f"{settings.es_alias}-template")
-        from confluent_kafka.admin import AdminClient
-
-        from lightmem.streams.topics import kafka_config
-
-        admin = AdminClient(kafka_config(settings))
-        for f in admin.delete_consumer_groups([settings.sleep_group,
-                                               f"{settings.sleep_group}.control"]).values():
-            try:
-                f.result(timeout=30)
-            except Exception:  # noqa: BLE001 - a group never committed to does not exist
-                pass
+        remove_deployment(settings, topic_prefixes=[topics.prefix],
+                          groups=[settings.sleep_group, f"{settings.sleep_group}.control"],
+                          alias=settings.es_alias, es=client)
         client.close()
 
 
@@ -359,24 +347,13 @@ def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int
 
 
 def _stop_sleep_side(side: _SleepSide) -> None:
-    from confluent_kafka.admin import AdminClient
-
-    from lightmem.streams.topics import delete_topics, kafka_config
+    from lightmem.streams.teardown import remove_deployment
 
     _stop_worker(side.proc)
     settings, client = side.settings, side.store.client
-    delete_topics(settings, side.topics.all())
-    client.indices.delete(index=f"{settings.es_alias}*", ignore_unavailable=True,
-                          allow_no_indices=True)
-    client.options(ignore_status=404).indices.delete_index_template(
-        name=f"{settings.es_alias}-template")
-    admin = AdminClient(kafka_config(settings))
-    for f in admin.delete_consumer_groups([settings.sleep_group,
-                                           f"{settings.sleep_group}.control"]).values():
-        try:
-            f.result(timeout=30)
-        except Exception:  # noqa: BLE001 - a group never committed to does not exist
-            pass
+    remove_deployment(settings, topic_prefixes=[side.topics.prefix],
+                      groups=[settings.sleep_group, f"{settings.sleep_group}.control"],
+                      alias=settings.es_alias, es=client)
     client.close()
 
 

@@ -230,7 +230,8 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     from lightmem.streams.es_store import es_client
     from lightmem.streams.lag import LagReader
     from lightmem.streams.producer import TurnProducer
-    from lightmem.streams.topics import Topics, create_topics, delete_topics, kafka_config
+    from lightmem.streams.teardown import remove_deployment
+    from lightmem.streams.topics import Topics, create_topics, kafka_config
 
     run = uuid.uuid4().hex[:8]
     prefix, app_id, alias = f"lmbench-{run}.", f"lmbench-{run}", f"lmbench-{run}-mem"
@@ -326,17 +327,8 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
         _stop_worker(proc)
         lag_reader.close()
         if not keep:
-            admin = AdminClient(kafka_config(settings))
-            ours = [t for t in admin.list_topics(timeout=30).topics
-                    if t.startswith((prefix, app_id))]
-            delete_topics(settings, ours)
-            for future in admin.delete_consumer_groups([app_id], request_timeout=30).values():
-                try:
-                    future.result(timeout=60)
-                except Exception:  # noqa: BLE001 - cleanup goes on
-                    pass
-            es.indices.delete(index=f"{alias}*", ignore_unavailable=True, allow_no_indices=True)
-            es.options(ignore_status=404).indices.delete_index_template(name=f"{alias}-template")
+            remove_deployment(settings, topic_prefixes=[prefix, app_id], groups=[app_id],
+                              alias=alias, es=es)
         es.close()
 
 

@@ -19,7 +19,8 @@ Everything lives in one cache folder (default ``<repo>/.cache/services``, or
 ``state.json`` holds the pid (the leader of the server's own process group), the process start
 time (so a recycled pid is never mistaken for the server), the version and the ports.
 
-Settings are read from the environment by :meth:`ServicesConfig.from_env` only (defaults)::
+Settings come from the environment through :class:`lightmem.settings.ServicesSettings`
+(:meth:`ServicesConfig.from_env`; defaults)::
 
     LIGHTMEM_SERVICES_DIR             cache folder (see above)
     LIGHTMEM_KAFKA_BOOTSTRAP          an existing Kafka cluster, used instead of the local one
@@ -67,12 +68,14 @@ import urllib.request
 import uuid
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from lightmem.settings import ServicesSettings
 
 __all__ = [
     "DEFAULT_ES_VERSION",
@@ -120,18 +123,13 @@ class StartError(ServiceError):
     """A server exited during startup or was not healthy before the deadline."""
 
 
-def _default_root() -> Path:
+def _default_root(xdg_cache_home: Path | None = None) -> Path:
     # A source checkout (editable install) keeps its cache next to the code, git-ignored;
     # an installed package falls back to the user's cache folder.
     repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file():
         return repo / ".cache" / "services"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lightmem" / "services"
-
-
-def _env_bool(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    return (xdg_cache_home or Path.home() / ".cache") / "lightmem" / "services"
 
 
 @dataclass(frozen=True)
@@ -164,70 +162,41 @@ class ServicesConfig:
     stop_timeout_s: float = 30.0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServicesConfig:
-        """Build the configuration from environment variables (table in the module docstring).
+    def from_env(cls) -> ServicesConfig:
+        """Build the configuration from the environment (table in the module docstring),
+        read by :class:`lightmem.settings.ServicesSettings`.
 
-        Args:
-            environ: the variables to read; defaults to ``os.environ``.
-
-        Returns:
-            The configuration, with defaults for every variable that is unset or empty.
+        Raises:
+            ValueError: a variable is set to an invalid value (named in the message).
         """
-        env = os.environ if environ is None else environ
+        from pydantic import ValidationError
 
-        def get(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        def port(name: str, default: int) -> int:
-            raw = get(name)
-            if raw is None:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                raise ValueError(f"{name}: not a port number: {raw!r}") from None
-            if not 0 < value < 65536:
-                raise ValueError(f"{name}: port out of range: {raw!r}")
-            return value
-
-        def seconds(name: str, default: float) -> float:
-            raw = get(name)
-            if raw is None:
-                return default
-            try:
-                return float(raw)
-            except ValueError:
-                raise ValueError(f"{name}: not a number of seconds: {raw!r}") from None
-
-        def path(*names: str) -> Path | None:
-            for name in names:
-                raw = get(name)
-                if raw:
-                    return Path(raw)
-            return None
-
-        kafka_java = path("LIGHTMEM_KAFKA_JAVA_HOME", "JAVA_HOME")
-        auto_create = get("LIGHTMEM_KAFKA_AUTO_CREATE_TOPICS")
+        try:
+            s = ServicesSettings()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"LIGHTMEM_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']} "
+                f"(got {e.get('input')!r})" for e in exc.errors())
+            raise ValueError(f"invalid services settings: {problems}") from None
         return cls(
-            root=path("LIGHTMEM_SERVICES_DIR") or _default_root(),
-            external_kafka_bootstrap=get("LIGHTMEM_KAFKA_BOOTSTRAP"),
-            external_es_url=get("LIGHTMEM_ES_URL"),
-            kafka_version=get("LIGHTMEM_KAFKA_VERSION") or DEFAULT_KAFKA_VERSION,
-            kafka_port=port("LIGHTMEM_KAFKA_PORT", 9092),
-            kafka_controller_port=port("LIGHTMEM_KAFKA_CONTROLLER_PORT", 9093),
-            kafka_heap_opts=get("LIGHTMEM_KAFKA_HEAP_OPTS") or cls.kafka_heap_opts,
-            kafka_auto_create_topics=_env_bool(auto_create) if auto_create else False,
-            kafka_java_home=kafka_java,
-            es_version=get("LIGHTMEM_ES_VERSION") or DEFAULT_ES_VERSION,
-            es_port=port("LIGHTMEM_ES_PORT", 9200),
-            es_transport_port=port("LIGHTMEM_ES_TRANSPORT_PORT", 9300),
-            es_java_opts=get("LIGHTMEM_ES_JAVA_OPTS") or cls.es_java_opts,
-            es_java_home=path("LIGHTMEM_ES_JAVA_HOME", "ES_JAVA_HOME") or kafka_java,
-            es_user=get("LIGHTMEM_ES_USER") or cls.es_user,
-            mvn=get("LIGHTMEM_MVN") or cls.mvn,
-            start_timeout_s=seconds("LIGHTMEM_SERVICES_START_TIMEOUT", cls.start_timeout_s),
-            stop_timeout_s=seconds("LIGHTMEM_SERVICES_STOP_TIMEOUT", cls.stop_timeout_s),
+            root=s.services_dir or _default_root(s.xdg_cache_home),
+            external_kafka_bootstrap=s.kafka_bootstrap,
+            external_es_url=s.es_url,
+            kafka_version=s.kafka_version or DEFAULT_KAFKA_VERSION,
+            kafka_port=s.kafka_port,
+            kafka_controller_port=s.kafka_controller_port,
+            kafka_heap_opts=s.kafka_heap_opts,
+            kafka_auto_create_topics=s.kafka_auto_create_topics,
+            kafka_java_home=s.kafka_java_home,
+            es_version=s.es_version or DEFAULT_ES_VERSION,
+            es_port=s.es_port,
+            es_transport_port=s.es_transport_port,
+            es_java_opts=s.es_java_opts,
+            es_java_home=s.es_java_home or s.kafka_java_home,
+            es_user=s.es_user,
+            mvn=s.mvn,
+            start_timeout_s=s.services_start_timeout,
+            stop_timeout_s=s.services_stop_timeout,
         )
 
 

@@ -16,49 +16,27 @@ Exit codes: 0 success, 1 the operation failed, 2 usage error (a malformed comman
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from lightmem.settings import Settings, load_settings
-
-from .stream_cli import LogFormatOpt, MetricsPortOpt
+# One definition of the shared options and helpers: the stream commands'.
+from .stream_cli import LogFormatOpt, MetricsPortOpt, PrefixOpt, _err, _settings, _topics
 
 __all__ = ["app", "sleep_worker", "stream_history"]
 
 app = typer.Typer(help="Sleep windows: when the sleep-time workers consolidate memories.",
                   no_args_is_help=True)
 
-PrefixOpt = Annotated[
-    str | None, typer.Option("--topic-prefix", help="Prefix of every topic name."),
-]
 TenantOpt = Annotated[
     str | None, typer.Option("--tenant", help="Only this tenant (default: every tenant)"),
 ]
 ByOpt = Annotated[str, typer.Option("--by", help="Who issues the command (audit)")]
-
-
-def _err() -> Console:
-    return Console(stderr=True)
-
-
-def _settings(**overrides: object) -> Settings:
-    try:
-        return load_settings(**overrides)
-    except ValidationError as exc:
-        _err().print(f"[red]error:[/red] invalid settings: {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def _topics(settings: Settings, prefix: str | None) -> Any:
-    from lightmem.streams.topics import Topics
-
-    return Topics.from_settings(settings, prefix)
 
 
 def _send(action: str, *, tenant: str | None, topic_prefix: str | None, by: str,
@@ -227,6 +205,9 @@ def sleep_worker(
         _err().print("[red]error:[/red] the sleep worker needs an LLM: set "
                      "LIGHTMEM_LLM_BASE_URL")
         raise typer.Exit(2)
+    if settings.sleep_nice:
+        # Background work: yield the CPU to the ingest workers on a shared host.
+        os.nice(settings.sleep_nice)
     worker = SleepWorker(settings, topics=_topics(settings, topic_prefix))
 
     def on_signal(signum: int, frame: object) -> None:

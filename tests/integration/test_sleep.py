@@ -13,7 +13,6 @@ polls a condition against a deadline.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -44,7 +43,10 @@ from lightmem.streams.changes import read_changes  # noqa: E402
 from lightmem.streams.dlq import read_dead_letters  # noqa: E402
 from lightmem.streams.es_store import ElasticsearchStore  # noqa: E402
 from lightmem.streams.producer import TurnProducer  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics, delete_topics  # noqa: E402
+from lightmem.streams.teardown import remove_deployment  # noqa: E402
+from lightmem.streams.topics import Topics, create_topics  # noqa: E402
+
+from .procs import Worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -71,36 +73,6 @@ def wait_for(predicate: Callable[[], Any], *, what: str, workers: list[Worker] |
         time.sleep(0.3)  # polling interval, not a synchronisation
     logs = "\n".join(w.tail() for w in workers or [])
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n{logs}")
-
-
-@dataclass
-class Worker:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-    def text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def tail(self, n: int = 60) -> str:
-        return f"--- {self.name} ---\n" + "\n".join(self.text().splitlines()[-n:])
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        return self.proc.returncode
 
 
 @dataclass
@@ -235,20 +207,8 @@ def sleep_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
         for w in senv.workers:
             w.stop()
         stub.stop()
-        delete_topics(settings, topics.all())
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-        for future in admin.delete_consumer_groups([group, f"{group}.control"],
-                                                   request_timeout=30).values():
-            try:
-                future.result(timeout=60)
-            except Exception:  # noqa: BLE001 - a group that never committed does not exist
-                pass
-        es_client.indices.delete(index=f"{alias}*", ignore_unavailable=True,
-                                 allow_no_indices=True)
-        es_client.options(ignore_status=404).indices.delete_index_template(
-            name=f"{alias}-template")
+        remove_deployment(settings, topic_prefixes=[prefix], groups=[group, f"{group}.control"],
+                          alias=alias, es=es_client)
 
 
 def _consolidation_calls(senv: SleepEnv) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,10 @@ from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.control import FlushCommand, control_kind  # noqa: E402
 from lightmem.streams.dlq import read_dead_letters  # noqa: E402
 from lightmem.streams.producer import TurnProducer, add_turns, send_flush  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics, delete_topics  # noqa: E402
+from lightmem.streams.teardown import remove_deployment  # noqa: E402
+from lightmem.streams.topics import Topics, create_topics  # noqa: E402
+
+from .procs import Worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -130,50 +132,6 @@ def make_conversation(tenant: str, user: str, conversation: str, n_turns: int, *
 
 
 # -- one isolated pipeline deployment per test ---------------------------------------------------
-
-
-@dataclass
-class Worker:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-    def tail(self, n: int = 60) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return ""
-        # Log records only: the stack dumps (continuation lines) would push the stage state
-        # that dump_stacks() logs out of the tail.
-        keep = [ln for ln in lines if ln.startswith("[") and "] task " not in ln]
-        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(keep[-n:])
-
-    def dump_stacks(self) -> None:
-        """Ask a live worker to log its asyncio tasks and thread stacks (diagnostics)."""
-        if self.proc.poll() is not None:
-            return
-        size = self.log.stat().st_size
-        os.kill(self.proc.pid, signal.SIGUSR2)
-        os.kill(self.proc.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.log.stat().st_size == size:
-            time.sleep(0.2)
-        # The dumps are written by two handlers; give the second a moment to finish.
-        time.sleep(1.0)
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        return self.proc.returncode
 
 
 @dataclass
@@ -303,21 +261,8 @@ def stream_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
     finally:
         for w in senv.workers:
             w.stop()
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-        ours = [t for t in admin.list_topics(timeout=30).topics
-                if t.startswith((prefix, app_id))]
-        delete_topics(settings, ours)
-        for future in admin.delete_consumer_groups([app_id], request_timeout=30).values():
-            try:
-                future.result(timeout=60)
-            except Exception:  # noqa: BLE001 - the group may not exist; cleanup goes on
-                pass
-        es_client.indices.delete(index=f"{alias}*", ignore_unavailable=True,
-                                 allow_no_indices=True)
-        es_client.options(ignore_status=404).indices.delete_index_template(
-            name=f"{alias}-template")
+        remove_deployment(settings, topic_prefixes=[prefix, app_id], groups=[app_id],
+                          alias=alias, es=es_client)
 
 
 # -- helpers -----------------------------------------------------------------------------------
