@@ -482,11 +482,12 @@ class Pipeline:
         acked, and the committed offset stays behind them forever. Nothing is lost for good
         (a restart re-reads from the committed offset), but the worker stops making
         progress. The symptom, read from the brokers: a partition of ours whose committed
-        offset stays below its high watermark, none of its records in flight, while its
-        agent has waited for records for ``STALL_S`` (a healthy idle agent has committed
-        everything within ``broker_commit_interval``). Then resume the partition (in case
-        faust left it paused) and seek it back to its committed offset; the stages skip
-        what they had already applied.
+        offset stays below its high watermark while its agent has waited for records for
+        ``STALL_S`` (with concurrency 1 an idle agent has nothing in flight, and a healthy
+        one has committed everything within ``broker_commit_interval``). faust's own
+        ``unacked`` set cannot tell: the dropped records stay in it forever. Then resume the
+        partition (in case faust left it paused) and seek it back to its committed offset;
+        the stages skip what they had already applied.
         """
         consumer = self.app.consumer
         now = time.monotonic()
@@ -508,11 +509,10 @@ class Pipeline:
             log.debug("stall check: lag not readable: %r", exc)
             return
         by_tp = {(p.topic, p.partition): p for p in lags}
-        in_flight = {m.tp for m in consumer.unacked}
         read_offsets = getattr(consumer, "_read_offset", {})
         for tp in mine:
             lag = by_tp.get((tp.topic, tp.partition))
-            if lag is None or lag.lag == 0 or tp in in_flight:
+            if lag is None or lag.lag == 0:
                 self._stuck.pop(tp, None)
                 continue
             target = lag.high - lag.lag  # the committed offset (or the low watermark)
