@@ -60,6 +60,7 @@ from lightmem.settings import Settings
 from . import metrics
 from .components import Components
 from .control import FlushCommand, flush_headers
+from .lag import PartitionLag
 from .logs import configure_logging, quiet_progress_bars, secrets_of, worker_logging_config
 from .stages import (
     Inbound,
@@ -99,6 +100,42 @@ LAG_SAMPLE_S = 5.0
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class StallDetector:
+    """Which partitions have stopped: lag above zero with the same committed offset for
+    ``stall_s`` seconds of observations (fed only while the partition's agent is idle).
+
+    Args:
+        stall_s: How long one committed offset may stay behind the high watermark.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        #: (topic, partition) -> (committed offset, first seen at)
+        self._since: dict[tuple[str, int], tuple[int, float]] = {}
+
+    def observe(self, now: float, lags: Sequence[PartitionLag]) -> list[PartitionLag]:
+        """The partitions found stalled at ``now``; each is forgotten once reported, so a
+        partition still stalled after the recovery is reported again ``stall_s`` later."""
+        stalled = []
+        for p in lags:
+            key = (p.topic, p.partition)
+            committed = p.high - p.lag
+            if p.lag == 0:
+                self._since.pop(key, None)
+                continue
+            seen = self._since.setdefault(key, (committed, now))
+            if seen[0] != committed:  # progress: start over
+                self._since[key] = (committed, now)
+            elif now - seen[1] >= self.stall_s:
+                stalled.append(p)
+                del self._since[key]
+        return stalled
+
+    def reset(self) -> None:
+        """Forget everything (a rebalance, or every agent busy)."""
+        self._since.clear()
 
 
 class ConversationTable(faust.Table):
@@ -235,7 +272,7 @@ class Pipeline:
         #: stage -> (what it is doing, since when): for diagnosing a stuck worker.
         self.where: dict[str, tuple[str, float]] = {}
         self._batches: dict[str, Any] = {}
-        self._stuck: dict[Any, tuple[int, float]] = {}
+        self.stalls = StallDetector(STALL_S)
         # Lag sampling (metrics only): its own thread, its own Kafka clients.
         self._lag_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-lag")
         self._lag_reader: Any = None
@@ -496,7 +533,7 @@ class Pipeline:
         starving = {stage for stage, (what, since) in self.where.items()
                     if what == "waiting for records" and now - since >= STALL_S}
         if self.app.rebalancing or self.app.in_recovery or not starving:
-            self._stuck.clear()
+            self.stalls.reset()
             return
         mine = [tp for tp in consumer.assignment() if stage_of.get(tp.topic) in starving]
         if not mine:
@@ -508,26 +545,16 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - the next tick asks again
             log.debug("stall check: lag not readable: %r", exc)
             return
-        by_tp = {(p.topic, p.partition): p for p in lags}
+        ours = {(tp.topic, tp.partition): tp for tp in mine}
         read_offsets = getattr(consumer, "_read_offset", {})
-        for tp in mine:
-            lag = by_tp.get((tp.topic, tp.partition))
-            if lag is None or lag.lag == 0:
-                self._stuck.pop(tp, None)
-                continue
+        for lag in self.stalls.observe(now, [p for p in lags if (p.topic, p.partition) in ours]):
+            tp = ours[(lag.topic, lag.partition)]
             target = lag.high - lag.lag  # the committed offset (or the low watermark)
-            seen = self._stuck.setdefault(tp, (target, now))
-            if seen[0] != target:
-                self._stuck[tp] = (target, now)
-                continue
-            if now - seen[1] < STALL_S:
-                continue
             stage = stage_of[tp.topic]
             log.warning("%s: %d record(s) of %s[%d] from offset %d never reached the agent "
                         "(read offset %s, paused %s); resuming and seeking back to %d",
                         stage, lag.lag, tp.topic, tp.partition, target,
                         read_offsets.get(tp), tp in consumer._paused_partitions, target)
-            self._stuck.pop(tp, None)
             self.counters[stage].reseeks += 1
             metrics.record_reread(stage)
             consumer.resume_partitions([tp])
