@@ -367,7 +367,6 @@ def stream_command(
 ) -> None:
     """Stream path (real Kafka + Elasticsearch) vs the embedded runtime: turns/s, latency to
     searchable (p50/p95), lag per stage; extractive and with a fixed-latency LLM."""
-    from lightmem.streams.topics import kafka_config
 
     try:
         samples = load_locomo(data)
@@ -377,7 +376,7 @@ def stream_command(
     chosen = _modes(modes)
     turns = interleave(samples, limit)
     base = load_settings()
-    _check_servers(base, kafka_config)
+    _check_servers(base)
     results: list[dict[str, Any]] = []
     for mode in chosen:
         with _llm(mode, llm_latency) as stub:
@@ -408,10 +407,11 @@ def stream_command(
         json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def _check_servers(settings: Settings, kafka_config: Any) -> None:
+def _check_servers(settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient
 
     from lightmem.streams.es_store import es_client
+    from lightmem.streams.topics import kafka_config
 
     try:
         AdminClient(kafka_config(settings)).list_topics(timeout=10)

@@ -32,7 +32,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -263,6 +263,17 @@ def print_stream_stats(*, topic_prefix: str | None, app_id: str | None,
 # -- dlq -------------------------------------------------------------------------------------
 
 
+def _dead_letters(settings: Settings, topics: Any) -> list[Any]:
+    """Every record of the DLQ topic; exit 1 with the reason when it cannot be read."""
+    from lightmem.streams.dlq import read_dead_letters
+
+    try:
+        return read_dead_letters(settings, topics)
+    except (LookupError, TimeoutError) as exc:
+        _err().print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
 @dlq_app.command("list")
 def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line on "
@@ -272,15 +283,9 @@ def dlq_list(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Every dead letter, oldest first: DLQ offset, stage, source position, reason."""
-    from lightmem.streams.dlq import read_dead_letters
-
     settings = _settings(kafka_bootstrap=bootstrap)
     topics = _topics(settings, topic_prefix)
-    try:
-        records = read_dead_letters(settings, topics)
-    except (LookupError, TimeoutError) as exc:
-        _err().print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    records = _dead_letters(settings, topics)
     if stage is not None:
         records = [r for r in records if r.letter is not None and r.letter.stage == stage]
     if as_json:
@@ -321,7 +326,7 @@ def dlq_replay(
 
     The original key goes with them; events that are still bad are dead-lettered again.
     """
-    from lightmem.streams.dlq import plan_replay, read_dead_letters, replay_dead_letters
+    from lightmem.streams.dlq import plan_replay, replay_dead_letters
     from lightmem.streams.producer import DeliveryError
 
     if not (offset or stage or all_):
@@ -329,11 +334,7 @@ def dlq_replay(
         raise typer.Exit(2)
     settings = _settings(kafka_bootstrap=bootstrap)
     topics = _topics(settings, topic_prefix)
-    try:
-        records = read_dead_letters(settings, topics)
-    except (LookupError, TimeoutError) as exc:
-        _err().print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    records = _dead_letters(settings, topics)
     wanted = set(offset or [])
     chosen = [r for r in records if all_ or r.offset in wanted or (
         stage is not None and r.letter is not None and r.letter.stage == stage)]
@@ -412,6 +413,7 @@ def replay(
         prepare_backfill,
         worker_args,
     )
+    from lightmem.streams.lag import LagReader
 
     since = _parse_from(from_)
     settings = _settings()
@@ -433,11 +435,11 @@ def replay(
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[lag]}"), TimeElapsedColumn(),
-                      console=err) as progress:
+                      console=err) as progress, LagReader(settings, plan.app_id) as reader:
             task = progress.add_task("replay turns", total=plan.total, lag="")
             while True:
                 try:
-                    state = backfill_progress(settings, plan)
+                    state = backfill_progress(settings, plan, reader=reader)
                 except KafkaException as exc:
                     # A leader election or a timeout: ask again at the next tick.
                     if not _retriable(exc):

@@ -23,10 +23,10 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from lightmem.settings import Settings
 
+from .lag import LagReader, by_topic
 from .topics import Topics, create_topics, delete_topics, kafka_config
 
 __all__ = [
@@ -147,65 +147,38 @@ def prepare_backfill(settings: Settings, plan: BackfillPlan) -> None:
         consumer.close()
 
 
-def _committed(admin: Any, group: str, tps: list[Any], timeout_s: float) -> dict[tuple[str, int],
-                                                                                int]:
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
-    futures = admin.list_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(group, tps)], request_timeout=timeout_s)
-    out = {}
-    for future in futures.values():
-        for tp in future.result(timeout=timeout_s).topic_partitions:
-            if tp.error is None and tp.offset >= 0:
-                out[(tp.topic, tp.partition)] = tp.offset
-    return out
-
-
-def backfill_progress(settings: Settings, plan: BackfillPlan, *, admin: Any = None,
-                      consumer: Any = None, timeout_s: float = 15.0) -> BackfillProgress:
+def backfill_progress(settings: Settings, plan: BackfillPlan, *,
+                      reader: LagReader | None = None, timeout_s: float = 15.0
+                      ) -> BackfillProgress:
     """Committed progress of the run (read in pipeline order, so a ``finished`` answer is
     never premature: each stage delivers its output before its input offsets commit).
+
+    Args:
+        reader: The run group's lag reader, kept open across calls (default: one per call).
 
     Raises:
         confluent_kafka.KafkaException: the cluster did not answer; ``retriable()`` errors
             (leader elections, timeouts) are worth asking again.
     """
-    from confluent_kafka import Consumer, TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    own_admin = admin is None
-    own_consumer = consumer is None
-    admin = admin or AdminClient(kafka_config(settings))
-    consumer = consumer or Consumer(kafka_config(
-        settings, **{"group.id": f"lightmem-lag-{plan.run}", "enable.auto.commit": False}))
+    own = reader is None
+    reader = reader or LagReader(settings, plan.app_id, timeout_s=timeout_s)
     try:
-        turns = [TopicPartition(plan.topics.turns, p) for p in plan.stop]
-        committed = _committed(admin, plan.app_id, turns, timeout_s)
+        turns = {p.partition: p for p in reader.read([plan.topics.turns])}
         per_partition = {}
         finished = True
         for p in plan.stop:
-            at = min(committed.get((plan.topics.turns, p), plan.start[p]), plan.stop[p])
+            committed = turns[p].committed if p in turns else None
+            at = min(plan.start[p] if committed is None else committed, plan.stop[p])
             per_partition[p] = max(0, at - plan.start[p])
             finished &= at >= plan.stop[p] or plan.start[p] >= plan.stop[p]
-        lags = []
-        for name in (plan.topics.segments, plan.topics.entries):
-            meta = consumer.list_topics(name, timeout=timeout_s).topics.get(name)
-            parts = sorted(meta.partitions) if meta is not None and meta.error is None else []
-            tps = [TopicPartition(name, p) for p in parts]
-            done = _committed(admin, plan.app_id, tps, timeout_s) if tps else {}
-            lag = 0
-            for p in parts:
-                low, high = consumer.get_watermark_offsets(TopicPartition(name, p),
-                                                           timeout=timeout_s)
-                lag += max(0, high - max(low, done.get((name, p), low)))
-            lags.append(lag)
-        return BackfillProgress(turns_done=sum(per_partition.values()), segments_lag=lags[0],
-                                entries_lag=lags[1], turns_finished=finished,
-                                per_partition=per_partition)
+        lags = by_topic(reader.read([plan.topics.segments, plan.topics.entries]))
+        return BackfillProgress(turns_done=sum(per_partition.values()),
+                                segments_lag=lags.get(plan.topics.segments, 0),
+                                entries_lag=lags.get(plan.topics.entries, 0),
+                                turns_finished=finished, per_partition=per_partition)
     finally:
-        if own_consumer:
-            consumer.close()
-        del own_admin
+        if own:
+            reader.close()
 
 
 def cleanup_backfill(settings: Settings, plan: BackfillPlan, *, keep_dlq: bool = True) -> None:
