@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     #: CPU niceness added by a sleep worker at start (0-19): on a host it shares with the
     #: ingest workers, sleep-time work takes only the CPU that ingest leaves.
     sleep_nice: int = Field(default=10, ge=0, le=19)
+    #: Ingest first: while the ingest group (``worker_id``) has more than this many records
+    #: waiting on its topics, sleep workers start no new target (resume under half of it);
+    #: 0 = never yield.
+    sleep_yield_lag: int = Field(default=200, ge=0)
 
     # --- process
     #: Turns applied per transaction by the embedded runtime (also the compression batch).

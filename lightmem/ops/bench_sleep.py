@@ -11,14 +11,15 @@ fixed latency per call, answering update / delete / ignore by a fixed rule
 
 Then the issue's other aim, "ingest throughput unchanged while a window is open"
 (``--ingest-turns``, 0 = skip): the streaming ingest path (a ``lightmem worker`` subprocess on
-private topics and index, :func:`~.bench_stream.run_stream`) over the same LoCoMo turns twice,
-beside a ``lightmem sleep-worker`` subprocess on a deployment of its own seeded with
-consolidation work: once with its window closed (the worker idle), once with the window open
-over exactly the measured interval (opened when the turns start, once the first
-consolidation call arrived; the seeded work outlasts the run). Both workers share the
-machine, Kafka and Elasticsearch, as in production. Printed: turns/s closed vs open and the
-ratio, and what the sleep worker did meanwhile (LLM calls from the stub, targets from its
-``/metrics``).
+private topics and index, :func:`~.bench_stream.run_stream`) over the same LoCoMo turns three
+times, each beside a ``lightmem sleep-worker`` subprocess on the same deployment (its entries
+topic and index, seeded with consolidation work; the ingest group is the one it yields to):
+with the window closed (the sleep worker idle); with the window open over exactly the
+measured interval (opened when the turns start, once the first consolidation call arrived)
+and the default ingest-first rule (``LIGHTMEM_SLEEP_YIELD_LAG``: no new target while ingest
+has a backlog); and open with that rule off (0). The workers share the machine, Kafka and
+Elasticsearch. Printed: turns/s of each run and the ratio to the closed one, and what the
+sleep worker did meanwhile (LLM calls from the stub, targets from its ``/metrics``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,7 +47,15 @@ from rich.table import Table
 from lightmem.schemas import MemoryEntry, stable_id
 from lightmem.settings import Settings, load_settings
 
-from .bench_stream import _check_servers, _env, _stop_worker, _tail, interleave, run_stream
+from .bench_stream import (
+    StreamDeployment,
+    _check_servers,
+    _env,
+    _stop_worker,
+    _tail,
+    interleave,
+    run_stream,
+)
 from .llm_stub import OpenAIStubServer
 from .locomo import DEFAULT_LOCOMO, load_locomo
 
@@ -315,15 +324,18 @@ class _SleepSide:
             time.sleep(0.05)  # polling interval of the bench, not of the measured work
 
 
-def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int
+def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int,
+                      deployment: StreamDeployment, *, yield_lag: int, targets: int
                       ) -> _SleepSide:
+    """A sleep worker (window closed) on the ingest run's deployment: same entries topic and
+    index, its ingest group (``worker_id``) to yield to; seeded with ``targets``."""
     from lightmem.streams.es_store import ElasticsearchStore, es_client
     from lightmem.streams.topics import Topics, create_topics
 
-    run = uuid.uuid4().hex[:8]
     port = _free_port()
     overrides: dict[str, Any] = {
-        "es_alias": f"lmbench-{run}-sleepmem", "sleep_group": f"lmbench-{run}-sleep",
+        "es_alias": deployment.alias, "worker_id": deployment.app_id,
+        "sleep_group": f"{deployment.app_id}-sleep", "sleep_yield_lag": yield_lag,
         "sleep_concurrency": concurrency, "sleep_poll_s": 0.2,
         # Small batches: the targets counter (per batch) follows the work closely.
         "sleep_batch_entries": 4 * concurrency,
@@ -331,7 +343,7 @@ def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int
         "sleep_cron": None, "sleep_auto": None}
     settings = base.model_copy(update={k: v for k, v in overrides.items()
                                        if k not in ("sleep_cron", "sleep_auto")})
-    topics = Topics(prefix=f"lmbench-{run}-sleep.")
+    topics = Topics(prefix=deployment.prefix)
     create_topics(settings, topics)
     store = ElasticsearchStore(es_client(settings), alias=settings.es_alias)
     store.ensure_index()
@@ -341,26 +353,95 @@ def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int
             [sys.executable, "-m", "lightmem", "sleep-worker", "--topic-prefix", topics.prefix],
             env=_env(overrides), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     side = _SleepSide(settings, topics, store, stub, port, proc, log)
+    side.seed(targets, settings.kafka_partitions)
     side.wait(lambda: "sleep worker ready" in log.read_text(errors="replace"),
               "group assignment")
     return side
 
 
 def _stop_sleep_side(side: _SleepSide) -> None:
+    """Stop the worker and remove its groups (the ingest run removes the deployment)."""
     from lightmem.streams.teardown import remove_deployment
 
     _stop_worker(side.proc)
-    settings, client = side.settings, side.store.client
-    remove_deployment(settings, topic_prefixes=[side.topics.prefix],
-                      groups=[settings.sleep_group, f"{settings.sleep_group}.control"],
-                      alias=settings.es_alias, es=client)
-    client.close()
+    group = side.settings.sleep_group
+    remove_deployment(side.settings, groups=[group, f"{group}.control"])
+    side.store.client.close()
+
+
+def _ingest_backlog(settings: Settings, deployment: StreamDeployment) -> int | None:
+    from lightmem.streams.ingest_priority import ingest_backlog
+    from lightmem.streams.lag import LagReader
+    from lightmem.streams.topics import Topics
+
+    topics = Topics(prefix=deployment.prefix)
+    with LagReader(settings, deployment.app_id) as reader:
+        return ingest_backlog(reader.read([topics.turns, topics.segments, topics.entries]))
+
+
+#: The ingest comparison's runs: (name, window opened, LIGHTMEM_SLEEP_YIELD_LAG or None for
+#: the default).
+INGEST_RUNS = (("closed", False, None), ("open", True, None), ("open, no yield", True, 0))
+
+
+@dataclass
+class _SleepBeside:
+    """The ``on_phase`` of one ingest run: at the start, a seeded sleep worker on the run's
+    deployment (and its window opened); at both ends, what it had done."""
+
+    base: Settings
+    ingest: Settings
+    stub: OpenAIStubServer
+    deployment: StreamDeployment
+    label: str
+    concurrency: int
+    yield_lag: int
+    targets: int
+    opened: bool
+    side: _SleepSide | None = None
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __call__(self, phase: str) -> None:
+        if phase == "start":
+            err.print(f"{self.label}: a sleep worker ({self.concurrency} target(s) in flight, "
+                      f"yield above {self.yield_lag or 'off'}) seeded with {self.targets} "
+                      "targets ...")
+            self.side = _start_sleep_side(self.base, self.stub, self.concurrency,
+                                          self.deployment, yield_lag=self.yield_lag,
+                                          targets=self.targets)
+            # The ingest worker's index sink reads the seeded entries too (first write wins:
+            # nothing changes): let it finish before the clock starts.
+            deadline = time.monotonic() + 300
+            while _ingest_backlog(self.ingest, self.deployment) not in (0, None):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the ingest worker did not read the seeded entries")
+                time.sleep(0.5)  # polling interval of the bench, not of the measured work
+        side = self.side
+        assert side is not None
+        if phase == "start" and self.opened:
+            before = side.consolidation_calls()
+            side.window("open")
+            # The clock starts once the sleep worker is consolidating.
+            side.wait(lambda: side.consolidation_calls() > before,
+                      "consolidation call after the open")
+        self.marks[phase] = (side.consolidation_calls(), _targets_done(side.port))
+
+    def report(self) -> dict[str, Any]:
+        assert self.side is not None
+        start, end = self.marks["start"], self.marks["end"]
+        return {
+            "sleep_llm_calls": end[0] - start[0], "sleep_targets_done": end[1] - start[1],
+            "sleep_targets_left": self.side.seeded - end[1],
+            "seeded_targets": self.side.seeded, "sleep_yield_lag": self.yield_lag,
+            "sleep_yield_log": [ln for ln in self.side.log.read_text(
+                errors="replace").splitlines() if "ingest backlog" in ln],
+        }
 
 
 def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
                       compressor: str, latency: float, concurrency: int) -> dict[str, Any]:
-    """Stream ingest turns/s with the sleep window closed, then open with the sleep worker
-    busy; what the sleep worker did during each measured interval."""
+    """Stream ingest turns/s with the sleep window closed, open (ingest first, the default)
+    and open with yielding off; what the sleep worker did during each measured interval."""
     samples = load_locomo(data)
     chosen = interleave(samples, turns)
     overrides: dict[str, Any] = {
@@ -368,52 +449,32 @@ def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
         "metrics_port": None,  # the sleep worker's port is taken
     }
     settings = base.model_copy(update={"compressor": compressor, "llm_base_url": None})
-    partitions = settings.kafka_partitions
+    runs: dict[str, dict[str, Any]] = {}
     with OpenAIStubServer(consolidation_responder, latency_s=latency) as stub:
-        err.print(f"ingest: starting a sleep worker ({concurrency} target(s) in flight, "
-                  f"LLM stub {latency * 1000:.0f} ms/call) ...")
-        side = _start_sleep_side(base, stub, concurrency)
-        try:
-            runs: dict[str, dict[str, Any]] = {}
-            for state in ("closed", "open"):
-                marks: dict[str, tuple[int, int]] = {}
-
-                def phase(name: str, state: str = state, marks: dict = marks) -> None:
-                    if name == "start" and state == "open":
-                        before = side.consolidation_calls()
-                        side.window("open")
-                        # The clock starts once the sleep worker is consolidating.
-                        side.wait(lambda: side.consolidation_calls() > before,
-                                  "consolidation call after the open")
-                    marks[name] = (side.consolidation_calls(), _targets_done(side.port))
-
-                if state == "open":
-                    # Enough work to outlast the open run (the closed one as the estimate;
-                    # the LLM latency bounds the sleep worker's pace).
-                    closed_s = runs["closed"]["seconds"]
-                    need = max(50, math.ceil(2.0 * closed_s * concurrency / latency))
-                    err.print(f"ingest: seeding {need} consolidation targets ...")
-                    side.seed(need, partitions)
-                result = run_stream(settings, overrides, chosen, rate,
-                                    label=f"ingest, window {state}", on_phase=phase)
-                if state == "open":
-                    side.window("close")
-                calls = marks["end"][0] - marks["start"][0]
-                done = marks["end"][1] - marks["start"][1]
-                result["sleep_llm_calls"] = calls
-                result["sleep_targets_done"] = done
-                result["sleep_targets_left"] = side.seeded - marks["end"][1]
-                runs[state] = result
-        finally:
-            _stop_sleep_side(side)
-    closed, opened = runs["closed"], runs["open"]
+        for state, opened, yield_lag in INGEST_RUNS:
+            # Enough work to outlast an open run (the closed one as the estimate; the LLM
+            # latency bounds the sleep worker's pace; checked below: busy_throughout).
+            need = 50 if not opened else max(50, math.ceil(
+                2.0 * runs["closed"]["seconds"] * concurrency / max(latency, 0.01)))
+            deployment = StreamDeployment.new()
+            beside = _SleepBeside(
+                base, settings, stub, deployment, f"ingest, window {state}", concurrency,
+                base.sleep_yield_lag if yield_lag is None else yield_lag, need, opened)
+            try:
+                result = run_stream(settings, overrides, chosen, rate, label=beside.label,
+                                    on_phase=beside, deployment=deployment)
+            finally:
+                if beside.side is not None:
+                    _stop_sleep_side(beside.side)
+            runs[state] = {**result, **beside.report()}
+    closed = runs["closed"]
     return {
         "turns": len(chosen), "mode": "extractive", "compressor": compressor,
         "offered_rate": rate, "llm_latency_s": latency, "sleep_concurrency": concurrency,
-        "seeded_targets": side.seeded,
-        "closed": closed, "open": opened,
-        "busy_throughout": opened["sleep_targets_left"] > 0 and opened["sleep_llm_calls"] > 0,
-        "ratio_open_over_closed": round(opened["turns_per_s"] / closed["turns_per_s"], 3),
+        "runs": runs,
+        "busy_throughout": all(r["sleep_targets_left"] > 0 for r in runs.values()),
+        "ratio_over_closed": {state: round(r["turns_per_s"] / closed["turns_per_s"], 3)
+                              for state, r in runs.items() if state != "closed"},
     }
 
 
@@ -421,22 +482,24 @@ def _print_ingest(r: dict[str, Any]) -> None:
     table = Table(title=f"stream ingest while a sleep window is open: {r['turns']} LoCoMo "
                         f"turns, {r['mode']}, compressor {r['compressor']}, offered "
                         f"{r['offered_rate']:.0f}/s")
-    for col in ("window", "turns/s", "p50 s", "p95 s", "sleep LLM calls", "sleep targets",
-                "targets left", "open/closed"):
+    for col in ("window", "yield above", "turns/s", "p50 s", "p95 s", "sleep LLM calls",
+                "sleep targets", "targets left", "vs closed"):
         table.add_column(col, justify="left" if col == "window" else "right")
-    for state in ("closed", "open"):
-        s = r[state]
-        table.add_row(state, f"{s['turns_per_s']:.1f}", f"{s['latency_p50_s']:.1f}",
-                      f"{s['latency_p95_s']:.1f}", str(s["sleep_llm_calls"]),
-                      str(s["sleep_targets_done"]), str(s["sleep_targets_left"]),
-                      f"{r['ratio_open_over_closed']:.2f}" if state == "open" else "")
+    for state, s in r["runs"].items():
+        ratio = r["ratio_over_closed"].get(state)
+        table.add_row(state, str(s["sleep_yield_lag"] or "off"), f"{s['turns_per_s']:.1f}",
+                      f"{s['latency_p50_s']:.1f}", f"{s['latency_p95_s']:.1f}",
+                      str(s["sleep_llm_calls"]), str(s["sleep_targets_done"]),
+                      str(s["sleep_targets_left"]), "" if ratio is None else f"{ratio:.2f}")
     out.print(table)
+    out.print("yield above: the sleep worker starts no new target while the ingest group has "
+              "more records waiting (LIGHTMEM_SLEEP_YIELD_LAG; off = 0)")
     if r["compressor"] == "none":
         out.print("compressor none: the entropy compressor makes this comparison too slow "
                   "on a small machine (--ingest-compressor entropy to use it)")
     if not r["busy_throughout"]:
-        out.print("[yellow]warning:[/yellow] the sleep worker ran out of work before the "
-                  "ingest ended: the open run was not fully under load")
+        out.print("[yellow]warning:[/yellow] a sleep worker ran out of work before the "
+                  "ingest ended: that run was not fully under load")
 
 
 def sleep(

@@ -214,15 +214,41 @@ def _tail(log: Path, n: int = 40) -> str:
         return ""
 
 
+@dataclass(frozen=True)
+class StreamDeployment:
+    """Names of one throwaway streaming deployment: topics, the workers' consumer group (app
+    id) and the index alias."""
+
+    run: str
+
+    @classmethod
+    def new(cls) -> StreamDeployment:
+        return cls(uuid.uuid4().hex[:8])
+
+    @property
+    def prefix(self) -> str:
+        return f"lmbench-{self.run}."
+
+    @property
+    def app_id(self) -> str:
+        return f"lmbench-{self.run}"
+
+    @property
+    def alias(self) -> str:
+        return f"lmbench-{self.run}-mem"
+
+
 def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEvent],
                rate: float, *, keep: bool = False, label: str = "",
-               on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+               on_phase: Callable[[str], None] | None = None,
+               deployment: StreamDeployment | None = None) -> dict[str, Any]:
     """Produce ``turns`` at ``rate``/s to a fresh deployment and time them to searchable.
 
     ``on_phase`` (if given) is called with ``"start"`` once the worker owns its partitions,
     just before the clock starts (it may block: the clock starts after it returns), and with
     ``"end"`` when the last turn is searchable (``lightmem bench sleep`` runs a sleep window
-    exactly over the measured interval).
+    exactly over the measured interval). ``deployment``: names the caller chose (and may have
+    put a sleep worker on); removed at the end unless ``keep``.
     """
     from confluent_kafka.admin import AdminClient
 
@@ -233,8 +259,8 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     from lightmem.streams.teardown import remove_deployment
     from lightmem.streams.topics import Topics, create_topics, kafka_config
 
-    run = uuid.uuid4().hex[:8]
-    prefix, app_id, alias = f"lmbench-{run}.", f"lmbench-{run}", f"lmbench-{run}-mem"
+    deployment = deployment or StreamDeployment.new()
+    prefix, app_id, alias = deployment.prefix, deployment.app_id, deployment.alias
     overrides = {**overrides, "worker_id": app_id, "es_alias": alias}
     settings = settings.model_copy(update={"worker_id": app_id, "es_alias": alias})
     topics = Topics(prefix=prefix)

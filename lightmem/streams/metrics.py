@@ -137,6 +137,10 @@ CONSUMER_LAG = Gauge("lightmem_consumer_lag",
 SLEEP_WINDOW_OPEN = Gauge("lightmem_sleep_window_open",
                           "1 while a sleep window is open for the tenant ('*' = all).",
                           ["tenant"], registry=REGISTRY)
+SLEEP_YIELDING = Gauge("lightmem_sleep_yielding",
+                       "1 while a sleep worker with an open window starts no new target "
+                       "because the ingest pipeline has a backlog (LIGHTMEM_SLEEP_YIELD_LAG).",
+                       registry=REGISTRY)
 
 #: Every sample family this module defines (the Grafana dashboard test checks against it).
 METRIC_NAMES = frozenset({
@@ -145,7 +149,7 @@ METRIC_NAMES = frozenset({
     "lightmem_dead_letters_total", "lightmem_batch_seconds", "lightmem_partition_rereads_total",
     "lightmem_llm_calls_total", "lightmem_llm_errors_total", "lightmem_llm_tokens_total",
     "lightmem_llm_latency_seconds", "lightmem_es_bulk_seconds", "lightmem_es_docs_total",
-    "lightmem_consumer_lag", "lightmem_sleep_window_open",
+    "lightmem_consumer_lag", "lightmem_sleep_window_open", "lightmem_sleep_yielding",
 })
 
 _lag_lock = threading.Lock()
@@ -241,6 +245,11 @@ def set_consumer_lag(lags: Mapping[tuple[str, int], int]) -> None:
 def set_sleep_window(tenant: str | None, is_open: bool) -> None:
     """Record that the sleep window of ``tenant`` (None = every tenant) opened or closed."""
     SLEEP_WINDOW_OPEN.labels(ALL_TENANTS if tenant is None else tenant).set(1 if is_open else 0)
+
+
+def set_sleep_yielding(yielding: bool) -> None:
+    """Record whether the sleep worker is holding work back for ingest."""
+    SLEEP_YIELDING.set(1 if yielding else 0)
 
 
 class PrometheusUsageMeter(UsageMeter):

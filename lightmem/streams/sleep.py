@@ -93,6 +93,7 @@ from lightmem.settings import Settings
 
 from . import metrics
 from .components import Components
+from .ingest_priority import IngestBacklogMonitor
 from .producer import TurnProducer
 from .sleep_control import ControlFollower, WindowScope
 from .topics import Topics, kafka_config
@@ -350,6 +351,10 @@ class SleepWorker:
         #: Tenants with a window gauge series of their own (set back when they lose it).
         self._gauged: set[str] = set()
         self._lag_thread: threading.Thread | None = None
+        #: Ingest first (``sleep_yield_lag``): no new targets while ingest has a backlog.
+        self.ingest = IngestBacklogMonitor(settings, self.topics, name=name)
+        #: Partitions are consuming: a window is open and ingest has no backlog.
+        self._active = False
 
     # -- processors
 
@@ -405,6 +410,8 @@ class SleepWorker:
             self.scope = self._current_scope()
             self._publish_window(self.scope)
             log.info("%s: window %s", self.name, self.scope.describe())
+            self.ingest.start()
+            self._active = self.scope.anything and not self.ingest.yielding
             if self.settings.metrics_port:
                 self._lag_thread = threading.Thread(target=self._sample_lag, daemon=True,
                                                     name=f"{self.name}-lag")
@@ -425,7 +432,7 @@ class SleepWorker:
                 records = self._records(msgs)
                 if not records:
                     continue
-                if not self.scope.anything:
+                if not self._active:
                     # Fetched just before a pause: not processed, so read them again later.
                     self._rewind(records)
                     continue
@@ -441,6 +448,7 @@ class SleepWorker:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self.ingest.stop()
         if self._lag_thread is not None:
             self._lag_thread.join(timeout=30)
         if self._pool is not None:
@@ -460,7 +468,7 @@ class SleepWorker:
         consumer.assign(partitions)
         self._assigned = {p.partition for p in partitions}
         self._held = {}
-        if not self.scope.anything:
+        if not self._active:
             consumer.pause(partitions)
         # Settle outbox entries of dead workers before this worker writes anything here
         # (done from the loop: producing inside a rebalance callback would be re-entrant).
@@ -504,7 +512,8 @@ class SleepWorker:
         return self._follower.state.scope(now)
 
     def _follow_control(self) -> bool:
-        """Apply new control records; pause/resume on a scope change. True when open."""
+        """Apply new control records and the ingest-first rule; pause/resume the partitions
+        when that changes whether work may start. True when it may."""
         assert self._follower is not None
         self._follower.poll(0)
         scope = self._current_scope()
@@ -512,14 +521,18 @@ class SleepWorker:
             before, self.scope = self.scope, scope
             self._publish_window(scope)
             log.info("%s: window %s -> %s", self.name, before.describe(), scope.describe())
+        active = scope.anything and not self.ingest.yielding
+        metrics.set_sleep_yielding(scope.anything and self.ingest.yielding)
+        if active != self._active:
+            self._active = active
             parts = self._partitions(sorted(self._assigned))
             if parts:
-                if scope.anything:
+                if active:
                     self._rewind_held()
                     self._consumer.resume(parts)
                 else:
                     self._consumer.pause(parts)
-        return self.scope.anything
+        return active
 
     def _publish_window(self, scope: WindowScope) -> None:
         """Set the window gauges: "*" for every tenant, plus each tenant that differs."""
@@ -668,7 +681,7 @@ class SleepWorker:
                  "%d already reflected, %d failed%s; committed %s", self.name, report.entries,
                  report.targets, report.updated, report.deleted, report.ignored,
                  report.reflected, report.failed,
-                 " (window closed mid-batch)" if report.interrupted else "", report.committed)
+                 " (stopped mid-batch)" if report.interrupted else "", report.committed)
         return report
 
     def _run_targets(self, work: Sequence[TargetWork], consolidator: Consolidator,
@@ -690,8 +703,10 @@ class SleepWorker:
             stopping = self.stop_event.is_set() or not self._follow_control()
             if stopping and not report.interrupted and remaining:
                 report.interrupted = True
-                log.info("%s: window closed: finishing %d target(s) in flight, %d left for "
-                         "the next window", self.name, len(running), len(remaining))
+                why = ("yielding to ingest" if self.scope.anything and self.ingest.yielding
+                       else "window closed")
+                log.info("%s: %s: finishing %d target(s) in flight, %d left for later",
+                         self.name, why, len(running), len(remaining))
             if not stopping:
                 for tid, w in list(remaining.items()):
                     if len(running) >= self.settings.sleep_concurrency:

@@ -471,3 +471,82 @@ def test_metrics_follow_the_window_and_the_work(sleep_env: SleepEnv) -> None:
     logged = [json.loads(ln) for ln in w.text().splitlines() if ln.startswith("{")]
     assert any(r["message"] == "sleep worker ready" for r in logged)
     assert any("window closed -> open" in r["message"] for r in logged)
+
+
+def _commit_group(settings: Settings, group: str, topic: str, offsets: dict[int, int]) -> None:
+    """Commit ``offsets`` for ``group`` on ``topic`` (a stand-in for the ingest workers'
+    commits: a real group on the real broker, without a member)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from lightmem.streams.topics import kafka_config
+
+    c = Consumer(kafka_config(settings, **{"group.id": group, "enable.auto.commit": False}))
+    try:
+        c.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()],
+                 asynchronous=False)
+    finally:
+        c.close()
+
+
+def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
+    """Ingest first (``LIGHTMEM_SLEEP_YIELD_LAG``): while the ingest group has more records
+    waiting than the threshold, an open window starts no target (no LLM call, no commit, index
+    unchanged, ``lightmem_sleep_yielding`` 1); once ingest has caught up, the same window
+    does all the work."""
+    senv = sleep_env
+    ingest_group = f"{senv.settings.sleep_group}-ingest"
+    pairs = synthetic_pairs(4, 2, seed=5)
+    want = senv.expect(pairs)
+    senv.seed(pairs)
+    before = senv.state()
+    turns = senv.topics.turns
+    _commit_group(senv.settings, ingest_group, turns, {p: 0 for p in range(PARTITIONS)})
+    with TurnProducer(senv.settings, senv.topics) as producer:
+        for i in range(40):  # what the ingest workers have not read yet
+            producer.produce(turns, b"{}", key=f"acme/c{i % 8}".encode())
+    try:
+        port = _free_port()
+        w = senv.start_worker("w1", LIGHTMEM_WORKER_ID=ingest_group, LIGHTMEM_SLEEP_YIELD_LAG="20",
+                              LIGHTMEM_METRICS_PORT=str(port))
+
+        def value(name: str, **labels: str) -> float | None:
+            return _scrape(port).get((name, frozenset(labels.items())))
+
+        wait_for(lambda: "ingest backlog 40 records: yielding to ingest" in w.text(),
+                 what="the backlog seen", workers=[w])
+        wait_for(lambda: "sleep worker ready" in w.text(), what="the worker", workers=[w])
+        senv.sleep_cli("open")
+        # Both gauges come from the same pass of the worker's loop over the open window.
+        wait_for(lambda: value("lightmem_sleep_window_open", tenant="*") == 1
+                 and value("lightmem_sleep_yielding") == 1, what="yielding with the window open",
+                 workers=[w])
+        assert _consolidation_calls(senv) == 0
+        assert senv.committed() == {}
+        assert senv.state() == before
+
+        # Ingest catches up (36 of 40 read: 4 <= half the threshold): the window works.
+        _commit_group(senv.settings, ingest_group, turns,
+                      {p: max(0, h - 1) for p, h in _turn_ends(senv).items()})
+        wait_for(lambda: senv.state() == want, what="the consolidated index", workers=[w])
+        wait_for(lambda: senv.committed() == senv.ends(), what="offsets committed", workers=[w])
+        assert value("lightmem_sleep_yielding") == 0
+        assert "resuming sleep-time work" in w.text()
+        _assert_changes_match(senv, pairs)
+        assert _consolidation_calls(senv) == len(pairs)
+    finally:
+        # The stand-in group has no member (the worker only reads its offsets).
+        remove_deployment(senv.settings, groups=[ingest_group])
+
+
+def _turn_ends(senv: SleepEnv) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from lightmem.streams.topics import kafka_config
+
+    c = Consumer(kafka_config(senv.settings, **{"group.id": "ends",
+                                                "enable.auto.commit": False}))
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(senv.topics.turns, p), timeout=30)[1]
+                for p in range(PARTITIONS)}
+    finally:
+        c.close()
