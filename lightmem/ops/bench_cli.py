@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lightmem.settings import load_settings
@@ -113,33 +114,41 @@ def pipeline(
     states: dict[str, Any] = {}
     # Interleaving pipeline and baseline per chunk means both see the same machine load
     # (other processes on a shared 2-core box would otherwise bias whichever ran first).
-    for chunk in chunks:
-        texts = [e.text for e in chunk]
-        c0 = time.perf_counter()
-        compressed = comp.compress(texts)
-        compress_s += time.perf_counter() - c0
-        bare_compress_s += _timed(lambda t=texts: backend.forward_pass(t))
-        attention.calls.clear()
-        encode.calls.clear()
-        s0 = time.perf_counter()
-        for ev, c in zip(chunk, compressed, strict=True):
-            closed, states[ev.conversation_key] = push(
-                states.get(ev.conversation_key), ev, to_segment_turn(ev, c.compressed),
-                buffer=rt.sensory_buffer, segmenter=seg, idle_timeout=rt.idle_timeout,
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err)
+    task = progress.add_task("turns", total=len(events))
+    progress.start()
+    try:
+        for chunk in chunks:
+            texts = [e.text for e in chunk]
+            c0 = time.perf_counter()
+            compressed = comp.compress(texts)
+            compress_s += time.perf_counter() - c0
+            bare_compress_s += _timed(lambda t=texts: backend.forward_pass(t))
+            attention.calls.clear()
+            encode.calls.clear()
+            s0 = time.perf_counter()
+            for ev, c in zip(chunk, compressed, strict=True):
+                closed, states[ev.conversation_key] = push(
+                    states.get(ev.conversation_key), ev, to_segment_turn(ev, c.compressed),
+                    buffer=rt.sensory_buffer, segmenter=seg, idle_timeout=rt.idle_timeout,
+                )
+                segments += len(closed)
+            if chunk is chunks[-1]:
+                for state in states.values():
+                    segments += len(seg.cut(state, flush=True)[0])
+            segment_s += time.perf_counter() - s0
+            bare_attention_s += sum(_timed(lambda s=s: attention.fn.forward_pass(s))
+                                    for s in attention.calls)
+            bare_encode_s += sum(
+                _timed(lambda s=s: st_model.encode(s, batch_size=64, convert_to_numpy=True,
+                                                   show_progress_bar=False))
+                for s in encode.calls
             )
-            segments += len(closed)
-        if chunk is chunks[-1]:
-            for state in states.values():
-                segments += len(seg.cut(state, flush=True)[0])
-        segment_s += time.perf_counter() - s0
-        bare_attention_s += sum(_timed(lambda s=s: attention.fn.forward_pass(s))
-                                for s in attention.calls)
-        bare_encode_s += sum(
-            _timed(lambda s=s: st_model.encode(s, batch_size=64, convert_to_numpy=True,
-                                               show_progress_bar=False))
-            for s in encode.calls
-        )
-        calls += len(attention.calls) + len(encode.calls)
+            calls += len(attention.calls) + len(encode.calls)
+            progress.advance(task, len(chunk))
+    finally:
+        progress.stop()
     pipeline_s = compress_s + segment_s
     bare_s = bare_compress_s + bare_attention_s + bare_encode_s
     n = len(events)
