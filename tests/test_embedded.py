@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from lightmem.ops.bench_sleep import consolidation_responder
 from lightmem.ops.cli import app
 from lightmem.ops.llm_stub import (
     OpenAIStubServer,
@@ -227,3 +228,40 @@ def test_cli_search_stats_and_history(ingested: EmbeddedRuntime) -> None:
     result = runner.invoke(app, ["history", memory_id, "--data-dir", data_dir])
     assert result.exit_code == 0 and '"op":"add"' in result.output
     assert runner.invoke(app, ["history", "nope", "--data-dir", data_dir]).exit_code == 1
+
+
+def _merge_responder(request: dict) -> str:
+    prompt = str(request["messages"][-1]["content"])
+    if "TARGET memory:" in prompt:
+        return consolidation_responder(request)  # "also" in a newer fact: update
+    return fact_extraction_responder(request)
+
+
+def test_consolidate_again_does_not_merge_twice(tmp_path: Path) -> None:
+    """A second `consolidate` finds the newer entry folded in already: no LLM call, no second
+    update (the same rule the sleep workers use to replay safely)."""
+    turns = tmp_path / "t.jsonl"
+    rows = [
+        ("s1", "t1", "2024-01-10T10:00:00+00:00", "I like tea in the morning."),
+        ("s2", "t2", "2024-06-10T10:00:00+00:00", "I also like green tea in the morning."),
+    ]
+    turns.write_text("".join(json.dumps({
+        "tenant": "default", "user": "alice", "conversation": "c", "session": s, "turn_id": t,
+        "role": "user", "speaker": "Alice", "text": text, "event_time": when}) + "\n"
+        for s, t, when, text in rows))
+    with OpenAIStubServer(_merge_responder) as server:
+        rt = _runtime(tmp_path / "d", llm_base_url=server.base_url, compressor="none",
+                      update_threshold=0.5)
+        rt.ingest_file(turns)
+        older, newer = sorted(rt.store.iter_entries(), key=lambda e: e.event_time)
+        first = rt.consolidate()
+        merged = {e.id: e for e in rt.store.iter_entries()}[older.id]
+        second = rt.consolidate()
+    assert (first.targets, first.updated, first.reflected) == (1, 1, 0)
+    assert merged.version == 2 and "also like green tea" in merged.fact
+    assert merged.source_turn_ids == ["t1", "t2"]
+    assert (second.targets, second.updated, second.reflected) == (1, 0, 1)
+    after = {e.id: e for e in rt.store.iter_entries()}
+    assert (after[older.id].fact, after[older.id].version) == (merged.fact, 2)
+    assert rt.store.usage()[("consolidate", "default")].calls == 1
+    assert [c.op.value for c in rt.store.history(older.id)] == ["add", "update"]

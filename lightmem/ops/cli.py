@@ -243,7 +243,8 @@ def consolidate(
         )
     err.print(
         f"entries {report.entries}, targets {report.targets}, updated {report.updated}, "
-        f"deleted {report.deleted}, ignored {report.ignored}, failed {report.failed}"
+        f"deleted {report.deleted}, ignored {report.ignored}, already merged "
+        f"{report.reflected}, failed {report.failed}"
     )
     _print_usage(runtime.usage_this_run(), "LLM usage (this run)")
     raise typer.Exit(1 if report.failed else 0)

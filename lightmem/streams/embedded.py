@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from lightmem.processors.consolidate import consolidate_pending
 from lightmem.processors.llm import ChatModel, LLMError, UsageMeter, UsageTotals
 from lightmem.processors.retrieve import Answer, Retriever
 from lightmem.processors.segment import (
@@ -37,7 +38,6 @@ from lightmem.processors.update import (
     Consolidator,
     UpdateQueueBuilder,
     build_queues,
-    consolidate_target,
     targets_from_queues,
 )
 from lightmem.schemas import (
@@ -99,6 +99,8 @@ class ConsolidationReport:
     updated: int = 0
     deleted: int = 0
     ignored: int = 0
+    #: Targets that already reflect every newer entry (an earlier run merged them): no call.
+    reflected: int = 0
     failed: int = 0
 
 
@@ -428,15 +430,19 @@ class EmbeddedRuntime(Components):
         on_total(len(work))
         for target_id, newer_ids in work:
             try:
-                change = consolidate_target(self.store, consolidator, self.embedder, target_id,
-                                            newer_ids, self.clock())
+                # The sleep workers' function: a second run does not merge an entry again.
+                outcome = consolidate_pending(self.store, consolidator, self.embedder,
+                                              target_id, newer_ids, self.clock())
             except (LLMError, VersionConflict) as exc:
                 # One target's failure must not stop the others; it is retried next window.
                 log.warning("consolidation of %s failed: %s", target_id, exc)
                 report.failed += 1
                 change = None
             else:
-                if change is None:
+                change = outcome.change
+                if outcome.skipped == "reflected":
+                    report.reflected += 1
+                elif change is None:
                     report.ignored += 1
                 elif change.op is ChangeOp.update:
                     report.updated += 1
