@@ -218,6 +218,31 @@ def test_ratios_lightmem_over_per_turn() -> None:
     assert row["calls_baseline_over_lightmem"] == 20.0
 
 
+def test_aims_are_checked_against_the_baselines_of_the_run() -> None:
+    from lightmem.ops.bench_locomo import BenchReport, QuestionStats
+
+    def result(spec: SystemSpec, calls: int, r512: float) -> SystemResult:
+        return SystemResult(spec, llm=UsageTotals(calls=calls), recall_at_words={512: r512})
+
+    def report(*systems: SystemResult) -> BenchReport:
+        return BenchReport(config=BenchConfig(), settings={}, llm={}, conversations=[],
+                           turns=0, question_stats=QuestionStats(), wall_s=0.0,
+                           systems=list(systems))
+
+    naive = result(SystemSpec("naive"), 0, 0.586)
+    per_turn = result(SystemSpec("per-turn"), 2153, 0.598)
+    small = result(SystemSpec("lightmem", rate=0.6, th=512), 219, 0.633)
+    large = result(SystemSpec("lightmem", rate=0.6, th=1280), 84, 0.580)
+    rows = report(naive, small, large, per_turn).aims()
+    assert [(r["th"], r["calls_met"], r["recall_met"]) for r in rows] == [
+        (512, False, True), (1280, True, False)]
+    assert rows[1]["calls_over_per_turn"] == round(84 / 2153, 4)
+    # Exactly 1/20 meets it; without the baselines nothing is claimed.
+    [edge] = report(result(SystemSpec("lightmem", rate=0.6, th=512), 5, 0.5),
+                    result(SystemSpec("per-turn"), 100, 0.5)).aims()
+    assert (edge["calls_met"], edge["recall_met"]) == (True, None)
+
+
 def test_answer_mode_refuses_without_a_real_endpoint(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LIGHTMEM_LLM_BASE_URL", raising=False)
@@ -278,6 +303,12 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     assert ratio["calls"] == pytest.approx(
         systems["lightmem"]["llm_calls"] / systems["per-turn"]["llm_calls"], abs=1e-4)
     assert systems["lightmem"]["shared_stages"] == ["compress", "segment"]
+    [aim] = report["aims"]
+    assert aim["calls_over_per_turn"] == ratio["calls"]
+    assert aim["calls_met"] is (ratio["calls"] <= 1 / 20)
+    assert aim["recall_met"] is (systems["lightmem"]["recall_at_words"]["512"]
+                                 >= systems["naive"]["recall_at_words"]["512"])
+    assert "## Aims" in (out / "locomo.md").read_text()
     for s in systems.values():
         at_k = [s["recall_at_k"][k] for k in ("5", "10", "20")]
         at_w = [s["recall_at_words"][w] for w in ("256", "512", "1024", "2048")]

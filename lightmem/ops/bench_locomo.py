@@ -126,6 +126,9 @@ STUB_NOTE = (
 )
 #: Systems, by the names ``--systems`` takes.
 SYSTEM_KINDS = ("naive", "extractive", "lightmem", "per-turn")
+#: The issue's aims: LightMem calls / per-turn calls, and the budget of the recall check.
+AIM_CALLS_RATIO = 1 / 20
+AIM_BUDGET = 512
 
 SystemKind = Literal["naive", "extractive", "lightmem", "per-turn"]
 PerTurnUnit = Literal["exchange", "turn"]
@@ -731,6 +734,30 @@ class BenchReport:
             })
         return rows
 
+    def aims(self) -> list[dict[str, Any]]:
+        """The issue's aims, checked per LightMem LLM system against the baselines of this
+        run: calls <= 1/20 of the per-turn extractor's, and recall at a 512-word budget >=
+        NaiveRAG's. A check needs its baseline in the run (else None)."""
+        base = next((s for s in self.systems if s.spec.kind == "per-turn"), None)
+        naive = next((s for s in self.systems if s.spec.kind == "naive"), None)
+        rows = []
+        for s in self.systems:
+            if s.spec.kind != "lightmem":
+                continue
+            calls = _ratio(s.llm.calls, base.llm.calls) if base else None
+            recall, naive_recall = (s.recall_at_words.get(AIM_BUDGET),
+                                    naive.recall_at_words.get(AIM_BUDGET) if naive else None)
+            rows.append({
+                "system": s.spec.name, "th": s.spec.th, "rate": s.spec.rate,
+                "calls_over_per_turn": calls,
+                "calls_met": None if calls is None else calls <= AIM_CALLS_RATIO,
+                f"recall_at_{AIM_BUDGET}w": recall,
+                f"naive_recall_at_{AIM_BUDGET}w": naive_recall,
+                "recall_met": (None if recall is None or naive_recall is None
+                               else recall >= naive_recall),
+            })
+        return rows
+
     def as_json(self) -> dict[str, Any]:
         c = self.config
         return {
@@ -752,9 +779,14 @@ class BenchReport:
             ),
             "systems": [s.as_json() for s in self.systems],
             "ratios_lightmem_over_per_turn": self.ratios(),
+            "aims": self.aims(),
             "eval_llm_usage": None if self.eval_llm is None else vars(self.eval_llm),
             "wall_s": round(self.wall_s, 2),
         }
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a (baseline not run)" if ok is None else ("met" if ok else "**not met**")
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -1249,6 +1281,20 @@ def render_markdown(report: BenchReport) -> str:
                 f"{_f(row['completion_tokens'], 4)} | {_f(row['total_tokens'], 4)} | "
                 f"{_f(row['calls_baseline_over_lightmem'], 1)} |"
             )
+    aims = report.aims()
+    if aims:
+        lines += ["", "## Aims", "",
+                  f"LightMem's LLM calls <= 1/{round(1 / AIM_CALLS_RATIO)} of the per-turn "
+                  f"extractor's, and its recall at {AIM_BUDGET} words >= NaiveRAG's, in this run:",
+                  ""]
+        head = ["system", "calls / per-turn", "calls aim", f"R@{AIM_BUDGET}w",
+                f"NaiveRAG R@{AIM_BUDGET}w", "recall aim"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a in aims:
+            lines.append(
+                f"| {a['system']} | {_f(a['calls_over_per_turn'], 4)} | {_met(a['calls_met'])} "
+                f"| {_f(a[f'recall_at_{AIM_BUDGET}w'])} | "
+                f"{_f(a[f'naive_recall_at_{AIM_BUDGET}w'])} | {_met(a['recall_met'])} |")
     sweep = [r for r in report.systems if r.spec.kind == "lightmem"]
     if sweep:
         lines += ["", "## LightMem sweep (paper's table shape)", ""]
