@@ -307,6 +307,13 @@ class _SleepSide:
         _seed(self.settings, self.topics, self.store, pairs, partitions)
         self.seeded += len(pairs)
 
+    def entries_left(self) -> int:
+        """Entries the sleep group has not consumed yet (the work still ahead of it)."""
+        from lightmem.streams.lag import LagReader
+
+        with LagReader(self.settings, self.settings.sleep_group) as reader:
+            return sum(p.lag for p in reader.read([self.topics.entries]))
+
     def window(self, action: str) -> None:
         from lightmem.streams.sleep_control import new_command, send_command
 
@@ -400,6 +407,8 @@ class _SleepBeside:
     opened: bool
     side: _SleepSide | None = None
     marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Entries the sleep worker had not consumed when the last turn was searchable.
+    left: int = 0
 
     def __call__(self, phase: str) -> None:
         if phase == "start":
@@ -425,13 +434,15 @@ class _SleepBeside:
             side.wait(lambda: side.consolidation_calls() > before,
                       "consolidation call after the open")
         self.marks[phase] = (side.consolidation_calls(), _targets_done(side.port))
+        if phase == "end":
+            self.left = side.entries_left()
 
     def report(self) -> dict[str, Any]:
         assert self.side is not None
         start, end = self.marks["start"], self.marks["end"]
         return {
             "sleep_llm_calls": end[0] - start[0], "sleep_targets_done": end[1] - start[1],
-            "sleep_targets_left": self.side.seeded - end[1],
+            "sleep_entries_left": self.left,
             "seeded_targets": self.side.seeded, "sleep_yield_lag": self.yield_lag,
             "sleep_yield_log": [ln for ln in self.side.log.read_text(
                 errors="replace").splitlines() if "ingest backlog" in ln],
@@ -454,8 +465,8 @@ def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
         for state, opened, yield_lag in INGEST_RUNS:
             # Enough work to outlast an open run (the closed one as the estimate; the LLM
             # latency bounds the sleep worker's pace; checked below: busy_throughout).
-            need = 50 if not opened else max(50, math.ceil(
-                2.0 * runs["closed"]["seconds"] * concurrency / max(latency, 0.01)))
+            need = 50 if not opened else max(100, math.ceil(
+                3.0 * runs["closed"]["seconds"] * concurrency / max(latency, 0.01)))
             deployment = StreamDeployment.new()
             beside = _SleepBeside(
                 base, settings, stub, deployment, f"ingest, window {state}", concurrency,
@@ -472,7 +483,7 @@ def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
         "turns": len(chosen), "mode": "extractive", "compressor": compressor,
         "offered_rate": rate, "llm_latency_s": latency, "sleep_concurrency": concurrency,
         "runs": runs,
-        "busy_throughout": all(r["sleep_targets_left"] > 0 for r in runs.values()),
+        "busy_throughout": all(r["sleep_entries_left"] > 0 for r in runs.values()),
         "ratio_over_closed": {state: round(r["turns_per_s"] / closed["turns_per_s"], 3)
                               for state, r in runs.items() if state != "closed"},
     }
@@ -483,14 +494,14 @@ def _print_ingest(r: dict[str, Any]) -> None:
                         f"turns, {r['mode']}, compressor {r['compressor']}, offered "
                         f"{r['offered_rate']:.0f}/s")
     for col in ("window", "yield above", "turns/s", "p50 s", "p95 s", "sleep LLM calls",
-                "sleep targets", "targets left", "vs closed"):
+                "sleep targets", "entries left", "vs closed"):
         table.add_column(col, justify="left" if col == "window" else "right")
     for state, s in r["runs"].items():
         ratio = r["ratio_over_closed"].get(state)
         table.add_row(state, str(s["sleep_yield_lag"] or "off"), f"{s['turns_per_s']:.1f}",
                       f"{s['latency_p50_s']:.1f}", f"{s['latency_p95_s']:.1f}",
                       str(s["sleep_llm_calls"]), str(s["sleep_targets_done"]),
-                      str(s["sleep_targets_left"]), "" if ratio is None else f"{ratio:.2f}")
+                      str(s["sleep_entries_left"]), "" if ratio is None else f"{ratio:.2f}")
     out.print(table)
     out.print("yield above: the sleep worker starts no new target while the ingest group has "
               "more records waiting (LIGHTMEM_SLEEP_YIELD_LAG; off = 0)")
@@ -534,9 +545,7 @@ def sleep(
                                  param_hint="--workers") from None
     base = load_settings()
     if ingest_turns:
-        from lightmem.streams.topics import kafka_config
-
-        _check_servers(base, kafka_config)
+        _check_servers(base)
         if not ingest_data.exists():
             raise typer.BadParameter(f"no such file: {ingest_data}", param_hint="--ingest-data")
         if ingest_compressor not in ("entropy", "llmlingua2", "none"):
