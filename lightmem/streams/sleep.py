@@ -517,7 +517,8 @@ class SleepWorker:
         assert self._follower is not None
         self._follower.poll(0)
         scope = self._current_scope()
-        if scope != self.scope:
+        changed = scope != self.scope
+        if changed:
             before, self.scope = self.scope, scope
             self._publish_window(scope)
             log.info("%s: window %s -> %s", self.name, before.describe(), scope.describe())
@@ -532,6 +533,10 @@ class SleepWorker:
                     self._consumer.resume(parts)
                 else:
                     self._consumer.pause(parts)
+        elif active and changed:
+            # Still consuming, under another scope (a tenant-limited window widened): the
+            # entries held back for the tenants not open before are read again.
+            self._rewind_held()
         return active
 
     def _publish_window(self, scope: WindowScope) -> None:
@@ -614,6 +619,7 @@ class SleepWorker:
         """Consolidate one batch, produce its changes, commit what is complete."""
         report = BatchReport(entries=len(records))
         started = time.perf_counter()
+        scope = self.scope
         now = self.clock()
         by_partition: dict[int, list[_Record]] = defaultdict(list)
         for r in records:
@@ -671,6 +677,10 @@ class SleepWorker:
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in changes])
         self._commit(by_partition, held, incomplete, report)
+        if self._active and self.scope != scope:
+            # The window widened while this batch ran: _follow_control rewound the entries
+            # held before it, but not the ones this batch has just held.
+            self._rewind_held()
         # Held entries are not consumed (read again when their window opens).
         metrics.record_events_in(STAGE, self.topics.entries, report.entries - report.held)
         metrics.record_step(STAGE, seconds=time.perf_counter() - started,

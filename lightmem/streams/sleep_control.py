@@ -552,6 +552,7 @@ class ControlFollower:
         self._dl_from: int | None = None
         self._producer: Any = None
         self._turn_partitions: list[int] | None = None
+        self._admin: Any = None
         self.at_end = False
 
     def _bookmark(self) -> int:
@@ -646,21 +647,27 @@ class ControlFollower:
         return out
 
     def turns_end_offset(self, timeout_s: float = 10.0) -> int:
-        """Sum of the turns topic's end offsets (for automatic mode)."""
+        """Sum of the turns topic's end offsets (for automatic mode).
+
+        One ListOffsets request through an admin client: the follower's consumer has a long
+        poll outstanding on the control topic, and its watermark queries would wait behind it
+        (about 0.5 s per partition), holding up the worker loop that samples.
+        """
         from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
 
         topic = self.topics.turns
+        if self._admin is None:
+            self._admin = AdminClient(kafka_config(self.settings))
         if self._turn_partitions is None:
-            meta = self._consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            meta = self._admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
             if meta is None or meta.error is not None:
                 raise LookupError(f"topic {topic!r} does not exist")
             self._turn_partitions = sorted(meta.partitions)
-        total = 0
-        for p in self._turn_partitions:
-            _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                           timeout=timeout_s, cached=False)
-            total += high
-        return total
+        futures = self._admin.list_offsets(
+            {TopicPartition(topic, p): OffsetSpec.latest() for p in self._turn_partitions},
+            request_timeout=timeout_s)
+        return sum(f.result(timeout=timeout_s).offset for f in futures.values())
 
     def close(self) -> None:
         """Close the consumer (and flush a dead-letter producer)."""
