@@ -421,11 +421,15 @@ class _SleepBeside:
                                           targets=self.targets)
             # The ingest worker's index sink reads the seeded entries too (first write wins:
             # nothing changes): let it finish before the clock starts.
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 600
             while _ingest_lag(self.ingest, self.deployment):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the ingest worker did not read the seeded entries")
                 time.sleep(0.5)  # polling interval of the bench, not of the measured work
+            # Every run starts from a merged index: the segment merges the seeding causes
+            # would otherwise run inside the measured interval.
+            self.side.store.client.indices.forcemerge(index=self.deployment.alias,
+                                                      max_num_segments=1)
         side = self.side
         assert side is not None
         if phase == "start" and self.opened:
@@ -451,7 +455,8 @@ class _SleepBeside:
 
 
 def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
-                      compressor: str, latency: float, concurrency: int) -> dict[str, Any]:
+                      compressor: str, latency: float, concurrency: int,
+                      targets: int) -> dict[str, Any]:
     """Stream ingest turns/s with the sleep window closed, open (ingest first, the default)
     and open with yielding off; what the sleep worker did during each measured interval."""
     samples = load_locomo(data)
@@ -464,14 +469,12 @@ def ingest_comparison(base: Settings, *, data: Path, turns: int, rate: float,
     runs: dict[str, dict[str, Any]] = {}
     with OpenAIStubServer(consolidation_responder, latency_s=latency) as stub:
         for state, opened, yield_lag in INGEST_RUNS:
-            # Enough work to outlast an open run (the closed one as the estimate; the LLM
-            # latency bounds the sleep worker's pace; checked below: busy_throughout).
-            need = 50 if not opened else max(100, math.ceil(
-                3.0 * runs["closed"]["seconds"] * concurrency / max(latency, 0.01)))
+            # The same seeded work in every run, closed included (a larger index costs the
+            # ingest too); enough to outlast an open run (checked below: busy_throughout).
             deployment = StreamDeployment.new()
             beside = _SleepBeside(
                 base, settings, stub, deployment, f"ingest, window {state}", concurrency,
-                base.sleep_yield_lag if yield_lag is None else yield_lag, need, opened)
+                base.sleep_yield_lag if yield_lag is None else yield_lag, targets, opened)
             try:
                 result = run_stream(settings, overrides, chosen, rate, label=beside.label,
                                     on_phase=beside, deployment=deployment)
@@ -530,6 +533,9 @@ def sleep(
         min=0.1, help="Turns/s offered (above capacity: turns/s is the capacity)")] = 200.0,
     ingest_compressor: Annotated[str, typer.Option(
         help="entropy | llmlingua2 | none (ingest comparison)")] = "none",
+    ingest_targets: Annotated[int, typer.Option(
+        min=10, help="Consolidation targets seeded beside each ingest run (same in every "
+        "run; enough to keep the sleep worker busy throughout)")] = 2000,
     ingest_concurrency: Annotated[int, typer.Option(
         min=1, help="Targets in flight of the sleep worker during the ingest")] = 8,
 ) -> None:
@@ -574,7 +580,7 @@ def sleep(
     if ingest_turns:
         ingest = ingest_comparison(base, data=ingest_data, turns=ingest_turns, rate=ingest_rate,
                                    compressor=ingest_compressor, latency=latency,
-                                   concurrency=ingest_concurrency)
+                                   concurrency=ingest_concurrency, targets=ingest_targets)
         _print_ingest(ingest)
     if json_out is not None:
         json_out.write_text(json.dumps({

@@ -137,6 +137,8 @@ class _Watch:
     entries: int = 0
     lag_samples: dict[str, list[int]] = field(default_factory=lambda: {s: [] for s in STAGES})
     last_lag: dict[str, int] = field(default_factory=dict)
+    #: Lag samples are kept only once the clock runs (not while a caller prepares).
+    measuring: bool = False
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -172,7 +174,7 @@ class _Watch:
             try:
                 lags = by_topic(self.lag_reader.read(self.stage_of), self.stage_of)
                 self.last_lag = lags
-                for stage in STAGES:
+                for stage in STAGES if self.measuring else ():
                     self.lag_samples[stage].append(lags.get(stage, 0))
             except Exception as exc:  # noqa: BLE001 - a sample lost, not the run
                 self.errors.append(repr(exc))
@@ -292,6 +294,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
             searchable = progress.add_task(f"{label}: searchable", total=len(turns), lag="")
             if on_phase is not None:
                 on_phase("start")
+            watch.measuring = True
             with TurnProducer(settings, topics) as producer:
                 t0 = time.monotonic()
                 for i, turn in enumerate(turns):
