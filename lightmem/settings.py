@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     #: Ingest first: while the ingest group (``worker_id``) has more than this many records
     #: waiting on its topics, sleep workers start no new target (resume under half of it);
     #: 0 = never yield.
-    sleep_yield_lag: int = Field(default=200, ge=0)
+    sleep_yield_lag: int = Field(default=50, ge=0)
 
     # --- process
     #: Turns applied per transaction by the embedded runtime (also the compression batch).
