@@ -143,16 +143,21 @@ def _contradiction_responder(request: dict) -> str:
     return fact_extraction_responder(request)
 
 
+def _write_alice_turns(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    """One user's turns as JSONL: (session, turn id, event time, text) per row."""
+    path.write_text("".join(json.dumps({
+        "tenant": "default", "user": "alice", "conversation": "c", "session": s, "turn_id": t,
+        "role": "user", "speaker": "Alice", "text": text, "event_time": when}) + "\n"
+        for s, t, when, text in rows))
+
+
 def test_consolidate_deletes_the_contradicted_older_memory(tmp_path: Path) -> None:
     turns = tmp_path / "t.jsonl"
     rows = [
         ("s1", "t1", "2024-01-10T10:00:00+00:00", "I live in Boston with my dog."),
         ("s2", "t2", "2024-06-10T10:00:00+00:00", "I moved from Boston to Seattle last week."),
     ]
-    turns.write_text("".join(json.dumps({
-        "tenant": "default", "user": "alice", "conversation": "c", "session": s, "turn_id": t,
-        "role": "user", "speaker": "Alice", "text": text, "event_time": when}) + "\n"
-        for s, t, when, text in rows))
+    _write_alice_turns(turns, rows)
     with OpenAIStubServer(_contradiction_responder) as server:
         rt = _runtime(tmp_path / "d", llm_base_url=server.base_url, compressor="none",
                       update_threshold=0.5)
@@ -245,10 +250,7 @@ def test_consolidate_again_does_not_merge_twice(tmp_path: Path) -> None:
         ("s1", "t1", "2024-01-10T10:00:00+00:00", "I like tea in the morning."),
         ("s2", "t2", "2024-06-10T10:00:00+00:00", "I also like green tea in the morning."),
     ]
-    turns.write_text("".join(json.dumps({
-        "tenant": "default", "user": "alice", "conversation": "c", "session": s, "turn_id": t,
-        "role": "user", "speaker": "Alice", "text": text, "event_time": when}) + "\n"
-        for s, t, when, text in rows))
+    _write_alice_turns(turns, rows)
     with OpenAIStubServer(_merge_responder) as server:
         rt = _runtime(tmp_path / "d", llm_base_url=server.base_url, compressor="none",
                       update_threshold=0.5)

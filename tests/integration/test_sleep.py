@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,13 +170,16 @@ class SleepEnv:
             c.close()
 
 
-@pytest.fixture
-def sleep_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
-              ) -> Iterator[SleepEnv]:
+@contextmanager
+def sleep_deployment(kind: str, kafka_bootstrap: str, es_url: str, es_client: Any,
+                     tmp_path: Path) -> Iterator[SleepEnv]:
+    """A private deployment (topic prefix ``<kind>-<run>.``, index alias, sleep group) and an
+    LLM stub; removed afterwards. The environment's sleep-window and metrics settings are
+    dropped, so that each test sets what it uses."""
     run = uuid.uuid4().hex[:10]
-    prefix = f"lmsleep-{run}."
-    alias = f"lmsleep-{run}-mem"
-    group = f"lmsleep-{run}-sleep"
+    prefix = f"{kind}-{run}."
+    alias = f"{kind}-{run}-mem"
+    group = f"{kind}-{run}-sleep"
     stub = OpenAIStubServer(consolidation_responder, latency_s=0.05).start()
     env = {
         **os.environ,
@@ -192,8 +196,11 @@ def sleep_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    env.pop("LIGHTMEM_SLEEP_CRON", None)
-    env.pop("LIGHTMEM_SLEEP_AUTO", None)
+    for name in ("LIGHTMEM_SLEEP_CRON", "LIGHTMEM_SLEEP_CRON_DURATION_S", "LIGHTMEM_SLEEP_AUTO",
+                 "LIGHTMEM_SLEEP_AUTO_MAX_RATE", "LIGHTMEM_SLEEP_AUTO_QUIET_S",
+                 "LIGHTMEM_SLEEP_AUTO_SAMPLE_S", "LIGHTMEM_SLEEP_YIELD_LAG",
+                 "LIGHTMEM_METRICS_PORT"):
+        env.pop(name, None)
     settings = Settings(kafka_bootstrap=kafka_bootstrap, es_url=es_url, es_alias=alias,
                         sleep_group=group, kafka_partitions=PARTITIONS,
                         llm_base_url=stub.base_url)
@@ -209,6 +216,13 @@ def sleep_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
         stub.stop()
         remove_deployment(settings, topic_prefixes=[prefix], groups=[group, f"{group}.control"],
                           alias=alias, es=es_client)
+
+
+@pytest.fixture
+def sleep_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
+              ) -> Iterator[SleepEnv]:
+    with sleep_deployment("lmsleep", kafka_bootstrap, es_url, es_client, tmp_path) as senv:
+        yield senv
 
 
 def _consolidation_calls(senv: SleepEnv) -> int:

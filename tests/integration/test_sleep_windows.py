@@ -14,11 +14,9 @@ a closed window stays closed while turn traffic goes on.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -32,23 +30,18 @@ pytest.importorskip("elasticsearch", reason="elasticsearch (the stream extra) is
 
 from lightmem.ops.bench_sleep import (  # noqa: E402
     Pair,
-    consolidation_responder,
     synthetic_pairs,
 )
-from lightmem.ops.llm_stub import OpenAIStubServer  # noqa: E402
 from lightmem.schemas import TurnEvent  # noqa: E402
-from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.producer import TurnProducer  # noqa: E402
-from lightmem.streams.teardown import remove_deployment  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics  # noqa: E402
 
 from .test_sleep import (  # noqa: E402
-    PARTITIONS,
     SleepEnv,
     _assert_changes_match,
     _consolidation_calls,
     _free_port,
     _scrape,
+    sleep_deployment,
     wait_for,
 )
 
@@ -60,46 +53,8 @@ _TARGET = re.compile(r"TARGET memory:\n\[[^\]]*\] (.*)")
 @pytest.fixture
 def senv(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
          ) -> Iterator[SleepEnv]:
-    """A private deployment (topic prefix, index alias, sleep group) and an LLM stub."""
-    run = uuid.uuid4().hex[:10]
-    prefix = f"lmwin-{run}."
-    alias = f"lmwin-{run}-mem"
-    group = f"lmwin-{run}-sleep"
-    stub = OpenAIStubServer(consolidation_responder, latency_s=0.05).start()
-    env = {
-        **os.environ,
-        "LIGHTMEM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "LIGHTMEM_ES_URL": es_url,
-        "LIGHTMEM_ES_ALIAS": alias,
-        "LIGHTMEM_SLEEP_GROUP": group,
-        "LIGHTMEM_SLEEP_POLL_S": "0.3",
-        "LIGHTMEM_SLEEP_CONCURRENCY": "4",
-        "LIGHTMEM_KAFKA_PARTITIONS": str(PARTITIONS),
-        "LIGHTMEM_LLM_BASE_URL": stub.base_url,
-        "LIGHTMEM_LLM_MAX_RETRIES": "0",
-        "LIGHTMEM_TORCH_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("LIGHTMEM_SLEEP_CRON", "LIGHTMEM_SLEEP_CRON_DURATION_S", "LIGHTMEM_SLEEP_AUTO",
-                 "LIGHTMEM_SLEEP_AUTO_MAX_RATE", "LIGHTMEM_SLEEP_AUTO_QUIET_S",
-                 "LIGHTMEM_SLEEP_AUTO_SAMPLE_S", "LIGHTMEM_METRICS_PORT"):
-        env.pop(name, None)
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, es_url=es_url, es_alias=alias,
-                        sleep_group=group, kafka_partitions=PARTITIONS,
-                        llm_base_url=stub.base_url)
-    topics = Topics(prefix=prefix)
-    create_topics(settings, topics)
-    env_ = SleepEnv(settings, topics, env, tmp_path, es_client, stub)
-    env_.store.ensure_index()
-    try:
-        yield env_
-    finally:
-        for w in env_.workers:
-            w.stop()
-        stub.stop()
-        remove_deployment(settings, topic_prefixes=[prefix], groups=[group, f"{group}.control"],
-                          alias=alias, es=es_client)
+    with sleep_deployment("lmwin", kafka_bootstrap, es_url, es_client, tmp_path) as env:
+        yield env
 
 
 # -- helpers -------------------------------------------------------------------------------
