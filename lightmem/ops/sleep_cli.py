@@ -174,11 +174,18 @@ def sleep_worker(
                                                     "[env LIGHTMEM_SLEEP_CONCURRENCY]")] = None,
     group: Annotated[str | None, typer.Option(help="Consumer group [env "
                                               "LIGHTMEM_SLEEP_GROUP]")] = None,
+    app_id: Annotated[str | None, typer.Option(
+        "--app-id", help="The ingest workers' app id (their consumer group), whose backlog "
+        "this worker yields to [env LIGHTMEM_WORKER_ID]")] = None,
+    yield_lag: Annotated[int | None, typer.Option(
+        min=0, help="Start no new target while the ingest group has more records waiting "
+        "(0 = never yield) [env LIGHTMEM_SLEEP_YIELD_LAG]")] = None,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     metrics_port: MetricsPortOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
-    """Run one sleep-time worker: consumes lightmem.entries.v1 while a window is open.
+    """Run one sleep-time worker: consumes lightmem.entries.v1 while a window is open and
+    the ingest workers have no backlog (ingest first).
 
     Stops cleanly on SIGTERM/SIGINT: the targets in flight finish and are committed.
     The Prometheus endpoint is off unless --metrics-port / LIGHTMEM_METRICS_PORT is set
@@ -192,8 +199,9 @@ def sleep_worker(
 
     if log_format is None and isinstance(ctx.obj, dict):  # `lightmem --log-format X sleep-worker`
         log_format = ctx.obj.get("log_format")
-    settings = _settings(sleep_concurrency=concurrency, sleep_group=group,
-                         metrics_port=metrics_port, log_format=log_format)
+    settings = _settings(sleep_concurrency=concurrency, sleep_group=group, worker_id=app_id,
+                         sleep_yield_lag=yield_lag, metrics_port=metrics_port,
+                         log_format=log_format)
     # As the stream worker: secrets redacted; json = one object per line on stderr.
     configure_logging(settings.log_format, level=loglevel.upper(),
                       secrets=secrets_of(settings))

@@ -410,6 +410,10 @@ class SleepWorker:
             self.scope = self._current_scope()
             self._publish_window(self.scope)
             log.info("%s: window %s", self.name, self.scope.describe())
+            if self.ingest.enabled:
+                log.info("%s: ingest first: no new target while group %r has more than %d "
+                         "records waiting", self.name, self.settings.worker_id,
+                         self.settings.sleep_yield_lag)
             self.ingest.start()
             self._active = self.scope.anything and not self.ingest.yielding
             if self.settings.metrics_port:

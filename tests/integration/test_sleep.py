@@ -90,12 +90,12 @@ class SleepEnv:
     def store(self) -> ElasticsearchStore:
         return ElasticsearchStore(self.es, alias=self.settings.es_alias)
 
-    def start_worker(self, name: str, **env: str) -> Worker:
+    def start_worker(self, name: str, *args: str, **env: str) -> Worker:
         log = self.tmp / f"sleep-{name}-{len(self.workers)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lightmem", "sleep-worker", "--topic-prefix",
-                 self.topics.prefix],
+                 self.topics.prefix, *args],
                 env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=self.tmp,
                 start_new_session=True)
         worker = Worker(name, proc, log)
@@ -520,7 +520,7 @@ def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
             producer.produce(turns, b"{}", key=f"acme/c{i % 8}".encode())
     try:
         port = _free_port()
-        w = senv.start_worker("w1", LIGHTMEM_WORKER_ID=ingest_group, LIGHTMEM_SLEEP_YIELD_LAG="20",
+        w = senv.start_worker("w1", "--app-id", ingest_group, "--yield-lag", "20",
                               LIGHTMEM_METRICS_PORT=str(port))
 
         def value(name: str, **labels: str) -> float | None:
@@ -528,6 +528,8 @@ def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
 
         wait_for(lambda: "ingest backlog 40 records: yielding to ingest" in w.text(),
                  what="the backlog seen", workers=[w])
+        assert f"no new target while group {ingest_group!r} has more than 20 records" \
+            in w.text()
         wait_for(lambda: "sleep worker ready" in w.text(), what="the worker", workers=[w])
         senv.sleep_cli("open")
         # Both gauges come from the same pass of the worker's loop over the open window.
