@@ -13,6 +13,11 @@ backlog is back under half of that (hysteresis, so it does not flap at the thres
 Partitions where the ingest group has never committed are not counted: a deployment without
 ingest workers (or one whose entries were written by a backfill) must not hold sleep work
 back forever.
+
+The same samples tell which entries the index sink has read: its committed offset on each
+entries partition (:attr:`IngestBacklogMonitor.indexed_before`). An entry at or after it may
+not be in Elasticsearch yet, so the sleep worker does not commit past it (it would take its
+absence for a delete).
 """
 
 from __future__ import annotations
@@ -84,13 +89,19 @@ class IngestBacklogMonitor:
                  name: str = "sleep") -> None:
         self.settings = settings
         self.watched = [topics.turns, topics.segments, topics.entries]
+        self.entries_topic = topics.entries
         self.interval_s = interval_s
         self.name = name
         self.priority = IngestPriority(settings.sleep_yield_lag)
         #: The last backlog read (None: unknown or no ingest group on these topics).
         self.backlog: int | None = None
+        #: Entries partition -> the ingest group's committed offset there (the index sink has
+        #: read every entry before it); partitions it never committed on are absent.
+        self.indexed_before: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Set once the first sample was taken (or failed).
+        self.sampled = threading.Event()
 
     @property
     def yielding(self) -> bool:
@@ -101,8 +112,6 @@ class IngestBacklogMonitor:
         return self.priority.yield_above > 0
 
     def start(self) -> None:
-        if not self.enabled:
-            return
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"{self.name}-ingest-backlog")
         self._thread.start()
@@ -121,14 +130,19 @@ class IngestBacklogMonitor:
                     if reader is None:
                         reader = LagReader(self.settings, self.settings.worker_id,
                                            timeout_s=max(5.0, self.interval_s))
-                    self.backlog = ingest_backlog(reader.read(self.watched))
+                    lags = reader.read(self.watched)
+                    self.backlog = ingest_backlog(lags)
+                    self.indexed_before = {p.partition: p.committed for p in lags
+                                           if p.topic == self.entries_topic
+                                           and p.committed is not None}
                     failing = False
                 except Exception as exc:  # noqa: BLE001 - a lost sample; the next one retries
                     if not failing:
                         log.warning("%s: ingest backlog not readable (keeping the last "
                                     "decision): %r", self.name, exc)
                     failing = True
-                else:
+                self.sampled.set()
+                if not failing and self.enabled:
                     before = self.priority.yielding
                     if self.priority.observe(self.backlog) != before:
                         log.info("%s: ingest backlog %s records: %s", self.name, self.backlog,

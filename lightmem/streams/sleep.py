@@ -260,6 +260,8 @@ class BatchReport:
 
     entries: int = 0
     held: int = 0
+    #: Entries the index sink had not read yet: not processed, read again after a pause.
+    unindexed: int = 0
     missing: int = 0
     dead_letters: int = 0
     targets: int = 0
@@ -415,6 +417,8 @@ class SleepWorker:
                          "records waiting", self.name, self.settings.worker_id,
                          self.settings.sleep_yield_lag)
             self.ingest.start()
+            # The first sample tells which entries are indexed: nothing is processed before.
+            self.ingest.sampled.wait(30)
             self._active = self.scope.anything and not self.ingest.yielding
             if self.settings.metrics_port:
                 self._lag_thread = threading.Thread(target=self._sample_lag, daemon=True,
@@ -444,6 +448,8 @@ class SleepWorker:
                 self.stats.add(report)
                 if report.failed:
                     self.stop_event.wait(2.0)  # back off before the replay of the failures
+                elif report.unindexed:
+                    self.stop_event.wait(1.0)  # the index sink's next commit, roughly
         except Exception:
             metrics.record_stage_error(STAGE, "bug")  # the worker stops: alert on it
             raise
@@ -633,9 +639,15 @@ class SleepWorker:
         held: dict[int, int] = {}
         incomplete: dict[int, set[int]] = defaultdict(set)
         parsed: list[tuple[_Record, MemoryEntry]] = []
+        indexed_before = dict(self.ingest.indexed_before)
         assert self._producer is not None
         for p, recs in by_partition.items():
             for r in sorted(recs, key=lambda r: r.offset):
+                if r.offset >= indexed_before.get(p, r.offset + 1):
+                    # Maybe not in the index yet: its absence would read as a delete.
+                    incomplete[p].add(r.offset)
+                    report.unindexed += 1
+                    continue
                 try:
                     entry = MemoryEntry.parse(r.value or b"")
                 except SchemaError as exc:
@@ -686,15 +698,16 @@ class SleepWorker:
             # held before it, but not the ones this batch has just held.
             self._rewind_held()
         # Held entries are not consumed (read again when their window opens).
-        metrics.record_events_in(STAGE, self.topics.entries, report.entries - report.held)
+        metrics.record_events_in(STAGE, self.topics.entries,
+                                 report.entries - report.held - report.unindexed)
         metrics.record_step(STAGE, seconds=time.perf_counter() - started,
                             applied=report.done - report.reflected, skipped=report.reflected,
                             out_topics=[self.topics.memory_changes] * len(changes),
                             dead_letter_reasons={"parse": report.dead_letters})
         log.info("%s: batch of %d entries: %d targets, %d updated, %d deleted, %d ignored, "
-                 "%d already reflected, %d failed%s; committed %s", self.name, report.entries,
-                 report.targets, report.updated, report.deleted, report.ignored,
-                 report.reflected, report.failed,
+                 "%d already reflected, %d failed, %d not indexed yet%s; committed %s",
+                 self.name, report.entries, report.targets, report.updated, report.deleted,
+                 report.ignored, report.reflected, report.failed, report.unindexed,
                  " (stopped mid-batch)" if report.interrupted else "", report.committed)
         return report
 

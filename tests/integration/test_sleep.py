@@ -13,6 +13,7 @@ polls a condition against a deadline.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -551,6 +552,39 @@ def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
         assert _consolidation_calls(senv) == len(pairs)
     finally:
         # The stand-in group has no member (the worker only reads its offsets).
+        remove_deployment(senv.settings, groups=[ingest_group])
+
+
+def test_entries_the_index_sink_has_not_read_are_not_committed_past(sleep_env: SleepEnv
+                                                                    ) -> None:
+    """An entry at or after the ingest group's committed offset on the entries topic may not
+    be in Elasticsearch yet: the open window neither takes it for deleted nor commits past it;
+    once the index sink has read it, it is consolidated."""
+    senv = sleep_env
+    ingest_group = f"{senv.settings.sleep_group}-ingest"
+    pairs = synthetic_pairs(4, 2, seed=9)
+    want = senv.expect(pairs)
+    senv.seed(pairs)
+    before = senv.state()
+    entries = senv.topics.entries
+    # The index sink has read nothing yet (a real group committed at 0 everywhere).
+    _commit_group(senv.settings, ingest_group, entries, {p: 0 for p in range(PARTITIONS)})
+    try:
+        w = senv.start_worker("w1", "--app-id", ingest_group, "--yield-lag", "0")
+        wait_for(lambda: "sleep worker ready" in w.text(), what="the worker", workers=[w])
+        senv.sleep_cli("open")
+        wait_for(lambda: re.search(r"batch of \d+ entries: .* [1-9]\d* not indexed yet",
+                                   w.text()), what="a batch of unindexed entries", workers=[w])
+        assert _consolidation_calls(senv) == 0
+        assert set(senv.committed().values()) <= {0}
+        assert senv.state() == before
+
+        _commit_group(senv.settings, ingest_group, entries, senv.ends())  # indexed now
+        wait_for(lambda: senv.state() == want, what="the consolidated index", workers=[w])
+        wait_for(lambda: senv.committed() == senv.ends(), what="offsets committed", workers=[w])
+        _assert_changes_match(senv, pairs)
+        assert _consolidation_calls(senv) == len(pairs)
+    finally:
         remove_deployment(senv.settings, groups=[ingest_group])
 
 
