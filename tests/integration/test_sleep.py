@@ -152,7 +152,8 @@ class SleepEnv:
         finally:
             c.close()
 
-    def ends(self) -> dict[int, int]:
+    def ends(self, topic: str | None = None) -> dict[int, int]:
+        """Non-empty partitions of ``topic`` (default: the entries topic) -> end offset."""
         from confluent_kafka import Consumer, TopicPartition
 
         from lightmem.streams.topics import kafka_config
@@ -162,8 +163,8 @@ class SleepEnv:
         try:
             out = {}
             for p in range(PARTITIONS):
-                _, high = c.get_watermark_offsets(TopicPartition(self.topics.entries, p),
-                                                  timeout=30)
+                _, high = c.get_watermark_offsets(
+                    TopicPartition(topic or self.topics.entries, p), timeout=30)
                 if high:
                     out[p] = high
             return out
@@ -543,7 +544,7 @@ def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
 
         # Ingest catches up (36 of 40 read: 4 <= half the threshold): the window works.
         _commit_group(senv.settings, ingest_group, turns,
-                      {p: max(0, h - 1) for p, h in _turn_ends(senv).items()})
+                      {p: h - 1 for p, h in senv.ends(turns).items()})
         wait_for(lambda: senv.state() == want, what="the consolidated index", workers=[w])
         wait_for(lambda: senv.committed() == senv.ends(), what="offsets committed", workers=[w])
         assert value("lightmem_sleep_yielding") == 0
@@ -586,17 +587,3 @@ def test_entries_the_index_sink_has_not_read_are_not_committed_past(sleep_env: S
         assert _consolidation_calls(senv) == len(pairs)
     finally:
         remove_deployment(senv.settings, groups=[ingest_group])
-
-
-def _turn_ends(senv: SleepEnv) -> dict[int, int]:
-    from confluent_kafka import Consumer, TopicPartition
-
-    from lightmem.streams.topics import kafka_config
-
-    c = Consumer(kafka_config(senv.settings, **{"group.id": "ends",
-                                                "enable.auto.commit": False}))
-    try:
-        return {p: c.get_watermark_offsets(TopicPartition(senv.topics.turns, p), timeout=30)[1]
-                for p in range(PARTITIONS)}
-    finally:
-        c.close()
