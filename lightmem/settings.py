@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # --- short-term stage
     #: Topic buffer threshold th (tokens) before one summarization call.
     topic_buffer_tokens: int = Field(default=512, ge=64)
+    #: Completion-token cap of one summarization call; unset = 4 x ``topic_buffer_tokens``
+    #: (th), see :attr:`summary_token_cap`. A call cut at the cap is split, not dead-lettered.
+    summary_max_tokens: int | None = Field(default=None, ge=16)
 
     # --- LLM (any OpenAI-compatible endpoint). No base URL = extractive mode.
     llm_base_url: str | None = None
@@ -132,6 +135,17 @@ class Settings(BaseSettings):
     #: Turns applied per transaction by the embedded runtime (also the compression batch).
     ingest_batch_turns: int = Field(default=64, ge=1)
     torch_threads: int | None = None
+
+    @property
+    def summary_token_cap(self) -> int:
+        """``summary_max_tokens``, or 4 x th when unset.
+
+        Sized to th because the answer grows with the buffer: a model writing one fact per
+        line restores what compression dropped and adds ~10 tokens of JSON per fact, about
+        2-3 x the buffer's tokens; 4 x leaves headroom (the old fixed 1,024 was cut at
+        th = 512). Completion tokens are billed as generated, so the headroom costs nothing.
+        """
+        return self.summary_max_tokens or 4 * self.topic_buffer_tokens
 
     @property
     def llm_configured(self) -> bool:

@@ -217,3 +217,48 @@ def test_a_stopped_stub_hangs_up_on_pooled_connections() -> None:
     # The client's keep-alive connection must not keep talking to a stopped server.
     with pytest.raises(LLMTransientError, match="APIConnectionError"):
         chat.complete(MESSAGES, stage="summarize", tenant="acme")
+
+
+def test_the_stub_cuts_at_max_tokens_and_the_client_reports_length() -> None:
+    # Real endpoints stop at max_tokens with finish_reason "length"; the stub must too, or
+    # no test over HTTP can exercise what a cut answer does to its caller.
+    answer = '{"data": [{"source_id": 0, "fact": "Caroline adopted a dog."}]}'
+    meter = UsageMeter()
+    with OpenAIStubServer(lambda request: answer) as server:
+        chat = model_for(server, meter=meter)
+        cut = chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=4)
+        whole = chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=64)
+        uncapped = chat.complete(MESSAGES, stage="summarize", tenant="acme")
+        # max_completion_tokens (OpenAI's newer name) is honoured too.
+        raw = httpx.post(
+            f"{server.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                  "max_completion_tokens": 2},
+        ).json()
+
+    # The exact prefix of the answer, spacing kept: JSON that stops mid-way.
+    assert cut.text == '{"data": [{"source_id": 0, "fact":'
+    assert (cut.finish_reason, cut.truncated, cut.completion_tokens) == ("length", True, 4)
+    for full in (whole, uncapped):
+        assert (full.text, full.finish_reason, full.truncated) == (answer, "stop", False)
+    assert raw["choices"][0]["finish_reason"] == "length"
+    assert raw["choices"][0]["message"]["content"] == '{"data": [{"source_id":'
+    # The cut call is a call like any other: counted, with the tokens it cost.
+    usage = meter.by_key()[("summarize", "acme")]
+    assert (usage.calls, usage.errors) == (3, 0)
+    assert usage.completion_tokens == 4 + 2 * count_words(answer)
+
+
+def test_a_reply_cut_before_any_text_is_a_truncated_empty_completion() -> None:
+    # A reasoning model can spend the whole cap before writing: content null, "length".
+    # The caller can retry smaller; a refusal (null content, "stop") stays permanent.
+    cut = StubReply(content=None, finish_reason="length")
+    refused = StubReply(content=None)
+    with OpenAIStubServer(scripted_responder([cut, refused])) as server:
+        chat = model_for(server)
+        completion = chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=8)
+        with pytest.raises(LLMPermanentError, match="no text content"):
+            chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=8)
+    assert (completion.text, completion.truncated) == ("", True)
+    usage = chat.meter.by_key()[("summarize", "acme")]
+    assert (usage.calls, usage.errors) == (1, 1)

@@ -12,11 +12,13 @@ import pytest
 from lightmem.ops.llm_stub import (
     OpenAIStubServer,
     StubReply,
+    count_words,
     fact_extraction_responder,
     scripted_responder,
 )
 from lightmem.processors.llm import LLMTransientError
 from lightmem.processors.summarize import (
+    DEFAULT_MAX_TOKENS,
     Summarizer,
     TopicBuffer,
     TopicBufferState,
@@ -24,6 +26,8 @@ from lightmem.processors.summarize import (
     parse_facts,
 )
 from lightmem.schemas import EntryMode, Segment, SegmentTurn, stable_id
+from lightmem.settings import Settings
+from lightmem.streams.components import Components
 from lightmem.streams.openai_chat import OpenAIChatModel
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -346,7 +350,7 @@ def test_ids_are_deterministic_across_reprocessing(
     first = Summarizer(chat).summarize([SEG_A, SEG_B], now=NOW)
     again = Summarizer(chat).summarize([SEG_A, SEG_B], now=NOW + timedelta(hours=1))
     assert [e.id for e in first.entries] == [e.id for e in again.entries]
-    assert first.entries[0].id == stable_id("acme/u1", "seg-a", "t0", "llm", 0)
+    assert first.entries[0].id == stable_id(SEG_A.scope, "seg-a", "t0", "llm", 0)
 
     extractive = Summarizer(None).summarize([SEG_A, SEG_B], now=NOW)
     assert [e.id for e in extractive.entries] == [
@@ -374,3 +378,117 @@ def test_exactly_one_llm_call_per_buffer_flush(
     assert [len(b) for b in batches] == [2, 2, 2, 1]
     assert len(server.chat_requests) == len(batches) == 4
     assert [e.source_turn_ids[0] for e in entries] == [f"t{n}" for n in range(7)]
+
+
+# -- output cap: a cut answer is split, not dead-lettered --------------------------------------
+
+
+def topic(k: int, lines: int = 3) -> Segment:
+    """Topic k: ``lines`` turns of four words each, turn numbers following on."""
+    first = k * lines
+    texts = [f"fact number {n} here" for n in range(first, first + lines)]
+    return segment(f"topic-{k}", texts, first_turn=first)
+
+
+@pytest.mark.parametrize(
+    ("cap", "calls", "splits"),
+    [
+        (30, 5, 2),  # topics split: [0] | [1, 2], then [1] | [2]
+        (20, 11, 5),  # and every topic's lines split as well
+    ],
+)
+def test_a_buffer_whose_facts_exceed_the_cap_gives_every_fact_in_more_calls(
+    cap: int, calls: int, splits: int
+) -> None:
+    # A full topic buffer (th = 40 words: three 12-word topics, the fourth overflows it)
+    # whose one-fact-per-line answer (~82 stub tokens) cannot fit the cap.
+    buffer = TopicBuffer(words, threshold_tokens=40)
+    state = TopicBufferState.for_segment(topic(0))
+    flushed: list[list[Segment]] = []
+    for k in range(4):
+        state, batches = buffer.push(state, topic(k))
+        flushed.extend(batches)
+    assert [[s.segment_id for s in b] for b in flushed] == [["topic-0", "topic-1", "topic-2"]]
+    (batch,) = flushed
+
+    with OpenAIStubServer(fact_extraction_responder) as server:
+        reference = Summarizer(chat_on(server)).summarize(batch, now=NOW)
+        assert reference.llm_calls == 1 and reference.splits == 0
+        whole_answer = fact_extraction_responder(server.chat_requests[0])
+        assert count_words(whole_answer) > cap
+        server.requests.clear()
+
+        chat = chat_on(server)
+        result = Summarizer(chat, max_tokens=cap).summarize(batch, now=NOW)
+        requests = server.chat_requests
+
+    # Every fact, nothing dead-lettered, the same ids as one uncut answer.
+    assert result.dead_letter is None and result.dropped == []
+    assert [(e.id, e.fact) for e in result.entries] == [
+        (e.id, e.fact) for e in reference.entries
+    ]
+    assert len(result.entries) == 9
+    assert (result.llm_calls, result.splits) == (calls, splits)
+    assert len(requests) == calls and all(r["max_tokens"] == cap for r in requests)
+    # Every call is metered, the cut ones with the tokens they cost.
+    usage = chat.meter.by_key()[("summarize", "acme")]
+    assert (usage.calls, usage.errors) == (calls, 0)
+    cost = [min(cap, count_words(fact_extraction_responder(r))) for r in requests]
+    assert usage.completion_tokens == sum(cost)
+    assert sum(c == cap for c in cost) == splits  # each split follows one cut answer
+
+
+def test_lines_whose_answer_alone_exceeds_the_cap_are_dead_lettered_and_the_rest_stands() -> None:
+    long_1 = " ".join(f"alpha{n}" for n in range(30))
+    long_2 = " ".join(f"omega{n}" for n in range(30))
+    seg = segment("seg-long", [long_1, "I adopted a dog", long_2])
+    with OpenAIStubServer(fact_extraction_responder) as server:
+        result = Summarizer(chat_on(server), max_tokens=20).summarize([seg], now=NOW)
+        requests = len(server.chat_requests)
+
+    # Lines [0, 1] | [2]; [0, 1] is cut again -> [0] | [1]; lines 0 and 2 cannot shrink.
+    assert [e.source_turn_ids for e in result.entries] == [["t1"]]
+    assert result.entries[0].fact == "Melanie said: I adopted a dog"
+    assert (result.llm_calls, result.splits) == (5, 2) and requests == 5
+    letter = result.dead_letter
+    assert letter is not None and letter.error_type == "SummaryTruncatedError"
+    assert "'t0'" in letter.reason and "'t2'" in letter.reason
+    assert "max_tokens=20" in letter.reason and "summary_max_tokens" in letter.reason
+    raw: dict[str, Any] = json.loads(letter.raw)
+    # One segment carrying exactly the failed lines, so a replay buffers it once.
+    assert raw["segment_ids"] == ["seg-long"]
+    (carried,) = [Segment.parse(s) for s in raw["segments"]]
+    assert [t.turn_id for t in carried.turns] == ["t0", "t2"]
+    assert len(raw["model_outputs"]) == 2
+    assert all(count_words(o) == 20 for o in raw["model_outputs"])
+
+
+def test_a_repair_answer_cut_at_the_cap_splits_too() -> None:
+    cut = StubReply(content='{"data": [{"source_id": 0, "fact": "Caro', finish_reason="length")
+    script = scripted_responder(["I cannot do JSON, sorry.", cut, fact_extraction_responder])
+    with OpenAIStubServer(script) as server:
+        result = Summarizer(chat_on(server)).summarize([SEG_A, SEG_B], now=NOW)
+        requests = server.chat_requests
+
+    assert result.dead_letter is None and len(result.entries) == 5
+    assert (result.llm_calls, result.splits, len(requests)) == (4, 1, 4)
+    # After the split: topic 1 alone, then topic 2 alone (its lines renumbered from 0).
+    assert [r["messages"][-1]["content"].count("--- Topic") for r in requests[2:]] == [1, 1]
+    assert [e.source_turn_ids[0] for e in result.entries] == [t.turn_id for t in ALL_TURNS]
+
+
+def test_the_output_cap_is_a_setting_sized_to_th(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIGHTMEM_SUMMARY_MAX_TOKENS", raising=False)
+    monkeypatch.delenv("LIGHTMEM_TOPIC_BUFFER_TOKENS", raising=False)
+    # th = 512 by default: the old fixed 1,024 was cut by a one-fact-per-line answer.
+    assert Settings().summary_token_cap == DEFAULT_MAX_TOKENS == 2048
+    assert Settings(topic_buffer_tokens=1024).summary_token_cap == 4096
+    monkeypatch.setenv("LIGHTMEM_SUMMARY_MAX_TOKENS", "3000")
+    settings = Settings(topic_buffer_tokens=1024)
+    assert settings.summary_token_cap == 3000
+    with OpenAIStubServer(fact_extraction_responder) as server:
+        summarizer = Components(settings, chat=chat_on(server)).summarizer
+        summarizer.summarize([SEG_A], now=NOW)
+        assert server.chat_requests[0]["max_tokens"] == 3000
+    with pytest.raises(ValueError, match="max_tokens"):
+        Summarizer(None, max_tokens=0)

@@ -15,6 +15,10 @@ Usage numbers: the stub counts *words* (``str.split``), not model tokens: prompt
 the words of every message's content, completion tokens the words of the reply. Good
 enough for relative cost comparisons in benchmarks; not a tokenizer.
 
+Output cap: like a real endpoint, the stub honours ``max_tokens`` (or
+``max_completion_tokens``) in stub tokens: a longer reply is cut after that many words and
+answered with ``finish_reason: "length"``, so callers' truncation handling runs over HTTP.
+
 Exceptions: none of its own. A responder that raises makes the server answer HTTP 500
 with the exception in the error message (so a broken responder shows up in the test that
 uses it, as an ``LLMTransientError``).
@@ -29,7 +33,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -50,16 +54,18 @@ class StubReply:
     """A scripted answer: reply text, or an HTTP error the client must handle.
 
     Args:
-        content: The assistant message text (status 200) or the error message (otherwise).
+        content: The assistant message text (status 200) or the error message (otherwise);
+            None sends ``"content": null`` (a reasoning model whose cap ran out first).
         status: HTTP status to answer with (default 200).
         retry_after_s: If set, sent as ``retry-after-ms``: the openai SDK then waits this
             long before its retry instead of its 0.5 s+ backoff (keeps retry tests fast).
         headers: Extra response headers.
         include_usage: False omits ``usage`` from the completion, like some local servers.
-        finish_reason: ``finish_reason`` of the choice (default "stop").
+        finish_reason: ``finish_reason`` of the choice (default "stop"); a reply longer
+            than the request's ``max_tokens`` is cut and answered with "length" instead.
     """
 
-    content: str = ""
+    content: str | None = ""
     status: int = 200
     retry_after_s: float | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -214,6 +220,11 @@ class OpenAIStubServer:
             message = reply.content or HTTPStatus(reply.status).phrase
             status, _, payload = _error(reply.status, message)
             return status, headers, payload
+        cap = _max_tokens(body)
+        if cap is not None and reply.content is not None:
+            content, was_cut = _cut_words(reply.content, cap)
+            if was_cut:
+                reply = replace(reply, content=content, finish_reason="length")
         completion: dict[str, Any] = {
             "id": f"chatcmpl-stub-{next(self._ids)}",
             "object": "chat.completion",
@@ -231,7 +242,7 @@ class OpenAIStubServer:
         }
         if reply.include_usage:
             prompt = sum(count_words(_content_text(m)) for m in messages if isinstance(m, dict))
-            completion_words = count_words(reply.content)
+            completion_words = count_words(reply.content or "")
             completion["usage"] = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion_words,
@@ -244,6 +255,33 @@ class OpenAIStubServer:
             "object": "list",
             "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "lightmem"}],
         }
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """The request's completion cap (``max_completion_tokens`` wins, as at OpenAI)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+_WORD = re.compile(r"\S+")
+
+
+def _cut_words(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` up to the end of its ``limit``-th word (spacing kept), and whether it was cut.
+
+    Cutting the text itself, not re-joining words, gives what a real cap gives: the exact
+    prefix of the answer, e.g. JSON that stops mid-string.
+    """
+    for n, match in enumerate(_WORD.finditer(text), start=1):
+        if n == limit:
+            rest = text[match.end():]
+            return (text[: match.end()], True) if rest.strip() else (text, False)
+    if limit == 0 and text.strip():
+        return "", True
+    return text, False
 
 
 def _content_text(message: dict[str, Any]) -> str:

@@ -50,6 +50,14 @@ class Completion:
     model: str = ""
     #: True when the endpoint reported no usage and the token counts are an estimate.
     usage_estimated: bool = False
+    #: Why generation stopped, as the endpoint said: "stop", "length" (the ``max_tokens``
+    #: cap cut the answer), "content_filter", ...; None when it did not say.
+    finish_reason: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """True when the answer was cut at ``max_tokens``: its text is incomplete."""
+        return self.finish_reason == "length"
 
 
 class LLMError(Exception):

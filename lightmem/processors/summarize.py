@@ -17,15 +17,23 @@ Failure sorting (nothing is silently dropped):
 
 - a fact naming an unknown ``source_id`` or missing fields: that fact is dropped and
   listed in :attr:`SummaryResult.dropped`; the rest of the batch stands;
+- an answer cut at the output cap (``finish_reason == "length"``, on the first call or on
+  the repair): the batch is split in two and each half asked again, recursively: whole
+  topics while the batch has several, then the lines of a single topic; one line whose
+  answer is still cut is dead-lettered (:class:`SummaryTruncatedError`);
 - output that is not the JSON asked for: one repair call, then a dead letter;
 - :class:`~lightmem.processors.llm.LLMPermanentError`: a dead letter;
 - :class:`~lightmem.processors.llm.LLMTransientError`: re-raised, the runtime retries.
 
+After a split, a failure dead-letters only the part that failed (its segments, or the lines
+of a segment); the other parts' entries stand.
+
 Exceptions::
 
     ValueError
-     ├── FactParseError     model output is not the fact JSON (becomes a dead letter)
-     └── (plain)            segments from different conversations/scopes: a caller bug
+     ├── FactParseError         model output is not the fact JSON (becomes a dead letter)
+     ├── SummaryTruncatedError  one line's answer exceeds the cap (becomes a dead letter)
+     └── (plain)                segments from different conversations/scopes: a caller bug
 """
 
 from __future__ import annotations
@@ -44,11 +52,13 @@ from lightmem.processors.llm import ChatMessage, ChatModel, LLMPermanentError
 from lightmem.schemas import DeadLetter, EntryMode, MemoryEntry, Segment, SegmentTurn, stable_id
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "DEFAULT_THRESHOLD_TOKENS",
     "SUMMARIZE_STAGE",
     "ExtractedFact",
     "FactParseError",
     "SummaryResult",
+    "SummaryTruncatedError",
     "Summarizer",
     "TopicBuffer",
     "TopicBufferState",
@@ -58,6 +68,9 @@ __all__ = [
 
 #: LightMem's ``th``: tokens of compressed text per summarization call (paper: 256..1024).
 DEFAULT_THRESHOLD_TOKENS = 512
+#: Completion-token cap per summarization call: 4 x th (``Settings.summary_token_cap`` says
+#: why); a call cut at the cap is split, so this bounds one call, not the facts of a flush.
+DEFAULT_MAX_TOKENS = 4 * DEFAULT_THRESHOLD_TOKENS
 #: Stage name for metering and dead letters.
 SUMMARIZE_STAGE = "summarize"
 #: ``DeadLetter.source`` for summarization failures (they have no single source offset).
@@ -265,6 +278,10 @@ class FactParseError(ValueError):
     """The model's output is not the fact JSON that was asked for."""
 
 
+class SummaryTruncatedError(ValueError):
+    """The answer for a single line still exceeds the output cap: nothing left to split."""
+
+
 @dataclass(frozen=True)
 class ExtractedFact:
     """One fact as the model gave it."""
@@ -390,16 +407,47 @@ class SummaryResult:
 
     #: The memory entries, in prompt (conversation) order.
     entries: list[MemoryEntry]
-    #: Set when the flush could not be summarized (then ``entries`` is empty).
+    #: Set when (part of) the flush could not be summarized; it carries exactly the
+    #: segments, or lines of a segment, that failed. Empty ``entries`` unless a split let
+    #: other parts through.
     dead_letter: DeadLetter | None = None
     #: One reason per fact or turn that was dropped while the rest of the batch stood.
     dropped: list[str] = field(default_factory=list)
     #: ``source_id`` values the model named that are not lines of the prompt.
     unknown_source_ids: list[int] = field(default_factory=list)
-    #: Chat calls made (0 extractive, 1 normally, 2 after a repair).
+    #: Chat calls made, every one counted: 0 extractive, 1 normally, +1 per repair, and
+    #: the truncated calls plus both halves' calls of every split.
     llm_calls: int = 0
-    #: True when the first answer was invalid and the repair call fixed it.
+    #: True when a first answer was invalid and the repair call fixed it.
     repaired: bool = False
+    #: Times an answer cut at ``max_tokens`` made the batch split in two.
+    splits: int = 0
+
+
+@dataclass
+class _Failure:
+    """A part of the flush that could not be summarized."""
+
+    segments: list[Segment]
+    error: Exception
+    outputs: list[str]
+
+
+@dataclass
+class _Tally:
+    """What the (possibly split) calls of one flush gathered, in prompt order."""
+
+    entries: list[MemoryEntry] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    unknown: list[int] = field(default_factory=list)
+    failures: list[_Failure] = field(default_factory=list)
+    calls: int = 0
+    repaired: bool = False
+    splits: int = 0
+
+
+class _Truncated(Exception):
+    """Internal: the answer (first or repaired) was cut at ``max_tokens``."""
 
 
 class Summarizer:
@@ -407,11 +455,14 @@ class Summarizer:
 
     Args:
         chat: The LLM; None selects extractive mode (one entry per turn, no LLM).
-        max_tokens: Completion-token cap per call (default 1024: room for a few dozen
-            facts from ``th`` = 512 tokens of input).
+        max_tokens: Completion-token cap per call (default :data:`DEFAULT_MAX_TOKENS`,
+            4 x th; the runtime passes ``Settings.summary_token_cap``). An answer cut at
+            the cap is not lost: the batch is split and asked again in smaller calls.
     """
 
-    def __init__(self, chat: ChatModel | None, *, max_tokens: int = 1024) -> None:
+    def __init__(self, chat: ChatModel | None, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1 (got {max_tokens!r})")
         self.chat = chat
         self.max_tokens = max_tokens
 
@@ -428,9 +479,9 @@ class Summarizer:
                 dead letter).
 
         Returns:
-            Entries (ids deterministic: the same segments always give the same ids), or a
-            dead letter when the model's output stayed unusable or the request was
-            rejected.
+            Entries (ids deterministic: the same segments always give the same ids, split
+            or not), and a dead letter for what stayed unusable: output that is not JSON
+            after a repair, a rejected request, or one line whose answer exceeds the cap.
 
         Raises:
             LLMTransientError: The endpoint is unavailable; retry the same segments later.
@@ -441,17 +492,68 @@ class Summarizer:
         _check_one_conversation(segments)
         if self.chat is None:
             return _extractive(segments, now)
-        return self._llm(self.chat, segments, now)
+        tally = _Tally()
+        self._extract(self.chat, list(segments), now, tally)
+        return SummaryResult(
+            entries=tally.entries,
+            dead_letter=_dead_letter(tally.failures, now) if tally.failures else None,
+            dropped=tally.dropped,
+            unknown_source_ids=tally.unknown,
+            llm_calls=tally.calls,
+            repaired=tally.repaired,
+            splits=tally.splits,
+        )
 
-    def _llm(self, chat: ChatModel, segments: Sequence[Segment], now: datetime) -> SummaryResult:
-        tenant = segments[0].tenant
-        index = _index_turns(segments)
-        messages = build_extraction_messages(segments)
+    def _extract(
+        self, chat: ChatModel, segments: list[Segment], now: datetime, tally: _Tally
+    ) -> None:
+        """One call (plus repair) for ``segments``; on truncation, each half in turn."""
         outputs: list[str] = []
+        try:
+            facts, malformed, repaired = self._ask(chat, segments, outputs, tally)
+        except _Truncated:
+            halves = _split(segments)
+            if halves is None:
+                turn = segments[0].turns[0]
+                error = SummaryTruncatedError(
+                    f"the answer for the single line of turn {turn.turn_id!r} was cut at "
+                    f"max_tokens={self.max_tokens} (finish_reason 'length'); raise the "
+                    f"summary output cap (setting summary_max_tokens)"
+                )
+                tally.failures.append(_Failure(segments, error, outputs))
+                return
+            tally.splits += 1
+            for half in halves:
+                self._extract(chat, half, now, tally)
+            return
+        except (FactParseError, LLMPermanentError) as exc:
+            tally.failures.append(_Failure(segments, exc, outputs))
+            return
+        entries, dropped, unknown = _facts_to_entries(facts, _index_turns(segments), now)
+        tally.entries.extend(entries)
+        tally.dropped.extend([*malformed, *dropped])
+        tally.unknown.extend(unknown)
+        tally.repaired = tally.repaired or repaired
+
+    def _ask(
+        self, chat: ChatModel, segments: Sequence[Segment], outputs: list[str], tally: _Tally
+    ) -> tuple[list[ExtractedFact], list[str], bool]:
+        """Facts for ``segments`` from one call, or two with the repair.
+
+        Raises:
+            _Truncated: An answer was cut at ``max_tokens``. Checked before parsing: a cut
+                answer must not be parsed, since the lenient parser could take the first
+                complete fact object inside it for the whole answer and lose the rest.
+            FactParseError: Not fact JSON even after the repair call.
+            LLMPermanentError: The request was rejected.
+            LLMTransientError: Propagated on purpose: nothing is lost, the runtime keeps
+                the buffer and retries the whole flush.
+        """
+        tenant = segments[0].tenant
+        messages = build_extraction_messages(segments)
 
         def call(msgs: Sequence[ChatMessage]) -> str:
-            # LLMTransientError propagates on purpose: nothing is lost, the runtime keeps
-            # the buffer and retries the whole flush.
+            tally.calls += 1  # before the call: a rejected request was still a call
             completion = chat.complete(
                 msgs,
                 stage=SUMMARIZE_STAGE,
@@ -460,50 +562,54 @@ class Summarizer:
                 max_tokens=self.max_tokens,
             )
             outputs.append(completion.text)
+            if completion.truncated:
+                raise _Truncated
             return completion.text
 
+        raw = call(messages)
         try:
-            raw = call(messages)
+            facts, malformed = parse_facts(raw)
+            return facts, malformed, False
+        except FactParseError as first:
+            # One repair round: small models often get the JSON almost right, and
+            # showing them their own output is cheaper than re-extracting.
+            repair = [
+                *messages,
+                ChatMessage(role="assistant", content=raw),
+                ChatMessage(role="user", content=_REPAIR_PROMPT.format(problem=first)),
+            ]
+            raw = call(repair)
             try:
                 facts, malformed = parse_facts(raw)
-                repaired = False
-            except FactParseError as first:
-                # One repair round: small models often get the JSON almost right, and
-                # showing them their own output is cheaper than re-extracting.
-                repair = [
-                    *messages,
-                    ChatMessage(role="assistant", content=raw),
-                    ChatMessage(role="user", content=_REPAIR_PROMPT.format(problem=first)),
-                ]
-                raw = call(repair)
-                try:
-                    facts, malformed = parse_facts(raw)
-                except FactParseError as second:
-                    error = FactParseError(
-                        f"model output is not valid fact JSON after one repair retry: "
-                        f"first answer: {first}; repaired answer: {second}"
-                    )
-                    return SummaryResult(
-                        entries=[],
-                        dead_letter=_dead_letter(segments, error, outputs, now),
-                        llm_calls=len(outputs),
-                    )
-                repaired = True
-        except LLMPermanentError as exc:
-            return SummaryResult(
-                entries=[],
-                dead_letter=_dead_letter(segments, exc, outputs, now),
-                llm_calls=len(outputs) + 1,
-            )
+            except FactParseError as second:
+                raise FactParseError(
+                    f"model output is not valid fact JSON after one repair retry: "
+                    f"first answer: {first}; repaired answer: {second}"
+                ) from second
+            return facts, malformed, True
 
-        entries, dropped, unknown = _facts_to_entries(facts, index, now)
-        return SummaryResult(
-            entries=entries,
-            dropped=[*malformed, *dropped],
-            unknown_source_ids=unknown,
-            llm_calls=len(outputs),
-            repaired=repaired,
-        )
+
+def _split(segments: Sequence[Segment]) -> tuple[list[Segment], list[Segment]] | None:
+    """Two halves of a batch whose answer did not fit, or None for a single line.
+
+    Whole topics while there are several (cut where the line counts balance best, since
+    the answer grows with the lines), else the lines of the one topic: each half keeps
+    the segment (same ``segment_id``), so entry ids do not depend on the split.
+    """
+    if len(segments) > 1:
+        sizes = [len(s.turns) for s in segments]
+        total = sum(sizes)
+        cuts = range(1, len(segments))
+        cut = min(cuts, key=lambda k: abs(total - 2 * sum(sizes[:k])))
+        return list(segments[:cut]), list(segments[cut:])
+    (only,) = segments
+    if len(only.turns) < 2:
+        return None
+    half = (len(only.turns) + 1) // 2
+    return (
+        [only.model_copy(update={"turns": only.turns[:half]})],
+        [only.model_copy(update={"turns": only.turns[half:]})],
+    )
 
 
 def _check_one_conversation(segments: Sequence[Segment]) -> None:
@@ -602,21 +708,37 @@ def _extractive(segments: Sequence[Segment], now: datetime) -> SummaryResult:
     return SummaryResult(entries=entries, dropped=dropped)
 
 
-def _dead_letter(
-    segments: Sequence[Segment], error: Exception, outputs: Sequence[str], now: datetime
-) -> DeadLetter:
-    """A dead letter carrying the model's raw output(s) and the segments to replay."""
+def _dead_letter(failures: Sequence[_Failure], now: datetime) -> DeadLetter:
+    """One dead letter for the failed parts: the model's raw output(s) and what to replay.
+
+    Parts that are lines of one segment are joined back into that segment (its failed
+    turns, in order), so a replay buffers each segment id once.
+    """
+    merged: dict[str, Segment] = {}
+    for failure in failures:
+        for segment in failure.segments:
+            held = merged.get(segment.segment_id)
+            merged[segment.segment_id] = (
+                segment
+                if held is None
+                else held.model_copy(update={"turns": [*held.turns, *segment.turns]})
+            )
+    segments = list(merged.values())
     payload = {
         "segment_ids": [s.segment_id for s in segments],
-        "model_outputs": list(outputs),
+        "model_outputs": [o for failure in failures for o in failure.outputs],
         # The segments themselves, so the dead letter alone is enough to replay the flush.
         "segments": [s.model_dump(mode="json") for s in segments],
     }
     raw = json.dumps(payload, ensure_ascii=False).encode()
+    reason = "; ".join(
+        f"{f.error} (segments {', '.join(dict.fromkeys(s.segment_id for s in f.segments))})"
+        for f in failures
+    )
     return DeadLetter(
         stage=SUMMARIZE_STAGE,
-        reason=f"{error} (segments {', '.join(payload['segment_ids'])})",
-        error_type=type(error).__name__,
+        reason=reason,
+        error_type=type(failures[0].error).__name__,
         source=_DEAD_LETTER_SOURCE,
         raw=raw.decode(),
         raw_b64=base64.b64encode(raw).decode(),

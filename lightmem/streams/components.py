@@ -101,7 +101,7 @@ class Components:
 
     @cached_property
     def summarizer(self) -> Summarizer:
-        return Summarizer(self.chat)
+        return Summarizer(self.chat, max_tokens=self.settings.summary_token_cap)
 
     @property
     def idle_timeout(self) -> timedelta:

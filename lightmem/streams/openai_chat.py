@@ -13,6 +13,7 @@ into the processors' error hierarchy::
     401, 403, 404 (bad key, no access, unknown model)     -> LLMConfigError (stop the run)
     APIStatusError, any other 4xx (400, 422, ...)         -> LLMPermanentError
     a reply with no text (refusal, tool calls only)       -> LLMPermanentError
+        (except one cut at max_tokens: an empty completion, finish_reason "length")
 
 Exceptions raised: only those of :mod:`lightmem.processors.llm` (``LLMError`` and its two
 subclasses); the SDK's exception is chained as ``__cause__`` for debugging.
@@ -140,8 +141,10 @@ class OpenAIChatModel:
             max_tokens: Cap on completion tokens; None = the endpoint's default.
 
         Returns:
-            The completion text with token usage and latency (SDK retries and backoff
-            included in the latency).
+            The completion text with token usage, latency (SDK retries and backoff
+            included) and ``finish_reason``. A reply cut at ``max_tokens`` is returned,
+            counted and flagged (``Completion.truncated``), not raised: the caller decides
+            (the summarizer splits its batch).
 
         Raises:
             LLMTransientError: Timeout, connection failure, 408/409/429/5xx after the SDK's
@@ -201,8 +204,14 @@ class OpenAIChatModel:
     ) -> Completion:
         if not response.choices:
             raise LLMPermanentError(f"model {self.model!r} returned no choices")
-        message = response.choices[0].message
+        choice = response.choices[0]
+        message = choice.message
         text = message.content
+        finish_reason = getattr(choice, "finish_reason", None)
+        if text is None and finish_reason == "length":
+            # The cap was spent before any visible text (e.g. on hidden reasoning): that is
+            # a truncated answer the caller can act on (a smaller request), not a refusal.
+            text = ""
         if text is None:
             refusal = getattr(message, "refusal", None)
             reason = f"refused: {refusal!r}" if refusal else "returned no text content"
@@ -225,6 +234,7 @@ class OpenAIChatModel:
             latency_s=latency,
             model=getattr(response, "model", "") or self.model,
             usage_estimated=estimated,
+            finish_reason=finish_reason,
         )
 
     def _translate(self, exc: openai.APIError) -> LLMError:
