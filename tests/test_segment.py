@@ -33,7 +33,7 @@ from lightmem.processors.segment import (
     similarity_boundaries,
     to_segment_turn,
 )
-from lightmem.schemas import Role, Segment, SegmentTurn, TurnEvent, stable_id
+from lightmem.schemas import Role, Segment, SegmentTurn, TurnEvent, conversation_key, stable_id
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 
@@ -365,7 +365,7 @@ def test_add_only_changes_session_on_an_empty_buffer() -> None:
 def test_buffer_state_round_trips_through_json() -> None:
     state = state_of(conversation(["pizza", "brakes"]))
     assert SensoryBufferState.model_validate_json(state.model_dump_json()) == state
-    assert state.conversation_key == "acme/c1"
+    assert state.conversation_key == conversation_key("acme", "c1")
 
 
 def test_budget_must_be_positive() -> None:
@@ -426,8 +426,8 @@ def test_segment_ids_are_deterministic() -> None:
     first, _ = segmenter().cut(state_of(turns), flush=True)
     again, _ = segmenter().cut(state_of(turns), flush=True)
     assert [s.segment_id for s in first] == [s.segment_id for s in again]
-    assert first[0].segment_id == stable_id("acme/c1", "t0")
-    assert first[1].segment_id == stable_id("acme/c1", "t6")
+    assert first[0].segment_id == stable_id(conversation_key("acme", "c1"), "t0")
+    assert first[1].segment_id == stable_id(conversation_key("acme", "c1"), "t6")
     for s in first:
         assert Segment.parse(s.to_bytes()) == s  # valid on the wire
         assert (s.tenant, s.user, s.conversation, s.session) == ("acme", "u1", "c1", "s1")

@@ -60,7 +60,7 @@ def test_topic_specs_and_prefixes() -> None:
 
 def test_flush_command_round_trip() -> None:
     command = FlushCommand(tenant="acme", conversation="c1")
-    assert command.key == b"acme/c1"
+    assert command.key == b'["acme","c1"]'  # conversation_key: unambiguous with "/" in names
     back = FlushCommand.from_bytes(command.to_bytes())
     assert back.matches("acme", "c1") and not back.matches("acme", "c2")
     assert FlushCommand.from_bytes(b"garbage").matches("any", "thing")

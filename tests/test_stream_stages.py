@@ -16,7 +16,16 @@ from lightmem.processors.compress import IdentityBackend, SensoryCompressor  # n
 from lightmem.processors.llm import LLMTransientError  # noqa: E402
 from lightmem.processors.segment import SensoryBuffer, cut_at, group_exchanges  # noqa: E402
 from lightmem.processors.summarize import Summarizer, TopicBuffer  # noqa: E402
-from lightmem.schemas import DeadLetter, MemoryChange, MemoryEntry, Segment, TurnEvent  # noqa: E402
+from lightmem.schemas import (  # noqa: E402
+    DeadLetter,
+    MemoryChange,
+    MemoryEntry,
+    Segment,
+    TurnEvent,
+    conversation_key,
+    decode_conversation_key,
+    scope_key,
+)
 from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.control import FlushCommand, flush_headers  # noqa: E402
 from lightmem.streams.stages import (  # noqa: E402
@@ -32,6 +41,10 @@ from lightmem.streams.topics import Topics  # noqa: E402
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 TOPICS = Topics(prefix="t.")
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
+#: Record keys of the conversations acme/c1, acme/c2 and of the scope acme/u1.
+K1 = conversation_key("acme", "c1").encode()
+K2 = conversation_key("acme", "c2").encode()
+S1 = scope_key("acme", "u1").encode()
 
 
 class CutEveryFour:
@@ -83,7 +96,7 @@ def turn(i: int, conv: str = "c1", session: str = "s0", text: str | None = None)
                      timedelta(minutes=i))
 
 
-def rec(offset: int, value: bytes | None, key: bytes | None = b"acme/c1", partition: int = 0,
+def rec(offset: int, value: bytes | None, key: bytes | None = K1, partition: int = 0,
         headers: tuple = (), topic: str = TOPICS.turns) -> Inbound:
     return Inbound(topic, partition, offset, key, value, headers)
 
@@ -123,7 +136,7 @@ def test_bad_records_are_dead_lettered_with_coordinates_and_the_rest_applied() -
         ("parse", o, 0, TOPICS.turns) for o in (10, 11, 12, 13)]
     assert "max_event_bytes" in letters[1].reason and "key: must be" in letters[2].reason
     assert "tombstone" in letters[3].reason
-    slot = SensorySlot.model_validate_json(slots_of(result)[b"acme/c1"])
+    slot = SensorySlot.model_validate_json(slots_of(result)[K1])
     assert [t.turn_id for t in slot.buffer.turns] == [t.turn_id for t in good]
     assert result.applied == 3 and result.dead_letters == 4
 
@@ -135,7 +148,7 @@ def test_redelivered_and_duplicate_turns_are_skipped() -> None:
     # Redelivery of offsets 0..3 plus two new turns, plus a duplicate turn id at a new offset.
     again = stage.step([*turn_recs(turns), rec(6, turns[5].to_bytes())], slots_of(first))
     assert again.applied == 2 and again.skipped == 5
-    slot = SensorySlot.model_validate_json(slots_of(again)[b"acme/c1"])
+    slot = SensorySlot.model_validate_json(slots_of(again)[K1])
     buffered = [t.turn_id for t in slot.buffer.turns]
     emitted = [t.turn_id for s in segments_of(first) + segments_of(again) for t in s.turns]
     assert emitted + buffered == [t.turn_id for t in turns]
@@ -146,7 +159,7 @@ def test_flush_command_closes_the_buffer_and_tells_the_next_stage() -> None:
     stage = sensory()
     turns = [turn(i) for i in range(3)]
     other = [turn(i, conv="c2") for i in range(2)]
-    applied = stage.step([*turn_recs(turns), *[rec(10 + i, t.to_bytes(), b"acme/c2")
+    applied = stage.step([*turn_recs(turns), *[rec(10 + i, t.to_bytes(), K2)
                                                 for i, t in enumerate(other)]], {})
     flush_all = rec(20, FlushCommand().to_bytes(), key=None, headers=tuple(flush_headers()))
     flushed = stage.step([flush_all], slots_of(applied))
@@ -154,7 +167,7 @@ def test_flush_command_closes_the_buffer_and_tells_the_next_stage() -> None:
     assert {s.conversation for s in segs} == {"c1", "c2"}
     assert all(s.closed_by == "flush" for s in segs)
     markers = [o for o in flushed.out if o.headers]
-    assert sorted(o.key for o in markers) == [b"acme/c1", b"acme/c2"]
+    assert sorted(o.key for o in markers) == sorted([K1, K2])
     # Applying the same flush again (redelivery) changes nothing.
     again = stage.step([flush_all], {**slots_of(applied), **slots_of(flushed)})
     assert again.out == []
@@ -178,7 +191,7 @@ def test_a_poison_turn_is_dead_lettered_after_the_configured_attempts() -> None:
     assert letter.stage == "compress" and letter.offset == 1
     assert "failed 3 times" in letter.reason and letter.error_type == "RuntimeError"
     assert exploding.calls == 1 + 3  # the batch, then three tries of the poison turn alone
-    slot = SensorySlot.model_validate_json(slots_of(result)[b"acme/c1"])
+    slot = SensorySlot.model_validate_json(slots_of(result)[K1])
     assert [t.turn_id for t in slot.buffer.turns] == ["c1-t000", "c1-t002"]
     assert slot.offset == 2 and "c1-t001" not in slot.recent  # `dlq replay` may bring it back
 
@@ -214,7 +227,7 @@ def test_short_term_summarizes_on_flush_and_skips_a_segment_cut_twice() -> None:
     result = stage.step([dup, flush], slots_of(first))
     entries = [MemoryEntry.parse(o.value) for o in result.out if o.topic == TOPICS.entries]
     assert [e.source_turn_ids[0] for e in entries] == [f"c1-t{j:03d}" for j in range(8)]
-    assert all(o.key == b"acme/u1" for o in result.out)
+    assert all(o.key == S1 for o in result.out)
 
 
 class FakeStore:
@@ -303,3 +316,78 @@ def test_dead_letter_of_an_oversized_event_stays_small_but_exact() -> None:
 
     assert base64.b64decode(letter.raw_b64) == big
     assert json.loads(result.out[0].value)["stage"] == "parse"
+
+
+# -- defect 2: scope keys (`/` in names, several users in one conversation) ------------------
+
+
+def named_turn(i: int, *, tenant: str, conversation: str, user: str,
+               text: str | None = None) -> TurnEvent:
+    return TurnEvent(tenant=tenant, user=user, conversation=conversation, session="s0",
+                     turn_id=f"t{i:03d}", role="user", speaker=user,
+                     text=text or f"{tenant} {user} says message {i}",
+                     event_time=T0 + timedelta(minutes=i))
+
+
+def through_both_stages(turns: list[TurnEvent]) -> tuple[Any, list[MemoryEntry]]:
+    """Turns (keyed by their own conversation keys) -> sensory -> flush all -> short-term:
+    the sensory result and the entries the short-term stage produced."""
+    stage = sensory()
+    applied = stage.step(turn_recs(turns), {})
+    flush_all = rec(len(turns), FlushCommand().to_bytes(), key=None,
+                    headers=tuple(flush_headers()))
+    flushed = stage.step([flush_all], slots_of(applied))
+    out = [o for r in (applied, flushed) for o in r.out if o.topic == TOPICS.segments]
+    short = ShortTermStage(settings(), components(topic_buffer=TopicBuffer(words, 10_000)),
+                           TOPICS, clock=lambda: NOW, sleep=lambda s: None)
+    result = short.step([rec(i, o.value, key=o.key, headers=o.headers, topic=TOPICS.segments)
+                         for i, o in enumerate(out)], {})
+    assert not letters_of(result)
+    entries = [MemoryEntry.parse(o.value) for o in result.out if o.topic == TOPICS.entries]
+    for o in result.out:  # entries keyed by their own scope: one scope, one partition
+        assert o.key == MemoryEntry.parse(o.value).scope.encode()
+    return applied, entries
+
+
+def test_slash_in_names_cannot_merge_two_tenants_conversations() -> None:
+    # Joined with "/", (a, b/c) and (a/b, c) were one key, one slot, one buffer.
+    turns = [named_turn(0, tenant="a", conversation="b/c", user="u", text="secret of a"),
+             named_turn(1, tenant="a/b", conversation="c", user="u", text="secret of a/b")]
+    assert turns[0].conversation_key != turns[1].conversation_key
+    applied, entries = through_both_stages(turns)
+    assert len(applied.slots) == 2 and not letters_of(applied)
+    for key, (_, raw) in applied.slots.items():
+        slot = SensorySlot.model_validate_json(raw)
+        assert decode_conversation_key(key) == (slot.tenant, slot.conversation)
+        assert {t.original_text for t in slot.buffer.turns} == {f"secret of {slot.tenant}"}
+    assert sorted((e.tenant, e.conversation, e.original_text) for e in entries) == [
+        ("a", "b/c", "secret of a"), ("a/b", "c", "secret of a/b")]
+    assert len({e.id for e in entries}) == 2
+
+
+def test_each_memory_is_filed_under_its_own_turns_user() -> None:
+    turns = [named_turn(i, tenant="acme", conversation="shared", user=f"u{1 + i % 2}")
+             for i in range(6)]
+    _, entries = through_both_stages(turns)
+    assert len(entries) == 6
+    by_turn = {t.turn_id: t.user for t in turns}
+    for e in entries:
+        [source] = e.source_turn_ids
+        assert e.user == by_turn[source], (e.fact, e.user)
+    assert {e.user for e in entries} == {"u1", "u2"}
+
+
+def test_a_turn_keyed_tenant_slash_conversation_is_dead_lettered() -> None:
+    # The old key spelling would put the conversation in another partition than its
+    # canonical key: refused, with the key it must have.
+    result = sensory().step([rec(0, turn(0).to_bytes(), key=b"acme/c1")], {})
+    [letter] = letters_of(result)
+    assert letter.stage == "parse" and '["acme","c1"]' in letter.reason
+
+
+def test_an_idle_flush_decodes_its_key_whatever_the_names() -> None:
+    key = conversation_key("a/b", "c/d").encode()
+    command = FlushCommand.for_key(key, issued_at=NOW, issued_by="idle-timer")
+    assert (command.tenant, command.conversation) == ("a/b", "c/d")
+    assert command.key == key and command.matches("a/b", "c/d")
+    assert not command.matches("a", "b/c/d")

@@ -196,7 +196,7 @@ def test_queue_keeps_only_older_entries_of_the_same_scope() -> None:
             hit(older, 0.9),
         ],
     )
-    assert queue == UpdateQueue(entry_id="e", scope="acme/u1", items=[("older", 0.9)])
+    assert queue == UpdateQueue(entry_id="e", scope=e.scope, items=[("older", 0.9)])
 
 
 def test_an_older_entry_never_gets_a_newer_one_as_target() -> None:

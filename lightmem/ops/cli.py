@@ -160,8 +160,10 @@ def _ingest(runtime, path: Path, *, flush: bool, dead_letters: Path | None) -> i
         f"memories written {report.entries}, dead letters {report.dead_letters} "
         f"[{report.mode} mode]"
     )
-    if report.dead_letter_path is not None and (report.rejected or report.dead_letters):
-        err.print(f"dead letters appended to {report.dead_letter_path}")
+    if report.dead_letter_path is not None and report.dead_letters:
+        new = report.dead_letters - report.dead_letters_known
+        known = f" ({report.dead_letters_known} already there)" if report.dead_letters_known else ""
+        err.print(f"dead letters appended to {report.dead_letter_path}: {new}{known}")
     return 1 if report.rejected or report.dead_letters else 0
 
 

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from lightmem.schemas import Role, Segment, SegmentTurn, TurnEvent, stable_id
+from lightmem.schemas import Role, Segment, SegmentTurn, TurnEvent, conversation_key, stable_id
 
 __all__ = [
     "SensoryBufferState",
@@ -95,8 +95,9 @@ class SensoryBufferState(BaseModel):
 
     @property
     def conversation_key(self) -> str:
-        """``tenant/conversation``, the key segment ids are derived from."""
-        return f"{self.tenant}/{self.conversation}"
+        """:func:`~lightmem.schemas.keys.conversation_key`, the key segment ids are derived
+        from (unambiguous: ``/`` in names cannot make two conversations share ids)."""
+        return conversation_key(self.tenant, self.conversation)
 
     @property
     def empty(self) -> bool:
@@ -115,6 +116,8 @@ def to_segment_turn(event: TurnEvent, compressed_text: str | None = None) -> Seg
     """
     return SegmentTurn(
         turn_id=event.turn_id,
+        # A conversation may have several users: each turn's memories are filed under its own.
+        user=event.user,
         role=event.role,
         speaker=event.speaker,
         event_time=event.event_time,

@@ -49,7 +49,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lightmem.processors.llm import ChatMessage, ChatModel, LLMPermanentError
-from lightmem.schemas import DeadLetter, EntryMode, MemoryEntry, Segment, SegmentTurn, stable_id
+from lightmem.schemas import (
+    DeadLetter,
+    EntryMode,
+    MemoryEntry,
+    Segment,
+    SegmentTurn,
+    scope_key,
+    stable_id,
+)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -150,7 +158,7 @@ class TopicBuffer:
         restart) is not added twice.
 
         Raises:
-            ValueError: ``segment`` belongs to another tenant, user or conversation.
+            ValueError: ``segment`` belongs to another tenant or conversation.
         """
         _check_same_conversation(state, segment)
         if any(s.segment_id == segment.segment_id for s in state.segments):
@@ -197,7 +205,8 @@ def _check_same_conversation(state: TopicBufferState, segment: Segment) -> None:
     errors = [
         f"{name}: segment {segment.segment_id!r} has {getattr(segment, name)!r}, "
         f"buffer holds {getattr(state, name)!r}"
-        for name in ("tenant", "user", "conversation")
+        # Not the user: a conversation may have several (each entry takes its turn's user).
+        for name in ("tenant", "conversation")
         if getattr(segment, name) != getattr(state, name)
     ]
     if errors:
@@ -618,7 +627,7 @@ def _check_one_conversation(segments: Sequence[Segment]) -> None:
         f"segments[{i}].{name}: {getattr(s, name)!r} differs from segments[0]'s "
         f"{getattr(first, name)!r}"
         for i, s in enumerate(segments)
-        for name in ("tenant", "user", "conversation")
+        for name in ("tenant", "conversation")  # users may differ: see _turn_user
         if getattr(s, name) != getattr(first, name)
     ]
     if errors:
@@ -629,7 +638,14 @@ def _entry_id(segment: Segment, turn: SegmentTurn, mode: EntryMode, ordinal: int
     # (scope, segment, source turn, mode, k-th fact of that turn): a replay of the same
     # segments upserts the same ids. The ordinal is per turn, not per batch, so a fact
     # dropped elsewhere does not shift every later id.
-    return stable_id(segment.scope, segment.segment_id, turn.turn_id, mode.value, ordinal)
+    scope = scope_key(segment.tenant, _turn_user(segment, turn))
+    return stable_id(scope, segment.segment_id, turn.turn_id, mode.value, ordinal)
+
+
+def _turn_user(segment: Segment, turn: SegmentTurn) -> str:
+    """The user a turn's memories are filed under: its own (several users may share a
+    conversation, hence a segment); the segment's for turns written before turns had one."""
+    return turn.user or segment.user
 
 
 def _entry(
@@ -644,7 +660,7 @@ def _entry(
     return MemoryEntry(
         id=_entry_id(segment, turn, mode, ordinal),
         tenant=segment.tenant,
-        user=segment.user,
+        user=_turn_user(segment, turn),
         conversation=segment.conversation,
         topic_id=segment.segment_id,
         speaker=turn.speaker,

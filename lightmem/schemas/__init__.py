@@ -1,6 +1,15 @@
 """Event contracts: typed records and their versioned JSON Schema files."""
 
 from .json_schema import RECORDS, SCHEMA_DIR, export_schemas, render_schema, schema_file_name
+from .keys import (
+    KeyFormatError,
+    conversation_key,
+    decode_conversation_key,
+    decode_key,
+    decode_scope_key,
+    encode_key,
+    scope_key,
+)
 from .records import (
     ChangeOp,
     DeadLetter,
@@ -38,4 +47,11 @@ __all__ = [
     "export_schemas",
     "render_schema",
     "schema_file_name",
+    "KeyFormatError",
+    "conversation_key",
+    "decode_conversation_key",
+    "decode_key",
+    "decode_scope_key",
+    "encode_key",
+    "scope_key",
 ]

@@ -27,6 +27,8 @@ from pydantic import (
     field_validator,
 )
 
+from .keys import conversation_key, scope_key
+
 __all__ = [
     "SchemaError",
     "Record",
@@ -113,7 +115,7 @@ class TurnEvent(Record):
     tenant: Name
     #: End user whose memory this turn feeds: memories are scoped to (tenant, user).
     user: Name
-    #: Conversation id; the partition key is ``tenant/conversation``.
+    #: Conversation id; the partition key is ``conversation_key(tenant, conversation)``.
     conversation: Name
     #: Session within the conversation; a new session flushes the sensory buffer.
     session: Name
@@ -132,13 +134,13 @@ class TurnEvent(Record):
 
     @property
     def conversation_key(self) -> str:
-        """Kafka key and buffer key: ``tenant/conversation``."""
-        return f"{self.tenant}/{self.conversation}"
+        """Kafka key and buffer key: :func:`~lightmem.schemas.keys.conversation_key`."""
+        return conversation_key(self.tenant, self.conversation)
 
     @property
     def scope(self) -> str:
-        """Memory scope: ``tenant/user``."""
-        return f"{self.tenant}/{self.user}"
+        """Memory scope: :func:`~lightmem.schemas.keys.scope_key`."""
+        return scope_key(self.tenant, self.user)
 
 
 class SegmentTurn(BaseModel):
@@ -147,6 +149,10 @@ class SegmentTurn(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     turn_id: Name
+    #: The turn's own user: a conversation may have several, and each memory is filed under
+    #: its source turn's (tenant, user). None (segments written before the field): the
+    #: segment's ``user``.
+    user: Name | None = None
     role: Role
     speaker: Name
     event_time: AwareDatetime
@@ -172,11 +178,11 @@ class Segment(Record):
 
     @property
     def conversation_key(self) -> str:
-        return f"{self.tenant}/{self.conversation}"
+        return conversation_key(self.tenant, self.conversation)
 
     @property
     def scope(self) -> str:
-        return f"{self.tenant}/{self.user}"
+        return scope_key(self.tenant, self.user)
 
 
 class EntryMode(StrEnum):
@@ -187,7 +193,7 @@ class EntryMode(StrEnum):
 
 
 class MemoryEntry(Record):
-    """One long-term memory (topic ``lightmem.entries.v1``, key = ``tenant/user``)."""
+    """One long-term memory (topic ``lightmem.entries.v1``, key = ``scope_key(tenant, user)``)."""
 
     #: Deterministic id (scope, source turns, fact index): replays upsert, never duplicate.
     id: str
@@ -217,7 +223,7 @@ class MemoryEntry(Record):
 
     @property
     def scope(self) -> str:
-        return f"{self.tenant}/{self.user}"
+        return scope_key(self.tenant, self.user)
 
 
 class ChangeOp(StrEnum):

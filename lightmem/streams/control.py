@@ -2,11 +2,12 @@
 
 An explicit flush is a record on the turns topic (``lightmem flush``) or the segments topic
 (written by the sensory stage) carrying the header ``lightmem-control: flush``. Travelling
-in-band keeps it ordered with the conversation's data: a flush keyed ``tenant/conversation``
-lands in that conversation's partition after every turn produced before it, and a replay of
-the turns topic meets the same flushes at the same places (so it cuts the same segments).
+in-band keeps it ordered with the conversation's data: a flush keyed with the conversation's
+key (:func:`~lightmem.schemas.keys.conversation_key`) lands in that conversation's partition
+after every turn produced before it, and a replay of the turns topic meets the same flushes
+at the same places (so it cuts the same segments).
 
-- keyed ``tenant/conversation``: flush that conversation;
+- keyed ``conversation_key(tenant, conversation)``: flush that conversation;
 - no key (one record sent to every partition): flush every conversation of the partition,
   optionally only one tenant's.
 
@@ -20,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from lightmem.schemas import conversation_key, decode_conversation_key
 
 __all__ = ["CONTROL_HEADER", "FLUSH", "FlushCommand", "control_kind", "flush_headers"]
 
@@ -38,11 +41,24 @@ class FlushCommand:
     issued_at: datetime | None = None
     issued_by: str = "ops"
 
+    @classmethod
+    def for_key(cls, key: bytes, *, issued_at: datetime | None = None,
+                issued_by: str = "ops") -> FlushCommand:
+        """The command that flushes the conversation whose record/slot key is ``key`` (an
+        idle flush starts from a table key).
+
+        Raises:
+            KeyFormatError: ``key`` is not a conversation key.
+        """
+        tenant, conversation = decode_conversation_key(key)
+        return cls(tenant=tenant, conversation=conversation, issued_at=issued_at,
+                   issued_by=issued_by)
+
     @property
     def key(self) -> bytes | None:
-        """Kafka key: ``tenant/conversation`` for one conversation, else None."""
+        """Kafka key: the conversation's key (the same bytes as its turns'), else None."""
         if self.tenant is not None and self.conversation is not None:
-            return f"{self.tenant}/{self.conversation}".encode()
+            return conversation_key(self.tenant, self.conversation).encode()
         return None
 
     def to_bytes(self) -> bytes:
@@ -78,7 +94,7 @@ class FlushCommand:
         )
 
     def matches(self, tenant: str, conversation: str) -> bool:
-        """Whether this command flushes ``tenant/conversation``."""
+        """Whether this command flushes the conversation ``(tenant, conversation)``."""
         if self.tenant is not None and self.tenant != tenant:
             return False
         return self.conversation is None or self.conversation == conversation

@@ -9,8 +9,15 @@ writes the sensory/topic buffers, the memories, the memory changes, the ledger o
 turns and the LLM usage together. A crash rolls the batch back; a re-run skips what the
 ledger holds and re-processes the rest, and deterministic memory ids make any repeated write
 an idempotent upsert. Dead letters are the exception: they are appended to the dead-letter
-file as soon as they are found, so nothing rejected is ever lost (a replayed bad line may be
-written twice, never zero times).
+file as soon as they are found, so nothing rejected is ever lost. Each has an identity (its
+source, position and exact bytes: :func:`~lightmem.streams.embedded_store.dead_letter_id`):
+one already in the file (a re-run over the same bad line, or a batch replayed after a crash)
+is counted in the report but not appended again, and the database keeps one row per id.
+
+Keys: buffers and the turn ledger are keyed by ``conversation_key(tenant, conversation)`` and
+memories are partitioned by ``scope_key(tenant, user)`` (:mod:`lightmem.schemas.keys`), so
+``/`` in a name can merge neither two conversations nor two scopes; a conversation with
+several users files each turn's memories under that turn's own user.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from lightmem.schemas import (
 from lightmem.settings import Settings
 
 from .components import Components
-from .embedded_store import EmbeddedStore
+from .embedded_store import EmbeddedStore, dead_letter_id
 from .models import MINILM_DIM
 
 __all__ = [
@@ -86,10 +93,15 @@ class IngestReport:
     rejected: list[RejectedLine] = field(default_factory=list)
     segments: int = 0
     entries: int = 0
+    #: Dead letters this run found, rejected lines included.
     dead_letters: int = 0
+    #: Of those, already in the dead-letter file (an earlier run's): not appended again.
+    dead_letters_known: int = 0
     dead_letter_path: Path | None = None
     compressed_words: int = 0
     original_words: int = 0
+    #: Ids of the letters in the dead-letter file (read at the first dead letter).
+    _letter_ids: set[str] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -189,7 +201,9 @@ class EmbeddedRuntime(Components):
         with path.open("rb") as f:
             return self.ingest_lines(
                 enumerate(f, start=1),
-                source=str(path),
+                # Absolute: a dead letter's identity includes its source file, whatever the
+                # directory the command ran from.
+                source=str(path.resolve()),
                 flush=flush,
                 dead_letter_path=dead_letter_path,
                 on_progress=on_progress,
@@ -234,13 +248,20 @@ class EmbeddedRuntime(Components):
         return report
 
     def _dead_letter(self, report: IngestReport, letter: DeadLetter) -> None:
-        report.dead_letters += letter.stage != "parse"
-        assert report.dead_letter_path is not None
-        report.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-        with report.dead_letter_path.open("a", encoding="utf-8") as f:
-            f.write(letter.to_json() + "\n")
-        # Also in the database, for `lightmem stats`; parse failures happen outside a batch
-        # transaction and commit on their own.
+        report.dead_letters += 1
+        path = report.dead_letter_path or self.settings.data_dir / "dead-letters.jsonl"
+        if report._letter_ids is None:
+            report._letter_ids = _letter_ids_in(path)
+        letter_id = dead_letter_id(letter)
+        if letter_id in report._letter_ids:
+            report.dead_letters_known += 1
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(letter.to_json() + "\n")
+            report._letter_ids.add(letter_id)
+        # Also in the database (once per id), for `lightmem stats`; parse failures happen
+        # outside a batch transaction and commit on their own.
         self.store.add_dead_letter(letter)
 
     def _apply_batch(self, batch: Sequence[TurnEvent], report: IngestReport) -> None:
@@ -473,6 +494,20 @@ class EmbeddedRuntime(Components):
             dead_letters=len(self.store.dead_letters()),
             changes=self.store.change_counts(),
         )
+
+
+def _letter_ids_in(path: Path) -> set[str]:
+    """Ids of the dead letters a dead-letter file holds (lines that are not one: skipped)."""
+    ids: set[str] = set()
+    if not path.exists():
+        return ids
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                ids.add(dead_letter_id(DeadLetter.parse(line)))
+            except SchemaError:
+                continue
+    return ids
 
 
 def _added(entry: MemoryEntry, now: datetime) -> MemoryChange:

@@ -25,9 +25,23 @@ import sqlite_vec
 
 from lightmem.processors.llm import UsageMeter, UsageTotals
 from lightmem.processors.store import ScoredEntry, VersionConflict
-from lightmem.schemas import DeadLetter, MemoryChange, MemoryEntry
+from lightmem.schemas import (
+    DeadLetter,
+    KeyFormatError,
+    MemoryChange,
+    MemoryEntry,
+    conversation_key,
+    decode_conversation_key,
+    scope_key,
+    stable_id,
+)
 
-__all__ = ["EmbeddedStore", "StoreMismatch"]
+__all__ = ["EmbeddedStore", "StoreMismatch", "KEY_FORMAT", "dead_letter_id"]
+
+#: How buffer keys, ledger keys and vector partition keys are written (``meta.key_format``):
+#: :mod:`lightmem.schemas.keys`. A database without it was written with ``tenant/name``
+#: strings, which are ambiguous when a name holds ``/``; it is re-keyed when opened.
+KEY_FORMAT = "json-array-v1"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,8 +74,18 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_s REAL NOT NULL, errors INTEGER NOT NULL,
     PRIMARY KEY (stage, tenant)
 );
-CREATE TABLE IF NOT EXISTS dead_letters (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, letter_id TEXT
+);
 """
+
+
+def dead_letter_id(letter: DeadLetter) -> str:
+    """A dead letter's identity: where it came from and its exact bytes, not when it was
+    written. A re-run that rejects the same line again makes the same id (not a second
+    letter)."""
+    return stable_id(letter.stage, letter.source, letter.partition, letter.offset,
+                     letter.raw_b64)
 
 
 class StoreMismatch(RuntimeError):
@@ -112,6 +136,10 @@ class EmbeddedStore:
                 "id TEXT PRIMARY KEY, scope TEXT PARTITION KEY, event_time_us INTEGER, "
                 f"embedding FLOAT[{dim}] distance_metric=cosine)"
             )
+            self._migrate_dead_letters()
+            if self._meta("key_format") != KEY_FORMAT:
+                self._migrate_keys()
+                self._set_meta("key_format", KEY_FORMAT)
 
     # -- plumbing
 
@@ -135,6 +163,70 @@ class EmbeddedStore:
             "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
             (key, value),
         )
+
+    # -- migrations of databases written by earlier versions
+
+    def _migrate_dead_letters(self) -> None:
+        """Give every dead letter its id and keep one row per id (earlier versions stored a
+        re-run's rejected lines again), then make ids unique."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(dead_letters)")}
+        if "letter_id" not in columns:
+            self._db.execute("ALTER TABLE dead_letters ADD COLUMN letter_id TEXT")
+            rows = self._db.execute("SELECT seq, body FROM dead_letters ORDER BY seq").fetchall()
+            kept: set[str] = set()
+            for seq, body in rows:
+                letter_id = dead_letter_id(DeadLetter.model_validate_json(body))
+                if letter_id in kept:
+                    self._db.execute("DELETE FROM dead_letters WHERE seq=?", (seq,))
+                else:
+                    kept.add(letter_id)
+                    self._db.execute("UPDATE dead_letters SET letter_id=? WHERE seq=?",
+                                     (letter_id, seq))
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_id "
+                         "ON dead_letters (letter_id)")
+
+    def _migrate_keys(self) -> None:
+        """Re-key a database written with ``tenant/name`` keys (see :data:`KEY_FORMAT`)."""
+        # Vector partition keys: exact, from each entry's own tenant and user.
+        rows = self._db.execute(
+            "SELECT v.id, v.event_time_us, v.embedding, e.tenant, e.user "
+            "FROM entry_vectors v JOIN entries e ON e.id = v.id").fetchall()
+        for entry_id, event_time_us, embedding, tenant, user in rows:
+            self._db.execute("DELETE FROM entry_vectors WHERE id=?", (entry_id,))
+            self._db.execute(
+                "INSERT INTO entry_vectors(id, scope, event_time_us, embedding) VALUES(?,?,?,?)",
+                (entry_id, scope_key(tenant, user), event_time_us, embedding))
+        # Buffers: exact, every state names its tenant and conversation.
+        known = {(t, c) for t, c in self._db.execute(
+            "SELECT DISTINCT tenant, conversation FROM entries")}
+        for kind, key, body in self._db.execute("SELECT kind, key, body FROM buffers").fetchall():
+            state = json.loads(body)
+            pair = (state["tenant"], state["conversation"])
+            known.add(pair)
+            self._db.execute("DELETE FROM buffers WHERE kind=? AND key=?", (kind, key))
+            self._db.execute("INSERT OR REPLACE INTO buffers(kind, key, body) VALUES(?,?,?)",
+                             (kind, conversation_key(*pair), body))
+        # Turn ledger: an old key with several "/" could be any of its splits. The splits
+        # that are known conversations win; otherwise all of them are marked (a turn id of
+        # such a key was processed, whichever conversation it belonged to).
+        for key, turn_id in self._db.execute("SELECT conversation_key, turn_id FROM ledger"
+                                             ).fetchall():
+            try:
+                decode_conversation_key(key)
+                continue  # already in the new format
+            except KeyFormatError:
+                pass
+            splits = [(key[:i], key[i + 1:]) for i, ch in enumerate(key)
+                      if ch == "/" and 0 < i < len(key) - 1]
+            if not splits:
+                continue
+            pairs = [p for p in splits if p in known] or splits
+            self._db.execute("DELETE FROM ledger WHERE conversation_key=? AND turn_id=?",
+                             (key, turn_id))
+            for pair in pairs:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO ledger(conversation_key, turn_id) VALUES(?,?)",
+                    (conversation_key(*pair), turn_id))
 
     # -- MemoryStore
 
@@ -176,7 +268,7 @@ class EmbeddedStore:
             "SELECT v.id, v.distance, e.body FROM entry_vectors v JOIN entries e ON e.id = v.id "
             "WHERE v.embedding MATCH ? AND k = ? AND v.scope = ?"
         )
-        args: list[Any] = [_vec(vector), k, f"{tenant}/{user}"]
+        args: list[Any] = [_vec(vector), k, scope_key(tenant, user)]
         if not_after is not None:
             sql += " AND v.event_time_us <= ?"
             args.append(_us(not_after))
@@ -341,9 +433,13 @@ class EmbeddedStore:
             for s, t, c, p, ct, lat, err in rows
         }
 
-    def add_dead_letter(self, letter: DeadLetter) -> None:
-        """Keep a dead letter (in the caller's transaction)."""
-        self._db.execute("INSERT INTO dead_letters(body) VALUES(?)", (letter.to_json(),))
+    def add_dead_letter(self, letter: DeadLetter) -> bool:
+        """Keep a dead letter (in the caller's transaction); False when one with the same
+        :func:`dead_letter_id` is already kept (a re-run rejecting the same line)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO dead_letters(body, letter_id) VALUES(?,?)",
+            (letter.to_json(), dead_letter_id(letter)))
+        return self._db.changes() > 0
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter recorded, oldest first."""

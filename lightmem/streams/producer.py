@@ -4,9 +4,10 @@ Delivery: the producer is idempotent (``enable.idempotence``: acks=all, retries 
 duplicates or reordering within a partition), every record has a delivery callback, the
 produce loop calls ``poll(0)`` to serve callbacks and waits on ``poll`` when the local queue is
 full (``BufferError``), and :meth:`TurnProducer.flush` drains the queue at the end. Turns are
-keyed ``tenant/conversation`` so that a conversation stays in one partition, in order. The
-partitioner is ``murmur2_random``, the Java client's (and aiokafka's) hash, so a key lands in
-the same partition whichever client produced it.
+keyed ``conversation_key(tenant, conversation)`` (:mod:`lightmem.schemas.keys`: the JSON array
+of the two names, so ``/`` in a name cannot merge two conversations) so that a conversation
+stays in one partition, in order. The partitioner is ``murmur2_random``, the Java client's
+(and aiokafka's) hash, so a key lands in the same partition whichever client produced it.
 
 Exceptions::
 
@@ -204,7 +205,7 @@ def add_turns(
     """Produce ``turns`` and wait for their delivery.
 
     Args:
-        turns: Turn events; each is keyed ``tenant/conversation``.
+        turns: Turn events; each is keyed by its ``conversation_key``.
         settings: Kafka connection settings.
         topics: Topic names (default: the deployment's).
 
@@ -228,7 +229,7 @@ def send_flush(
 ) -> int:
     """Produce an explicit flush (see :mod:`lightmem.streams.control`); returns records sent."""
     if conversation is not None and tenant is None:
-        raise ValueError("conversation: needs a tenant too (the key is tenant/conversation)")
+        raise ValueError("conversation: needs a tenant too (a conversation key holds both)")
     with TurnProducer(settings, topics) as producer:
         return producer.send_flush(
             FlushCommand(tenant=tenant, conversation=conversation, issued_at=_utcnow())

@@ -2,9 +2,9 @@
 
 One :class:`SleepWorker` per process (``lightmem sleep-worker``); several share the entries
 topic's partitions in the consumer group ``lightmem-sleep`` (``settings.sleep_group``).
-Entries are keyed ``tenant/user``, so one scope lives in one partition and one worker at a
-time: parallel across partitions is parallel across user scopes, and inside a worker the
-targets of a batch run concurrently (``settings.sleep_concurrency``, the LLM is the
+Entries are keyed ``scope_key(tenant, user)``, so one scope lives in one partition and one
+worker at a time: parallel across partitions is parallel across user scopes, and inside a
+worker the targets of a batch run concurrently (``settings.sleep_concurrency``, the LLM is the
 bottleneck) in the order :func:`~lightmem.processors.consolidate.schedule_targets` gives.
 
 The loop::
@@ -87,6 +87,7 @@ from lightmem.schemas import (
     MemoryChange,
     MemoryEntry,
     SchemaError,
+    scope_key,
     stable_id,
 )
 from lightmem.settings import Settings
@@ -499,7 +500,7 @@ class SleepWorker:
         assert self._producer is not None
         for change in applied:
             self._producer.produce(self.topics.memory_changes, change.to_bytes(),
-                                   key=f"{change.tenant}/{change.user}".encode())
+                                   key=scope_key(change.tenant, change.user).encode())
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in pending])
         self.stats.recovered += len(applied)
@@ -689,7 +690,7 @@ class SleepWorker:
         # Durable before the commit: the change records, then the outbox is cleared.
         for change in changes:
             self._producer.produce(self.topics.memory_changes, change.to_bytes(),
-                                   key=f"{change.tenant}/{change.user}".encode())
+                                   key=scope_key(change.tenant, change.user).encode())
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in changes])
         self._commit(by_partition, held, incomplete, report)

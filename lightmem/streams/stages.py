@@ -316,10 +316,13 @@ class KeyMismatchError(ValueError):
 
 
 def _check_key(rec: Inbound, expected: str) -> None:
+    # Byte equality with the canonical key (lightmem.schemas.keys), not just the same names:
+    # Kafka partitions by the bytes, so any other spelling would split the conversation.
     if rec.key != expected.encode():
         raise KeyMismatchError(
-            f"key: must be {expected!r} (tenant/conversation) so that the conversation stays "
-            f"in one partition (got {rec.key!r})"
+            f"key: must be {expected!r} (conversation_key(tenant, conversation): the JSON "
+            f"array of the two names) so that the conversation stays in one partition "
+            f"(got {rec.key!r})"
         )
 
 
@@ -519,9 +522,9 @@ class SensoryStage(_Stage):
             self._emit_segments(segments, slot, result)
         slot.buffer = None
         if slot.downstream_open:
-            key = f"{slot.tenant}/{slot.conversation}".encode()
             command = FlushCommand(tenant=slot.tenant, conversation=slot.conversation,
                                    issued_at=self.clock(), issued_by="sensory")
+            key = command.key
             result.out.append(Outbound(self.topics.segments, key, command.to_bytes(),
                                        tuple(flush_headers())))
             slot.downstream_open = False
@@ -708,8 +711,8 @@ class IndexSink(_Stage):
                     raise _empty_value_error("MemoryEntry")
                 entry = MemoryEntry.parse(rec.value)
                 if rec.key != entry.scope.encode():
-                    raise KeyMismatchError(f"key: must be {entry.scope!r} (tenant/user) "
-                                           f"(got {rec.key!r})")
+                    raise KeyMismatchError(f"key: must be {entry.scope!r} (scope_key(tenant, "
+                                           f"user)) (got {rec.key!r})")
             except (SchemaError, KeyMismatchError) as exc:
                 self.dead_letter(result, rec, "parse", exc)
                 continue

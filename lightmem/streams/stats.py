@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightmem.processors.llm import UsageTotals
+from lightmem.schemas import KeyFormatError, decode_key
 from lightmem.settings import Settings
 
 from .lag import PartitionLag
@@ -149,9 +150,14 @@ def _fetch(url: str, timeout_s: float) -> str:
 
 
 def _tenant_of(key: bytes | None) -> str:
+    # Every pipeline key is a (tenant, name) key (lightmem.schemas.keys); anything else
+    # (a foreign producer's key) is shown as it is.
     if not key:
         return NO_TENANT
-    return key.split(b"/", 1)[0].decode("utf-8", "replace")
+    try:
+        return decode_key(key, 2)[0]
+    except KeyFormatError:
+        return key.decode("utf-8", "replace")
 
 
 def _scan_tenants(settings: Settings, lags: Sequence[tuple[str, PartitionLag]], max_scan: int,
