@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-pytest.importorskip("faust", reason="faust-streaming (the stream extra) is missing")
-
-from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.control import FlushCommand, control_kind, flush_headers  # noqa: E402
-from lightmem.streams.topics import (  # noqa: E402
+from lightmem.settings import Settings
+from lightmem.streams.control import FlushCommand, control_kind, flush_headers
+from lightmem.streams.topics import (
     Topics,
-    faust_broker_settings,
     kafka_config,
     redacted,
     topic_specs,
@@ -34,18 +31,9 @@ def test_sasl_ssl_passes_through_to_confluent_kafka_and_is_redacted() -> None:
     assert SECRET not in repr(redacted(conf)) and redacted(conf)["sasl.password"] == "***"
 
 
-def test_sasl_ssl_passes_through_to_faust_without_showing_the_password() -> None:
-    kwargs = faust_broker_settings(sasl_settings())
-    assert kwargs["broker"] == ["kafka://k1:9093", "kafka://k2:9093"]
-    creds = kwargs["broker_credentials"]
-    assert creds.protocol.value == "SASL_SSL" and creds.mechanism.value == "SCRAM-SHA-512"
-    assert creds.password == SECRET and SECRET not in repr(creds)
-    assert "broker_credentials" not in faust_broker_settings(Settings())
-
-
 def test_unknown_protocol_is_named_without_secrets() -> None:
     with pytest.raises(ValueError, match="'KERBEROS'") as info:
-        faust_broker_settings(sasl_settings("KERBEROS"))
+        kafka_config(sasl_settings("KERBEROS"))
     assert SECRET not in str(info.value)
 
 

@@ -56,8 +56,9 @@ class BackfillPlan:
         return sum(max(0, self.stop[p] - self.start[p]) for p in self.stop)
 
     def changelog_topics(self) -> list[str]:
-        return [f"{self.app_id}-sensory-changelog", f"{self.app_id}-topic-buffers-changelog",
-                f"{self.app_id}-__assignor-__leader"]
+        from .ingest.state import changelog_topic
+
+        return [changelog_topic(self.topics, self.app_id, t) for t in ("sensory", "topic-buffers")]
 
 
 @dataclass

@@ -9,14 +9,13 @@ first copy is kept.
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass
 
 from lightmem.schemas import MemoryChange, SchemaError
 from lightmem.settings import Settings
 
-from .topics import Topics, kafka_config
+from .topic_reader import read_to_end
+from .topics import Topics
 
 __all__ = ["ChangeRecord", "read_changes", "memory_history"]
 
@@ -38,53 +37,22 @@ def read_changes(settings: Settings, topics: Topics | None = None, *,
         LookupError: the topic does not exist.
         TimeoutError: its end was not reached within ``timeout_s``.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
     topics = topics or Topics.from_settings(settings)
-    topic = topics.memory_changes
-    consumer = Consumer(kafka_config(settings, **{
-        "group.id": f"lightmem-history-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-    }))
-    try:
-        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise LookupError(f"topic {topic!r} does not exist: run `lightmem topics create`")
-        ends: dict[int, int] = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                       timeout=timeout_s)
-            if high > low:
-                ends[p] = high
-        if not ends:
-            return []
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        needle = memory_id.encode() if memory_id is not None else None
-        out: list[ChangeRecord] = []
-        done: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while len(done) < len(ends):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: end not reached within {timeout_s:.0f}s")
-            for msg in consumer.consume(500, timeout=0.5):
-                if msg.error() is not None:
-                    raise KafkaException(msg.error())
-                p, offset = msg.partition(), msg.offset()
-                if offset >= ends[p] - 1:
-                    done.add(p)
-                value = msg.value() or b""
-                # Cheap pre-filter before validating: the id is in the record's JSON.
-                if needle is not None and needle not in value:
-                    continue
-                try:
-                    change = MemoryChange.parse(value)
-                except SchemaError:
-                    continue
-                if memory_id is None or change.memory_id == memory_id:
-                    out.append(ChangeRecord(p, offset, change))
-        return sorted(out, key=lambda r: (r.partition, r.offset))
-    finally:
-        consumer.close()
+    needle = memory_id.encode() if memory_id is not None else None
+    out: list[ChangeRecord] = []
+    for msg in read_to_end(settings, topics.memory_changes, timeout_s=timeout_s,
+                           purpose="history"):
+        value = msg.value() or b""
+        # Cheap pre-filter before validating: the id is in the record's JSON.
+        if needle is not None and needle not in value:
+            continue
+        try:
+            change = MemoryChange.parse(value)
+        except SchemaError:
+            continue
+        if memory_id is None or change.memory_id == memory_id:
+            out.append(ChangeRecord(msg.partition(), msg.offset(), change))
+    return sorted(out, key=lambda r: (r.partition, r.offset))
 
 
 def memory_history(settings: Settings, memory_id: str, topics: Topics | None = None

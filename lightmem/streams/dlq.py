@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,8 @@ from lightmem.settings import Settings
 
 from .producer import TurnProducer
 from .stages import REDELIVERY_HEADER, SUMMARIZER_SOURCE
-from .topics import Topics, kafka_config
+from .topic_reader import read_to_end
+from .topics import Topics
 
 __all__ = ["DeadLetterRecord", "read_dead_letters", "replay_dead_letters", "ReplayTarget"]
 
@@ -63,59 +63,15 @@ def read_dead_letters(
         LookupError: the DLQ topic does not exist.
         TimeoutError: the end of the topic was not reached within ``timeout_s``.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-
     topics = topics or Topics.from_settings(settings)
-    consumer = Consumer(kafka_config(
-        settings,
-        **{
-            # Required by the client even with assign(); never joins or commits.
-            "group.id": f"lightmem-dlq-list-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-        },
-    ))
-    try:
-        meta = consumer.list_topics(topics.dlq, timeout=timeout_s).topics.get(topics.dlq)
-        if meta is None or meta.error is not None:
-            raise LookupError(f"topic {topics.dlq!r} does not exist: run `lightmem topics "
-                              "create`")
-        ends: dict[int, int] = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topics.dlq, p),
-                                                       timeout=timeout_s)
-            if high > low:
-                ends[p] = high
-        if not ends:
-            return []
-        consumer.assign([TopicPartition(topics.dlq, p, OFFSET_BEGINNING) for p in ends])
-        out: list[DeadLetterRecord] = []
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        done: set[int] = set()
-        while len(done) < len(ends):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topics.dlq}: end not reached within {timeout_s:.0f}s")
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error() is not None:
-                raise KafkaException(msg.error())
-            p, offset = msg.partition(), msg.offset()
-            if p in done or offset >= ends[p]:
-                continue
-            try:
-                letter, error = DeadLetter.parse(msg.value() or b""), None
-            except SchemaError as exc:
-                letter, error = None, str(exc)
-            out.append(DeadLetterRecord(p, offset, msg.key(), letter, error))
-            if offset >= ends[p] - 1:
-                done.add(p)
-        return sorted(out, key=lambda r: (r.partition, r.offset))
-    finally:
-        consumer.close()
+    out: list[DeadLetterRecord] = []
+    for msg in read_to_end(settings, topics.dlq, timeout_s=timeout_s, purpose="dlq-list"):
+        try:
+            letter, error = DeadLetter.parse(msg.value() or b""), None
+        except SchemaError as exc:
+            letter, error = None, str(exc)
+        out.append(DeadLetterRecord(msg.partition(), msg.offset(), msg.key(), letter, error))
+    return sorted(out, key=lambda r: (r.partition, r.offset))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("faust", reason="faust-streaming (the stream extra) is missing")
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
 import httpx  # noqa: E402

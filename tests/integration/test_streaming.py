@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("faust", reason="faust-streaming (the stream extra) is missing")
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
 from lightmem.ops.cli import app as cli_app  # noqa: E402
@@ -38,6 +37,7 @@ from lightmem.schemas import Segment, TurnEvent  # noqa: E402
 from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.control import FlushCommand, control_kind  # noqa: E402
 from lightmem.streams.dlq import read_dead_letters  # noqa: E402
+from lightmem.streams.ingest import changelog_topic  # noqa: E402
 from lightmem.streams.producer import TurnProducer, add_turns, send_flush  # noqa: E402
 from lightmem.streams.teardown import remove_deployment  # noqa: E402
 from lightmem.streams.topics import Topics, create_topics  # noqa: E402
@@ -195,36 +195,13 @@ class StreamEnv:
 
 def consume_all(settings: Settings, topic: str, timeout_s: float = 60.0
                 ) -> list[tuple[int, int, bytes | None, bytes | None, bool]]:
-    """Every record of ``topic`` up to its current end (assign, no group offsets)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    """Every committed record of ``topic`` up to its current end: (partition, offset, key,
+    value, is a control record)."""
+    from lightmem.streams.topic_reader import read_to_end
 
-    from lightmem.streams.topics import kafka_config
-
-    consumer = Consumer(kafka_config(settings, **{"group.id": f"t-{uuid.uuid4().hex[:8]}",
-                                                  "enable.auto.commit": False}))
-    try:
-        meta = consumer.list_topics(topic, timeout=30).topics[topic]
-        ends = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        out = []
-        done: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
-                continue
-            p, o = msg.partition(), msg.offset()
-            out.append((p, o, msg.key(), msg.value(), control_kind(msg.headers()) is not None))
-            if o >= ends[p] - 1:
-                done.add(p)
-        assert len(done) == len(ends), f"{topic}: end not reached"
-        return sorted(out)
-    finally:
-        consumer.close()
+    return sorted((m.partition(), m.offset(), m.key(), m.value(),
+                   control_kind(m.headers()) is not None)
+                  for m in read_to_end(settings, topic, timeout_s=timeout_s, purpose="test"))
 
 
 @pytest.fixture
@@ -510,7 +487,7 @@ def test_kill9_worker_mid_stream_loses_nothing_and_duplicates_nothing(stream_env
     assert before < len(turns), "the worker finished before it was killed: test too small"
     # What the changelog holds at the kill: buffered turns that only it remembers.
     latest = {k: v for _, _, k, v, _ in consume_all(
-        senv.settings, f"{senv.settings.worker_id}-sensory-changelog")}
+        senv.settings, changelog_topic(senv.topics, senv.settings.worker_id, "sensory"))}
     buffered = sum(len((json.loads(v).get("buffer") or {}).get("turns", []))
                    for v in latest.values() if v)
     assert buffered > 0, "no buffered turns at the kill: the test would prove nothing"

@@ -1,0 +1,812 @@
+"""The ingest worker: the three stages on one consumer, one Kafka transaction per batch.
+
+::
+
+    turns ──▶ sensory ──▶ segments ──▶ short-term ──▶ entries ──▶ index sink
+              (table sensory)           (table topic-buffers)      (Elasticsearch)
+                    │                          │                         │
+                    └─────── dead letters ─────┴─────────────────────────┴──▶ dlq
+                                                       memory changes ◀──┘
+
+Delivery chain (consume-transform-produce, exactly once on Kafka): the worker polls a batch
+from the turns, segments and entries topics, runs each stage's step
+(:mod:`lightmem.streams.stages`) on its records, then in ONE transaction produces the steps'
+output (segments, entries, memory changes, dead letters), the new table slots (changelog
+records, :mod:`.state`) and the batch's input offsets (``send_offsets_to_transaction`` with
+the consumer's group metadata, so a worker that lost its partitions is fenced). The offsets
+of a record are therefore never committed before its effects are durable, and its effects
+are never visible (``read_committed``) without its offsets. A worker killed at any point
+leaves either the whole batch or nothing; the next owner re-reads from the committed offset
+with the state that belongs to it. The only effect outside Kafka, the Elasticsearch write,
+is idempotent (deterministic ids, first write wins) and its ``add`` change is produced with
+the offsets, so a redelivered entry gets the ``add`` its aborted first attempt lost.
+
+This replaced a faust 0.15 worker: faust acknowledged offsets it had never delivered to an
+agent (dropped fetches after a restart became "gaps" that count as acked), so a rolling
+restart lost turns; its offset bookkeeping cannot be made sound from outside.
+
+Failures: a transient error (LLM, Elasticsearch, Kafka unavailable) aborts nothing durable;
+the batch is held (its finished steps are not re-run: no second LLM call), the consumer is
+paused but keeps serving the group, and the batch is retried with backoff. A rebalance while
+a batch is held drops it: the new owner reads it again from the committed offset. A bug in a
+stage stops the worker (exit 70) without committing; a fatal Kafka error (this worker was
+fenced, or the idempotent producer failed) stops it with exit 75 so that a supervisor
+restarts it.
+
+Flushes: a new session cuts the sensory buffer (in the processors); an idle conversation (no
+new turn for ``idle_timeout_s``, by event time against the newest event seen, or by wall
+clock since its last turn arrived) and ``lightmem flush`` both put an in-band flush command
+on the turns topic, which the sensory stage applies in order. Backfills replay them where
+they happened live.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from lightmem.settings import Settings
+
+from .. import metrics
+from ..components import Components
+from ..control import FlushCommand, flush_headers
+from ..logs import configure_logging, quiet_progress_bars, secrets_of
+from ..stages import (
+    Inbound,
+    IndexSink,
+    Outbound,
+    SensoryStage,
+    ShortTermStage,
+    StepResult,
+    is_transient,
+)
+from ..topics import DLQ_MAX_MESSAGE_BYTES, Topics, kafka_config
+from .state import ChangelogTable, changelog_topic
+
+__all__ = ["WorkerOptions", "IngestWorker", "run_worker", "EXIT_BUG", "EXIT_KAFKA_FATAL",
+           "DeploymentConflictError"]
+
+log = logging.getLogger("lightmem.streams.ingest")
+
+#: Exit status when a stage hits a bug (not a bad input, not a transient failure).
+EXIT_BUG = 70
+#: Exit status after a fatal Kafka client error (fenced by a newer owner, idempotence lost):
+#: restart the worker (EX_TEMPFAIL).
+EXIT_KAFKA_FATAL = 75
+#: Seconds one poll waits for a batch to fill up.
+BATCH_WITHIN_S = 0.5
+#: The consumer group notices a dead worker after this long.
+SESSION_TIMEOUT_S = 10.0
+#: Seconds between progress lines in the worker log.
+PROGRESS_LOG_S = 10.0
+#: Transient-failure backoff: first delay and cap (seconds).
+BACKOFF_S = (0.5, 30.0)
+#: Seconds between consumer-lag samples for the ``lightmem_consumer_lag`` gauge.
+LAG_SAMPLE_S = 5.0
+#: An open transaction of a killed worker blocks ``read_committed`` readers (the next
+#: stage, a recovering owner) until the coordinator aborts it: keep that short. A batch's
+#: transaction only produces and commits (the steps run before it), so seconds are plenty.
+TRANSACTION_TIMEOUT_MS = 10_000
+#: Tables: name -> the stage that owns it.
+TABLES = ("sensory", "topic-buffers")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What one pipeline run reads, writes and is called.
+
+    Args:
+        app_id: Consumer group id, prefix of the transactional id and part of the changelog
+            topic names.
+        topics: Topic names.
+        index: Write this concrete Elasticsearch index instead of ``settings.es_alias``
+            (a backfill into a new index).
+        stop_offsets: Backfill only: turns partition -> end offset (exclusive). Turns at or
+            past it are skipped; reaching it flushes every conversation of the partition.
+        idle_timer: Run the idle-flush timer (off for a backfill: the live run's flushes are
+            in the turns topic already).
+        batch_size: Records per poll (default: ``settings.ingest_batch_turns``).
+        instance: This worker's stable name within the group (``transactional.id`` =
+            ``<app id>-<instance>``). A restarted worker with the same instance aborts its
+            predecessor's open transaction at once; without one (a random name per
+            process) that transaction blocks the next readers until it times out
+            (``TRANSACTION_TIMEOUT_MS``). Two live workers must never share an instance.
+    """
+
+    app_id: str
+    topics: Topics
+    index: str | None = None
+    stop_offsets: Mapping[int, int] | None = None
+    idle_timer: bool = True
+    batch_size: int | None = None
+    instance: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerOptions:
+        values: dict[str, Any] = {"app_id": settings.worker_id,
+                                  "topics": Topics.from_settings(settings)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class _Counters:
+    batches: int = 0
+    applied: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    retries: int = 0
+    stream_time: datetime | None = None
+    idle_requested: set[bytes] = field(default_factory=set)
+    replay_flushed: set[int] = field(default_factory=set)
+
+
+class DeploymentConflictError(RuntimeError):
+    """The consumer group already belongs to another deployment's topics."""
+
+
+class _Fatal(Exception):
+    """A fatal Kafka client error: the worker must restart."""
+
+
+class _Dropped(Exception):
+    """The held batch belongs to partitions this worker no longer owns."""
+
+
+class IngestWorker:
+    """One ingest worker process: consumer, transactional producer, tables, stages.
+
+    Args:
+        settings: Configuration.
+        options: Names and run mode (see :class:`WorkerOptions`).
+        components: The processors (default: built lazily from ``settings``).
+        store: The memory store the index sink writes (default: Elasticsearch from
+            ``settings``, ``options.index`` or the alias).
+        clock: Time of ingest, dead letters and wall-clock idleness.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: WorkerOptions,
+        *,
+        components: Components | None = None,
+        store: Any = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.topics = options.topics
+        self.components = components or Components(settings)
+        self._store = store
+        self.clock = clock
+        self.instance = options.instance or uuid.uuid4().hex[:12]
+        self.counters: dict[str, _Counters] = {
+            n: _Counters() for n in ("sensory", "short-term", "index")}
+        self.tables = {name: ChangelogTable(name, changelog_topic(self.topics, options.app_id,
+                                                                   name))
+                       for name in TABLES}
+        self.sensory = SensoryStage(settings, self.components, self.topics, clock=clock)
+        self.short_term = ShortTermStage(settings, self.components, self.topics, clock=clock)
+        self._sink: IndexSink | None = None
+        self.stop_event = threading.Event()
+        self._consumer: Any = None
+        self._producer: Any = None
+        #: Bumped on every revoke/loss: a batch consumed under an older one is dropped.
+        self._generation = 0
+        self._assigned: set[tuple[str, int]] = set()
+        self._ready = False
+        #: stage -> (what it is doing, since when): for diagnosing a stuck worker.
+        self.where: dict[str, tuple[str, float]] = {}
+        self._logged: dict[str, tuple[int, ...]] = {n: (0,) * 5 for n in self.counters}
+        self._lag_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-lag")
+        self._lag_reader: Any = None
+        self._lag_pending: Any = None
+
+    # -- construction
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from ..es_store import ElasticsearchStore, es_client
+
+            self._store = ElasticsearchStore(es_client(self.settings), alias=self.settings.es_alias,
+                                             index=self.options.index)
+        return self._store
+
+    @property
+    def sink(self) -> IndexSink:
+        if self._sink is None:
+            self._sink = IndexSink(self.settings, self.components, self.topics, self.store,
+                                   clock=self.clock)
+        return self._sink
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.options.app_id}-{self.instance}"
+
+    def _stage_of(self, topic: str) -> str:
+        return {self.topics.turns: "sensory", self.topics.segments: "short-term",
+                self.topics.entries: "index"}[topic]
+
+    def prepare(self) -> None:
+        """Check the deployment and create the changelog topics (before joining the group).
+
+        Raises:
+            DeploymentConflictError: the group holds offsets of another deployment's topics.
+            TopicAdminError: a changelog topic could not be created.
+        """
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient(kafka_config(self.settings))
+        self._check_group(admin)
+        n = self.settings.kafka_partitions
+        new = [NewTopic(t.topic, num_partitions=n,
+                        replication_factor=self.settings.kafka_replication_factor,
+                        config={"cleanup.policy": "compact"}) for t in self.tables.values()]
+        from confluent_kafka import KafkaError, KafkaException
+
+        from ..topics import TopicAdminError, _wait_for_leaders
+
+        failures = {}
+        for name, future in admin.create_topics(new, request_timeout=30).items():
+            try:
+                future.result(timeout=35)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    failures[name] = exc.args[0].str()
+        if failures:
+            raise TopicAdminError("create", failures)
+        names = [t.topic for t in self.tables.values()]
+        _wait_for_leaders(admin, names, 30.0)
+        metadata = admin.list_topics(timeout=30)
+        for table in self.tables.values():
+            have = len(metadata.topics[table.topic].partitions)
+            if have != n:
+                raise TopicAdminError("use", {table.topic: f"has {have} partitions, the "
+                                              f"deployment has {n} (kafka_partitions)"})
+
+    def _check_group(self, admin: Any) -> None:
+        """Refuse a consumer group that already consumes another deployment's stage topics
+        (same app id, other topic prefix): the two would split one group's partitions."""
+        from confluent_kafka import ConsumerGroupTopicPartitions
+
+        group = self.options.app_id
+        try:
+            futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                                        request_timeout=15)
+            committed = futures[group].result(timeout=20).topic_partitions or []
+        except Exception as exc:  # noqa: BLE001 - a new group has nothing to compare
+            log.debug("group %s: committed offsets not readable: %r", group, exc)
+            return
+        ours = {self.topics.turns, self.topics.segments, self.topics.entries}
+        stage_bases = ("lightmem.turns.v1", "lightmem.segments.v1", "lightmem.entries.v1")
+        foreign = sorted({tp.topic for tp in committed if tp.topic not in ours
+                          and tp.topic.endswith(stage_bases) and tp.offset >= 0})
+        if foreign:
+            raise DeploymentConflictError(
+                f"consumer group {group!r} (the app id) already consumes {foreign}, topics of "
+                f"another deployment; this one reads {sorted(ours)}: give it its own app id "
+                f"(--app-id / LIGHTMEM_WORKER_ID)")
+
+    # -- running
+
+    def stop(self) -> None:
+        """Finish the batch at hand, commit it, leave the group and return from run()."""
+        self.stop_event.set()
+
+    def run(self) -> int:
+        """Consume until :meth:`stop`; returns the exit status (0, 70 or 75)."""
+        from confluent_kafka import Consumer, Producer
+
+        self._producer = Producer(kafka_config(self.settings, **{
+            "transactional.id": self.transactional_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+            # Dead letters carry the original event: as large as the DLQ topic allows.
+            "message.max.bytes": DLQ_MAX_MESSAGE_BYTES + 65_536,
+        }))
+        try:
+            self._producer.init_transactions(60)
+        except Exception as exc:  # noqa: BLE001 - reported with the exit status
+            log.error("could not initialise the transactional producer %s: %s",
+                      self.transactional_id, exc)
+            return EXIT_KAFKA_FATAL
+        self._consumer = Consumer(kafka_config(self.settings, **{
+            "group.id": self.options.app_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            # Only what committed transactions wrote: never a segment of an aborted batch.
+            "isolation.level": "read_committed",
+            "session.timeout.ms": int(SESSION_TIMEOUT_S * 1000),
+            "heartbeat.interval.ms": 1000,
+            # A batch (its LLM calls) must fit in here, or the group evicts the worker.
+            "max.poll.interval.ms": 600_000,
+            "partition.assignment.strategy": "roundrobin",
+        }))
+        self._consumer.subscribe([self.topics.turns, self.topics.segments, self.topics.entries],
+                                 on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_revoke)
+        log.info("worker %s (group %s) reading %s, %s, %s", self.transactional_id,
+                 self.options.app_id, self.topics.turns, self.topics.segments,
+                 self.topics.entries)
+        status = 0
+        next_progress = time.monotonic() + PROGRESS_LOG_S
+        interval = max(1.0, min(self.settings.idle_timeout_s / 4, 10.0))
+        next_idle = time.monotonic() + interval
+        next_lag = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                self._at("all", "waiting for records")
+                size = self.options.batch_size or self.settings.ingest_batch_turns
+                msgs = self._consumer.consume(size, timeout=BATCH_WITHIN_S)
+                records = self._records(msgs)
+                if records:
+                    self._process(records, self._generation)
+                now = time.monotonic()
+                if self.options.idle_timer and now >= next_idle:
+                    next_idle = now + interval
+                    self.flush_idle()
+                if now >= next_progress:
+                    next_progress = now + PROGRESS_LOG_S
+                    self.log_progress()
+                if self.settings.metrics_port and now >= next_lag:
+                    next_lag = now + LAG_SAMPLE_S
+                    self._sample_lag()
+        except _Fatal as exc:
+            log.critical("fatal Kafka error, stopping the worker (exit %d): %s",
+                         EXIT_KAFKA_FATAL, exc)
+            status = EXIT_KAFKA_FATAL
+        except _Bug as exc:
+            log.critical("%s: unexpected error, stopping the worker (exit %d); nothing of "
+                         "the batch was committed", exc.stage, EXIT_BUG, exc_info=exc.cause)
+            metrics.record_stage_error(exc.stage, "bug")
+            status = EXIT_BUG
+        finally:
+            self._shutdown(clean=status == 0)
+        if status == 0:
+            log.info("worker stopped cleanly")
+        return status
+
+    def _shutdown(self, *, clean: bool) -> None:
+        self._lag_executor.shutdown(wait=True, cancel_futures=True)
+        if self._lag_reader is not None:
+            self._lag_reader.close()
+        if self._consumer is not None:
+            if clean:
+                self._consumer.close()  # leaves the group: the partitions move at once
+            # else: no close. A commit must not slip out; the group evicts us after the
+            # session timeout.
+        if self._producer is not None and clean:
+            self._producer.flush(10)
+
+    # -- group membership
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self._assigned = {(tp.topic, tp.partition) for tp in partitions}
+        turns = {p for t, p in self._assigned if t == self.topics.turns}
+        segments = {p for t, p in self._assigned if t == self.topics.segments}
+        started = time.monotonic()
+        self._at("all", "recovering the tables")
+        self.tables["sensory"].recover(self.settings, turns)
+        self.tables["topic-buffers"].recover(self.settings, segments)
+        for c in self.counters.values():
+            c.idle_requested.clear()
+        log.info("assigned %s (tables recovered in %.1fs)",
+                 ", ".join(f"{t}[{p}]" for t, p in sorted(self._assigned)) or "nothing",
+                 time.monotonic() - started)
+        if not self._ready:
+            self._ready = True
+            log.info("worker ready")
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # Batches commit between polls, so nothing is in flight here; a batch held for a
+        # retry is dropped (its generation is over) and re-read by the next owner.
+        self._generation += 1
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned -= revoked
+        self.tables["sensory"].drop(p for t, p in revoked if t == self.topics.turns)
+        self.tables["topic-buffers"].drop(p for t, p in revoked if t == self.topics.segments)
+        log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(revoked)) or "nothing")
+
+    # -- one batch
+
+    def _records(self, msgs: Sequence[Any]) -> list[Inbound]:
+        from confluent_kafka import KafkaError
+
+        out = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise _Fatal(str(err))
+                # Per-partition fetch errors (e.g. a corrupt record batch) and transient
+                # broker errors: librdkafka retries; say so once per occurrence.
+                log.warning("consumer error on %s[%s]: %s", msg.topic(), msg.partition(), err)
+                continue
+            headers = msg.headers() or []
+            out.append(Inbound(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+                               key=msg.key(), value=msg.value(),
+                               headers=tuple((str(k), bytes(v or b"")) for k, v in headers)))
+        return out
+
+    def _process(self, records: list[Inbound], generation: int) -> None:
+        """Run the stages on one batch and commit it in one transaction; transient failures
+        are retried with backoff until it commits or the partitions move."""
+        by_stage: dict[str, list[Inbound]] = {"sensory": [], "short-term": [], "index": []}
+        for r in records:
+            by_stage[self._stage_of(r.topic)].append(r)
+        for stage, batch in by_stage.items():
+            if batch:
+                metrics.record_events_in(stage, batch[0].topic, len(batch))
+        by_stage["sensory"] = self._with_replay_flushes(by_stage["sensory"])
+        offsets: dict[tuple[str, int], int] = {}
+        for r in records:
+            offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), -1),
+                                                  r.offset + 1)
+        done: dict[str, tuple[StepResult, float]] = {}
+        delay, cap = BACKOFF_S
+        while True:
+            try:
+                if generation != self._generation:
+                    raise _Dropped
+                for stage, batch in by_stage.items():
+                    if batch and stage not in done:
+                        started = time.perf_counter()
+                        done[stage] = (self._step(stage, batch), time.perf_counter() - started)
+                self._commit(done, offsets, generation)
+                break
+            except _Dropped:
+                log.info("partitions moved while a batch was held: %d record(s) left to the "
+                         "next owner", len(records))
+                return
+            except _Fatal:
+                raise
+            except _Bug:
+                raise
+            except Exception as exc:  # noqa: BLE001 - transient by construction (see _step)
+                stage = next((s for s, b in by_stage.items() if b and s not in done), "commit")
+                metrics.record_stage_error(stage if stage != "commit" else "index", "transient")
+                self.counters[stage if stage != "commit" else "index"].retries += 1
+                log.warning("%s: transient failure, retrying the batch in %.1fs: %r", stage,
+                            delay, exc)
+                self._backoff(delay)
+                delay = min(delay * 2, cap)
+        for stage, (result, seconds) in done.items():
+            self._account(stage, result, seconds)
+        for table, stage in (("sensory", "sensory"), ("topic-buffers", "short-term")):
+            if stage in done:
+                self.tables[table].apply(done[stage][0].slots)
+
+    def _with_replay_flushes(self, batch: list[Inbound]) -> list[Inbound]:
+        """Backfill: drop turns at/after the stop offsets; close every buffer of a partition
+        that reached its end (a flush marker just past the last replayed turn)."""
+        stop = self.options.stop_offsets
+        if stop is None:
+            return batch
+        counters = self.counters["sensory"]
+        reached = {r.partition for r in batch if r.offset >= stop.get(r.partition, 0) - 1}
+        kept = [r for r in batch if r.offset < stop.get(r.partition, 0)]
+        for partition in sorted(reached - counters.replay_flushed):
+            kept.append(Inbound(self.topics.turns, partition, stop[partition], None,
+                                FlushCommand(issued_at=self.clock(),
+                                             issued_by="replay").to_bytes(),
+                                tuple(flush_headers())))
+            counters.replay_flushed.add(partition)
+        return kept
+
+    def _step(self, stage: str, batch: Sequence[Inbound]) -> StepResult:
+        self._at(stage, f"running the step ({len(batch)} records)")
+        try:
+            if stage == "sensory":
+                return self.sensory.step(batch, self._snapshot(self.tables["sensory"], batch))
+            if stage == "short-term":
+                return self.short_term.step(batch,
+                                            self._snapshot(self.tables["topic-buffers"], batch))
+            return self.sink.step(batch)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            raise _Bug(stage, exc) from exc
+
+    @staticmethod
+    def _snapshot(table: ChangelogTable, batch: Sequence[Inbound]) -> dict[bytes, bytes]:
+        """The slots a step needs: the batch's keys, or every slot of a partition that gets
+        a partition-wide flush (a record without key)."""
+        wide = {r.partition for r in batch if r.key is None}
+        out = dict(table.items(wide)) if wide else {}
+        for r in batch:
+            if r.key is not None and r.key not in out:
+                value = table.get(r.key)
+                if value is not None:
+                    out[r.key] = value
+        return out
+
+    def _commit(self, done: Mapping[str, tuple[StepResult, float]],
+                offsets: Mapping[tuple[str, int], int], generation: int) -> None:
+        """Produce the output, the changelog records and the offsets in one transaction."""
+        from confluent_kafka import TopicPartition
+
+        out: list[Outbound] = [o for result, _ in done.values() for o in result.out]
+        changelog: list[tuple[str, bytes, int, bytes]] = []
+        for table, stage in (("sensory", "sensory"), ("topic-buffers", "short-term")):
+            if stage in done:
+                topic = self.tables[table].topic
+                changelog += [(topic, key, partition, value)
+                              for key, (partition, value) in done[stage][0].slots.items()]
+        tps = [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
+        self._at("all", f"committing {len(out)} record(s), {len(changelog)} slot(s)")
+        self._transaction(out, changelog, tps, generation)
+
+    def _transaction(self, out: Sequence[Outbound],
+                     changelog: Sequence[tuple[str, bytes, int, bytes]],
+                     offsets: Sequence[Any], generation: int | None) -> None:
+        """One transaction: records, changelog slots, then (if any) the input offsets.
+
+        Raises:
+            _Fatal: the producer cannot go on (fenced, fatal idempotence error).
+            _Dropped: the group moved on (this worker's generation is over).
+            KafkaException: a retriable/abortable failure (aborted here; retry).
+        """
+        from confluent_kafka import KafkaException
+
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+        except KafkaException as exc:
+            self._sort_kafka_error(exc)
+            raise
+        try:
+            for o in out:
+                self._produce(o.topic, o.key, o.value, headers=list(o.headers) or None)
+            for topic, key, partition, value in changelog:
+                self._produce(topic, key, value, partition=partition)
+            if offsets:
+                producer.send_offsets_to_transaction(
+                    list(offsets), self._consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(60)
+        except KafkaException as exc:
+            self._sort_kafka_error(exc)
+            try:
+                producer.abort_transaction(30)
+            except KafkaException as abort_exc:
+                self._sort_kafka_error(abort_exc)
+                raise
+            if generation is not None and _is_fenced_generation(exc):
+                raise _Dropped from exc
+            raise
+        except BaseException:
+            try:
+                producer.abort_transaction(30)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, *,
+                 partition: int | None = None, headers: Any = None) -> None:
+        kwargs: dict[str, Any] = {"key": key, "value": value}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = headers
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self._producer.poll(0.1)
+
+    @staticmethod
+    def _sort_kafka_error(exc: Any) -> None:
+        err = exc.args[0] if exc.args else None
+        if err is not None and hasattr(err, "fatal") and err.fatal():
+            raise _Fatal(str(err)) from exc
+
+    def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` seconds with the partitions paused, still serving the group (a
+        rebalance meanwhile drops the held batch, see _process)."""
+        consumer = self._consumer
+        assignment = consumer.assignment()
+        if assignment:
+            consumer.pause(assignment)
+        deadline = time.monotonic() + delay
+        try:
+            while time.monotonic() < deadline and not self.stop_event.is_set():
+                msg = consumer.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+                if msg is not None and msg.error() is None:
+                    # Fetched before the pause took effect: read it again after the retry.
+                    from confluent_kafka import TopicPartition
+
+                    consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        finally:
+            assignment = consumer.assignment()
+            if assignment:
+                consumer.resume(assignment)
+
+    def _account(self, stage: str, result: StepResult, seconds: float) -> None:
+        metrics.record_step(stage, seconds=seconds, applied=result.applied,
+                            skipped=result.skipped, out_topics=[o.topic for o in result.out],
+                            dead_letter_reasons=result.dead_letter_reasons)
+        c = self.counters[stage]
+        c.batches += 1
+        c.applied += result.applied
+        c.skipped += result.skipped
+        c.dead_letters += result.dead_letters
+        if result.stream_time is not None and (c.stream_time is None
+                                               or result.stream_time > c.stream_time):
+            c.stream_time = result.stream_time
+        c.idle_requested.difference_update(result.flushed)
+
+    # -- timers (run between batches)
+
+    def flush_idle(self) -> None:
+        """Ask for a flush of every conversation idle by event time or by wall clock."""
+        counters = self.counters["sensory"]
+        actives = {p for t, p in self._assigned if t == self.topics.turns}
+        if not actives:
+            return
+        slots = dict(self.tables["sensory"].items(actives))
+        if not slots:
+            return
+        keys = self.sensory.idle_keys(slots, counters.stream_time, actives, now=self.clock())
+        keys = [k for k in keys if k not in counters.idle_requested]
+        if not keys:
+            return
+        commands = []
+        for key in keys:
+            command = self.sensory.idle_flush_command(slots[key])
+            commands.append(Outbound(self.topics.turns, key, command.to_bytes(),
+                                     tuple(flush_headers())))
+        try:
+            self._transaction(commands, [], [], None)
+        except _Fatal:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the next tick asks again
+            log.warning("idle flush: could not produce flush commands: %r", exc)
+            return
+        metrics.record_events_out("sensory", self.topics.turns, len(commands))
+        counters.idle_requested.update(keys)
+        log.info("idle flush requested for %d conversation(s)", len(keys))
+
+    def log_progress(self) -> None:
+        """One INFO line per stage whose counters moved since the last one."""
+        for stage, c in self.counters.items():
+            now = (c.batches, c.applied, c.skipped, c.dead_letters, c.retries)
+            if now != self._logged.get(stage):
+                self._logged[stage] = now
+                log.info("%s: batches %d, applied %d, skipped %d, dead letters %d, "
+                         "transient retries %d", stage, *now)
+
+    def _sample_lag(self) -> None:
+        """Set the ``lightmem_consumer_lag`` gauges of the partitions this worker owns (read
+        in a thread of its own; a slow broker never delays a batch)."""
+        if self._lag_pending is not None and not self._lag_pending.done():
+            return
+        owned = set(self._assigned)
+        if not owned:
+            metrics.set_consumer_lag({})
+            return
+
+        def sample() -> None:
+            if self._lag_reader is None:
+                from ..lag import LagReader
+
+                self._lag_reader = LagReader(self.settings, self.options.app_id, timeout_s=10.0)
+            try:
+                lags = self._lag_reader.read(sorted({t for t, _ in owned}))
+            except Exception as exc:  # noqa: BLE001 - a missed sample
+                log.debug("consumer lag not readable: %r", exc)
+                return
+            metrics.set_consumer_lag({(p.topic, p.partition): p.lag for p in lags
+                                      if (p.topic, p.partition) in owned})
+
+        self._lag_pending = self._lag_executor.submit(sample)
+
+    def _at(self, stage: str, what: str) -> None:
+        self.where[stage] = (what, time.monotonic())
+
+    def dump_state(self, *_: Any) -> None:
+        """Log where the worker is, its assignment and its counters (SIGUSR2)."""
+        now = time.monotonic()
+        for stage, (what, since) in self.where.items():
+            log.warning("stage %s: %s for %.1fs", stage, what, now - since)
+        log.warning("assigned: %s", sorted(self._assigned))
+        for stage, c in self.counters.items():
+            log.warning("%s: %s", stage, c)
+
+
+class _Bug(Exception):
+    """A stage failed with a non-transient error."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {cause!r}")
+        self.stage = stage
+        self.cause = cause
+
+
+def _is_fenced_generation(exc: Any) -> bool:
+    from confluent_kafka import KafkaError
+
+    err = exc.args[0] if exc.args else None
+    codes = {getattr(KafkaError, n, None) for n in ("ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID",
+                                                     "FENCED_INSTANCE_ID",
+                                                     "REBALANCE_IN_PROGRESS")}
+    return err is not None and hasattr(err, "code") and err.code() in codes
+
+
+def missing_topics(settings: Settings, names: Sequence[str], timeout_s: float = 15.0
+                   ) -> list[str]:
+    """Which of ``names`` do not exist on the cluster."""
+    from confluent_kafka.admin import AdminClient
+
+    metadata = AdminClient(kafka_config(settings)).list_topics(timeout=timeout_s)
+    return [n for n in names if n not in metadata.topics]
+
+
+def run_worker(
+    settings: Settings,
+    options: WorkerOptions,
+    *,
+    loglevel: str = "info",
+    components: Components | None = None,
+) -> int:
+    """Run a worker until it is stopped (SIGTERM/SIGINT); returns the exit status.
+
+    Loads the models and prepares the Elasticsearch index before joining the consumer
+    group, so that a slow start never stalls the group.
+    """
+    configure_logging(settings.log_format, level=loglevel.upper(),
+                      secrets=secrets_of(settings))
+    if settings.log_format == "json":
+        quiet_progress_bars()
+    worker = IngestWorker(settings, options, components=components)
+    needed = [options.topics.turns, options.topics.segments, options.topics.entries,
+              options.topics.memory_changes, options.topics.dlq]
+    missing = missing_topics(settings, needed)
+    if missing:
+        log.error("missing topics %s: run `lightmem topics create` first", missing)
+        return 1
+    try:
+        worker.prepare()
+    except Exception as exc:  # noqa: BLE001 - cannot start: say why, exit 1
+        log.error("cannot start: %s", exc)
+        return 1
+    server = None
+    if settings.metrics_port:
+        # Bound before the models load: a port conflict fails the start at once.
+        try:
+            server = metrics.start_metrics_server(settings.metrics_port, settings.metrics_addr)
+        except metrics.MetricsServerError as exc:
+            log.error("%s: set another LIGHTMEM_METRICS_PORT / --metrics-port (0 = off)", exc)
+            return 1
+        log.info("metrics at %s", server.url)
+    try:
+        worker.components.warm_up()
+        worker.store.ensure_index()
+        # `kill -USR1 <pid>` writes every thread's stack to stderr (diagnosing a stuck worker).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        signal.signal(signal.SIGUSR2, worker.dump_state)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: worker.stop())
+        return worker.run()
+    finally:
+        if server is not None:
+            server.close()
