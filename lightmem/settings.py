@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     segment_tolerance: int = Field(default=3, ge=0)
     #: Flush a conversation's buffers after this much event-time silence (seconds).
     idle_timeout_s: float = Field(default=1800.0, gt=0)
+    #: A turn whose event time is more than this far ahead of the receiving stage's clock
+    #: is dead-lettered (seconds). Kept under ``idle_timeout_s`` so that a producer with a
+    #: clock in the future cannot, by itself, idle-flush the conversations beside it; it
+    #: still tolerates ordinary clock drift and queueing.
+    max_event_time_skew_s: float = Field(default=600.0, gt=0)
 
     # --- short-term stage
     #: Topic buffer threshold th (tokens) before one summarization call.
@@ -76,9 +81,16 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     #: Partitions of the turns/segments/entries topics (parallelism of the workers).
     kafka_partitions: int = Field(default=4, ge=1)
+    #: Prefix of every topic name: one deployment (or test run) per prefix, e.g. ``dev.``.
+    kafka_topic_prefix: str = ""
     kafka_replication_factor: int = Field(default=1, ge=1)
-    #: Turn events larger than this go to the dead-letter topic (bytes).
-    max_event_bytes: int = Field(default=256_000, ge=1024)
+    #: The one size limit of a turn event (bytes of its JSON value). ``lightmem produce`` and
+    #: the producer refuse a larger turn before sending it (naming the line / turn); the
+    #: sensory stage dead-letters one that arrives anyway; ``lightmem topics create`` sizes
+    #: the turns topic's ``max.message.bytes`` to accept it (never under the broker's 1 MiB
+    #: default) and the DLQ topic and the producers to carry its dead letter
+    #: (``lightmem.streams.topics.dead_letter_max_bytes``).
+    max_event_bytes: int = Field(default=256_000, ge=1024, le=16 * 1024 * 1024)
     #: A stage that fails on the same event this many times dead-letters it (poison message).
     poison_attempts: int = Field(default=3, ge=1)
     #: faust worker web server: bound to 127.0.0.1; 0 = off.

@@ -42,6 +42,7 @@ def entry(
     version: int = 1,
     sources: list[str] | None = None,
     embedding: list[float] | None = None,
+    seq: int | None = None,
 ) -> MemoryEntry:
     return MemoryEntry(
         id=id,
@@ -59,6 +60,7 @@ def entry(
         mode=EntryMode.llm,
         version=version,
         embedding=embedding,
+        turn_seq=seq,
     )
 
 
@@ -213,6 +215,42 @@ def test_same_time_entries_list_each_other_one_way_only() -> None:
     # The id breaks the tie: "a" counts as older, so only b's queue lists a.
     assert a_queue.items == []
     assert b_queue.items == [("a", 0.9)]
+
+
+def test_same_time_entries_are_ordered_by_their_turns_not_their_ids() -> None:
+    # One LoCoMo session dates every turn alike. Turn 7 says Caroline moved to Seattle after
+    # turn 3 said Boston: the later turn is the newer fact, whatever the hash ids say.
+    boston = entry("z-boston", "Caroline lives in Boston.", T0, seq=3)
+    seattle = entry("a-seattle", "Caroline moved to Seattle.", T0, seq=7)
+    assert is_older(boston, seattle) and not is_older(seattle, boston)
+    builder = UpdateQueueBuilder()
+    assert builder.build(seattle, [hit(boston, 0.9)]).items == [("z-boston", 0.9)]
+    assert builder.build(boston, [hit(seattle, 0.9)]).items == []
+    # Facts of one turn, and entries written before turn_seq existed, fall back to the id.
+    assert is_older(entry("a", seq=5), entry("b", seq=5))
+    assert is_older(entry("z"), entry("a", seq=0))
+
+
+def test_same_time_delete_goes_from_the_later_turn_to_the_earlier() -> None:
+    vec = [1.0, 0.0, 0.0]
+    boston = entry("z-boston", "Caroline lives in Boston.", T0, seq=3, embedding=vec)
+    seattle = entry("a-seattle", "Caroline moved to Seattle.", T0, seq=7, embedding=vec)
+    store = InMemoryStore([boston, seattle])
+    queues = build_queues(store, UpdateQueueBuilder(), [boston, seattle])
+    consolidator = Consolidator(FakeChat('{"action": "delete", "reason": "moved"}'))
+    targets = consolidator.targets(queues, {e.id: e for e in (boston, seattle)})
+    assert list(targets) == ["z-boston"]
+    for target, newer in targets.items():
+        consolidate_target(store, consolidator, fake_embed, target, [n for n, _ in newer], NOW)
+    assert sorted(store.entries) == ["a-seattle"]
+
+
+def test_update_keeps_the_targets_place_in_time() -> None:
+    target = entry("t", "Caroline lives in Boston.", T0, seq=3)
+    newer = entry("n", "Caroline moved to Seattle.", T0, seq=7)
+    updated, _ = apply_decision(
+        target, Decision("update", "Caroline lives in Seattle.", "moved"), [newer], NOW)
+    assert updated is not None and updated.turn_seq == 3 and updated.event_time == T0
 
 
 def test_same_instant_in_different_timezones_is_a_tie() -> None:

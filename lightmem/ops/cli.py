@@ -203,9 +203,11 @@ def search(
     runtime = _runtime(load_settings(data_dir=data_dir, llm_base_url=llm_base_url))
     hits = runtime.search(tenant, user, query, k=k)
     if as_json:
+        # JSON lines, as the help says: one compact object per line, so `jq -c`, `wc -l` and
+        # line-by-line readers work (rich's print_json indents over many lines).
         for h in hits:
-            out.print_json(data={"score": h.score, **h.entry.model_dump(mode="json",
-                                                                      exclude={"embedding"})})
+            typer.echo(json.dumps({"score": h.score, **h.entry.model_dump(
+                mode="json", exclude={"embedding"})}, ensure_ascii=False))
     else:
         from lightmem.processors.retrieve import render
 
@@ -215,7 +217,11 @@ def search(
         err.print(f"no memories for {tenant}/{user}")
     if answer:
         result = runtime.answer(tenant, user, query, hits)
-        out.print(f"answer ({result.mode}): {result.text}", markup=False, highlight=False)
+        if as_json:  # the answer is one more line, so the output stays JSON lines
+            typer.echo(json.dumps({"answer": result.text, "mode": result.mode},
+                                  ensure_ascii=False))
+        else:
+            out.print(f"answer ({result.mode}): {result.text}", markup=False, highlight=False)
 
 
 @app.command()

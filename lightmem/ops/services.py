@@ -237,7 +237,8 @@ class ServiceStatus:
     healthy: bool
     #: A process started by this launcher is alive.
     running: bool
-    #: pid of the launched process (leader of its process group); None when not ours.
+    #: pid of the server process itself (Elasticsearch: the server JVM, not its launcher);
+    #: None when not ours.
     pid: int | None = None
     version: str | None = None
     #: Resident memory of the whole process group (Elasticsearch runs two JVMs).
@@ -246,6 +247,9 @@ class ServiceStatus:
     external: bool = False
     log_path: Path | None = None
     detail: str = ""
+    #: The launched process, leader of the process group that ``down`` stops (the same as
+    #: ``pid`` for Kafka; Elasticsearch's launcher JVM).
+    group_pid: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -567,6 +571,10 @@ class LocalServer(ABC):
         """The version the running server reports, when it can tell."""
         return None
 
+    def server_pid(self, leader: int) -> int:
+        """pid of the server process in the group led by ``leader`` (the launched process)."""
+        return leader
+
     # -- state
 
     def _read_state(self) -> dict[str, Any] | None:
@@ -615,7 +623,8 @@ class LocalServer(ABC):
             address=self.address,
             healthy=healthy,
             running=pid is not None,
-            pid=pid,
+            pid=self.server_pid(pid) if pid is not None else None,
+            group_pid=pid,
             version=version,
             rss_bytes=rss,
             external=self.external is not None,
@@ -1070,6 +1079,22 @@ class ElasticsearchServer(LocalServer):
             top.rename(self.dist_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    #: Main class of the server JVM; ``bin/elasticsearch`` first starts a small launcher JVM
+    #: (the process group's leader) that starts this one.
+    SERVER_MAIN = b"org.elasticsearch.bootstrap.Elasticsearch"
+
+    def server_pid(self, leader: int) -> int:
+        """The server JVM's pid; the launcher's while the server has not started yet."""
+        for pid in self._group(leader):
+            if pid == leader:  # the launcher itself
+                continue
+            try:
+                if self.SERVER_MAIN in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:  # exited meanwhile
+                continue
+        return leader
 
     def _run_user(self) -> tuple[int, int] | None:
         """(uid, gid) to run as when we are root, creating the system user if needed."""

@@ -50,7 +50,7 @@ dlq_app = typer.Typer(help="The dead-letter topic: list and replay.", no_args_is
 PrefixOpt = Annotated[
     str | None,
     typer.Option("--topic-prefix", help="Prefix of every topic name [env "
-                 "LIGHTMEM_KAFKA_TOPIC_PREFIX where the settings have it]."),
+                 "LIGHTMEM_KAFKA_TOPIC_PREFIX]."),
 ]
 BootstrapOpt = Annotated[
     str | None, typer.Option("--bootstrap", help="Kafka bootstrap servers [env "
@@ -121,7 +121,9 @@ def produce(
     """Produce turn events from a JSONL file, keyed tenant/conversation.
 
     Bad lines are reported (line: reason) and sent to the DLQ topic; the valid lines are
-    produced all the same; the exit code is 1 when any line was rejected.
+    produced all the same; the exit code is 1 when any line was rejected. A line larger than
+    LIGHTMEM_MAX_EVENT_BYTES (256000) is a bad line, refused before it is sent; a UTF-8
+    byte-order mark at the start of the file is ignored.
     """
     from lightmem.streams.producer import DeliveryError, produce_file
 

@@ -104,12 +104,16 @@ class SensoryBufferState(BaseModel):
         return not self.turns
 
 
-def to_segment_turn(event: TurnEvent, compressed_text: str | None = None) -> SegmentTurn:
+def to_segment_turn(
+    event: TurnEvent, compressed_text: str | None = None, *, seq: int | None = None
+) -> SegmentTurn:
     """The buffered form of ``event``: original text plus its compressed text.
 
     Args:
         event: The incoming turn.
         compressed_text: Output of sensory pre-compression; None keeps the original text.
+        seq: The turn's arrival position (``SegmentTurn.seq``): orders its memories among
+            those of turns with the same event time.
 
     Returns:
         A :class:`SegmentTurn` carrying both texts.
@@ -123,6 +127,7 @@ def to_segment_turn(event: TurnEvent, compressed_text: str | None = None) -> Seg
         event_time=event.event_time,
         original_text=event.text,
         compressed_text=event.text if compressed_text is None else compressed_text,
+        seq=seq,
     )
 
 

@@ -668,6 +668,7 @@ def _entry(
         event_time=turn.event_time,
         ingest_time=now,
         source_turn_ids=[turn.turn_id],
+        turn_seq=turn.seq,
         original_text=turn.original_text,
         compressed_text=turn.compressed_text,
         mode=mode,

@@ -8,8 +8,12 @@ The flow (DESIGN.md section 1, "Long-term memory")::
     Decision --apply_decision--> (new entry | None, MemoryChange | None)
     consolidate_target = read from the store + decide + apply with optimistic concurrency
 
-Only newer entries change older ones. "Older" is a strict order on ``(event_time, id)``:
-two entries written at the same instant are still ordered (by id), so they never list each
+Only newer entries change older ones. "Older" is a strict order on ``(event_time, turn_seq,
+id)``: entries of turns with the same event time (a LoCoMo session dates all its turns alike)
+are ordered as their source turns arrived (``turn_seq``: the turns-topic offset, or the
+embedded runtime's turn count), so a later turn's fact updates or deletes an earlier one and
+never the other way round; only facts of one turn (or entries without a ``turn_seq``, which
+count as earliest) fall back to the id. Every pair is ordered, so entries never list each
 other both ways and no pair can update each other in a cycle. Targets are independent of
 one another, so callers may run them in parallel (the Kafka sleep worker: one user scope
 per partition).
@@ -61,15 +65,17 @@ Action = Literal["update", "delete", "ignore"]
 UNPARSEABLE = "unparseable"
 
 
-def _order_key(entry: MemoryEntry) -> tuple[datetime, str]:
-    return (entry.event_time, entry.id)
+def _order_key(entry: MemoryEntry) -> tuple[datetime, int, str]:
+    seq = -1 if entry.turn_seq is None else entry.turn_seq
+    return (entry.event_time, seq, entry.id)
 
 
 def is_older(a: MemoryEntry, b: MemoryEntry) -> bool:
     """True if ``a`` comes strictly before ``b`` in time.
 
-    The order is ``(event_time, id)``: ties on time are broken by id, so for two distinct
-    entries exactly one is older than the other.
+    The order is ``(event_time, turn_seq, id)``: ties on time are broken by the order the
+    source turns arrived in (no ``turn_seq`` counts as earliest), then by id, so for two
+    distinct entries exactly one is older than the other.
     """
     return _order_key(a) < _order_key(b)
 

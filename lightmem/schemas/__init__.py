@@ -24,6 +24,8 @@ from .records import (
     SleepAction,
     SleepWindowCommand,
     TurnEvent,
+    check_event_time,
+    parse_turn,
     stable_id,
 )
 
@@ -42,6 +44,8 @@ __all__ = [
     "SleepWindowCommand",
     "TurnEvent",
     "stable_id",
+    "check_event_time",
+    "parse_turn",
     "RECORDS",
     "SCHEMA_DIR",
     "export_schemas",

@@ -4,6 +4,13 @@ The versioned JSON Schema files under ``schemas/json/`` are generated from these
 (``lightmem schemas export``) and a test keeps them identical, so producers in other
 languages validate against exactly what the Python side accepts.
 
+Strictness (the contract, not a convenience): :meth:`Record.parse` validates in pydantic's
+strict mode over JSON, so a number is never taken for a date-time or a string and ``true`` is
+not a version; date-times must be RFC 3339 as JSON Schema's ``date-time`` format means it
+(``T`` separator, seconds, an offset), and the schema files carry the same rule as a
+``pattern`` so that validators which treat ``format`` as an annotation reject the same
+payloads. A UTF-8 byte-order mark before the JSON text is ignored (RFC 8259 section 8.1).
+
 Exceptions::
 
     ValueError
@@ -13,19 +20,25 @@ Exceptions::
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
+import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .keys import conversation_key, scope_key
 
@@ -44,9 +57,61 @@ __all__ = [
     "SleepWindowCommand",
     "DeadLetter",
     "stable_id",
+    "Timestamp",
+    "RFC3339_PATTERN",
+    "check_event_time",
+    "parse_turn",
 ]
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True)]
+#: A name (tenant, user, conversation, ...): the pattern makes the published schema refuse a
+#: whitespace-only name too, as the model does after stripping.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True,
+                                        pattern=r"\S")]
+
+#: RFC 3339 ``date-time`` (section 5.6): ``T`` (or ``t``) between date and time, seconds,
+#: optional fraction, ``Z`` or a ``+hh:mm`` offset. pydantic alone also takes a space, ``_``,
+#: a missing seconds field, ``+hhmm`` or digits as a Unix time, which the published schema's
+#: ``date-time`` format does not: the pattern keeps the two sides identical.
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_RFC3339 = re.compile(RFC3339_PATTERN)
+
+
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+def _rfc3339(value: object) -> object:
+    # Strings only: a datetime built in Python is already typed, and numbers are refused by
+    # strict parsing (Record.parse) with pydantic's own message. A string that passes is
+    # parsed here, because under strict parsing the field's own validator takes only a
+    # datetime from a validator before it.
+    if not isinstance(value, str):
+        return value
+    if not _RFC3339.match(value):
+        raise PydanticCustomError(
+            "rfc3339_datetime",
+            "Input should be an RFC 3339 date-time: date 'T' time with seconds and a timezone "
+            "offset, e.g. 2024-05-01T09:00:00Z or 2024-05-01T11:00:00+02:00",
+        )
+    try:
+        return _DATETIME.validate_strings(value)
+    except ValidationError as exc:  # e.g. month 13: pydantic's own reason, on this field
+        error = exc.errors(include_url=False)[0]
+        raise PydanticCustomError(error["type"], error["msg"]) from None
+
+
+#: A timezone-aware instant, written as an RFC 3339 string on the wire.
+Timestamp = Annotated[
+    AwareDatetime,
+    BeforeValidator(_rfc3339),
+    Field(json_schema_extra={"pattern": RFC3339_PATTERN}),
+]
+
+#: Text that says something: a whitespace-only message would make no memory, no dead letter
+#: and no log line downstream, so the contract refuses it.
+Text = Annotated[str, StringConstraints(min_length=1, max_length=100_000, pattern=r"\S")]
 
 
 class SchemaError(ValueError):
@@ -63,6 +128,11 @@ class SchemaError(ValueError):
         super().__init__(f"invalid {record}: {lines}")
 
 
+#: UTF-8 byte-order mark: some editors write one at the start of a file; RFC 8259 lets a
+#: parser ignore it, and a valid first line must not be rejected for it.
+_BOM = b"\xef\xbb\xbf"
+
+
 def stable_id(*parts: object) -> str:
     """A deterministic id from the given parts, so re-processing never duplicates a record."""
     joined = "\x1f".join(str(p) for p in parts)
@@ -74,16 +144,28 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Version of this record's schema; bumped on incompatible changes.
-    schema_version: Literal[1] = 1
+    #: Version of this record's schema; bumped on incompatible changes. A strict integer, not
+    #: ``Literal[1]``: pydantic's literal check takes ``true`` for 1 even in strict mode.
+    schema_version: Annotated[StrictInt, Field(ge=1, le=1, json_schema_extra={"const": 1})] = 1
 
     @classmethod
     def parse(cls, payload: bytes | str | dict[str, Any]) -> Self:
-        """Decode and validate ``payload``; raise :class:`SchemaError` naming every bad field."""
+        """Decode and validate ``payload``; raise :class:`SchemaError` naming every bad field.
+
+        Strict JSON validation whatever the input: a dict is serialised first, so that it
+        meets exactly the rules a Kafka value or a JSONL line does. A leading UTF-8
+        byte-order mark is ignored.
+        """
         try:
             if isinstance(payload, dict):
-                return cls.model_validate(payload)
-            return cls.model_validate_json(payload)
+                payload = pydantic_core.to_json(payload)
+            elif isinstance(payload, bytes) and payload.startswith(_BOM):
+                payload = payload[len(_BOM):]
+            elif isinstance(payload, str):
+                payload = payload.removeprefix(_BOM.decode())
+            return cls.model_validate_json(payload, strict=True)
+        except pydantic_core.PydanticSerializationError as exc:
+            raise SchemaError(cls.__name__, [("<record>", str(exc), "a dict")]) from None
         except ValidationError as exc:
             errors = []
             for err in exc.errors(include_url=False):
@@ -126,9 +208,9 @@ class TurnEvent(Record):
     #: Display name of the speaker ("Caroline", "assistant").
     speaker: Name
     #: The message text.
-    text: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
-    #: When the message was written (timezone-aware ISO 8601).
-    event_time: AwareDatetime
+    text: Text
+    #: When the message was written (RFC 3339 with an offset, e.g. 2024-05-01T09:00:00Z).
+    event_time: Timestamp
     #: Free-form platform metadata, carried through untouched.
     metadata: dict[str, Any] | None = None
 
@@ -143,6 +225,38 @@ class TurnEvent(Record):
         return scope_key(self.tenant, self.user)
 
 
+def check_event_time(turn: TurnEvent, *, now: datetime, max_future_s: float) -> TurnEvent:
+    """``turn`` when its event time is at most ``max_future_s`` seconds after ``now``.
+
+    Why: event time drives the idle flushes; one producer with a clock far in the future
+    would flush every conversation it shares a partition with and file its memories under a
+    time that has not happened. Such a turn is refused (dead-lettered with this reason);
+    turns from the past are always accepted (replays and backfills).
+
+    Pure: the caller passes ``now`` (the receiving stage's clock).
+
+    Raises:
+        SchemaError: on ``event_time``, naming the limit and the receiver's time.
+    """
+    if turn.event_time - now > timedelta(seconds=max_future_s):
+        raise SchemaError(type(turn).__name__, [(
+            "event_time",
+            f"more than max_event_time_skew_s={max_future_s:g} s in the future of the "
+            f"receiver's clock ({now.isoformat()})",
+            repr(turn.event_time.isoformat()),
+        )])
+    return turn
+
+
+def parse_turn(payload: bytes | str, *, now: datetime, max_future_s: float) -> TurnEvent:
+    """Decode, validate and time-check one turn: the one parse of every ingest path.
+
+    Raises:
+        SchemaError: invalid JSON, a schema violation, or an event time too far ahead.
+    """
+    return check_event_time(TurnEvent.parse(payload), now=now, max_future_s=max_future_s)
+
+
 class SegmentTurn(BaseModel):
     """A turn as it travels inside a segment: original and compressed text side by side."""
 
@@ -155,11 +269,17 @@ class SegmentTurn(BaseModel):
     user: Name | None = None
     role: Role
     speaker: Name
-    event_time: AwareDatetime
+    event_time: Timestamp
     #: The text as the platform sent it (kept for audit, replay and evaluation).
     original_text: str
     #: The text after sensory pre-compression (equal to the original when not compressed).
     compressed_text: str
+    #: The turn's place in the order the sensory stage received its conversation's turns:
+    #: the turns-topic offset on the stream path (a conversation lives in one partition), the
+    #: embedded runtime's turn count otherwise. Orders the memories of turns that share an
+    #: event time (a LoCoMo session dates all its turns alike). None: not known (segments
+    #: written before the field).
+    seq: int | None = Field(default=None, ge=0)
 
 
 class Segment(Record):
@@ -206,11 +326,15 @@ class MemoryEntry(Record):
     #: The memory itself: a standalone sentence (llm) or a compressed turn (extractive).
     fact: str
     #: When the source turn happened (the memory's time for temporal reasoning).
-    event_time: AwareDatetime
+    event_time: Timestamp
     #: When the entry was written.
-    ingest_time: AwareDatetime
+    ingest_time: Timestamp
     #: Turn ids the fact was extracted from.
     source_turn_ids: list[str] = Field(min_length=1)
+    #: ``SegmentTurn.seq`` of the source turn: with ``event_time``, the memory's place in
+    #: time (consolidation lets only newer memories change older ones). An update keeps the
+    #: target's, as it keeps its event time. None: not known (entries written before it).
+    turn_seq: int | None = Field(default=None, ge=0)
     #: Source turns' original text, joined.
     original_text: str
     #: Source turns' compressed text, joined.
@@ -249,7 +373,7 @@ class MemoryChange(Record):
     caused_by: list[str] = Field(default_factory=list)
     #: The consolidator's explanation, or "ingest".
     reason: str = ""
-    at: AwareDatetime
+    at: Timestamp
 
     @field_validator("before", "after")
     @classmethod
@@ -275,11 +399,11 @@ class SleepWindowCommand(Record):
     #: Limit the window to one tenant; None = all tenants.
     tenant: Name | None = None
     #: For ``open``: when the window closes by itself.
-    until: AwareDatetime | None = None
+    until: Timestamp | None = None
     #: For ``schedule``: a cron expression (minute hour dom month dow) and window length.
     cron: str | None = None
     duration_s: int | None = Field(default=None, gt=0)
-    issued_at: AwareDatetime
+    issued_at: Timestamp
     issued_by: str = "ops"
 
 
@@ -300,7 +424,7 @@ class DeadLetter(Record):
     #: The original bytes, decoded as UTF-8 with replacement (see ``raw_b64`` for exactness).
     raw: str
     raw_b64: str
-    at: AwareDatetime
+    at: Timestamp
 
     @classmethod
     def from_raw(

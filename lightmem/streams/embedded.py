@@ -55,6 +55,7 @@ from lightmem.schemas import (
     SchemaError,
     Segment,
     TurnEvent,
+    parse_turn,
     stable_id,
 )
 from lightmem.settings import Settings
@@ -226,7 +227,8 @@ class EmbeddedRuntime(Components):
             report.lines += 1
             if raw.strip():
                 try:
-                    batch.append(TurnEvent.parse(raw))
+                    batch.append(parse_turn(raw, now=self.clock(),
+                                            max_future_s=self.settings.max_event_time_skew_s))
                 except SchemaError as exc:
                     report.rejected.append(RejectedLine(number, str(exc)))
                     self._dead_letter(
@@ -278,16 +280,19 @@ class EmbeddedRuntime(Components):
             return
         # Compression is the expensive model step: batched across every turn of the batch.
         compressed = self.compressor.compress([ev.text for ev in fresh])
+        # Arrival order of the turns (SegmentTurn.seq): the ledger only grows, so its count
+        # numbers every turn ever ingested here.
+        first_seq = self.store.turns_seen()
         with self.store.transaction():
             states: dict[str, SensoryBufferState | None] = {}
-            for ev, comp in zip(fresh, compressed, strict=True):
+            for i, (ev, comp) in enumerate(zip(fresh, compressed, strict=True)):
                 key = ev.conversation_key
                 if key not in states:
                     states[key] = self._load_sensory(key)
                 segments, states[key] = push(
                     states[key],
                     ev,
-                    to_segment_turn(ev, comp.compressed),
+                    to_segment_turn(ev, comp.compressed, seq=first_seq + i),
                     buffer=self.sensory_buffer,
                     segmenter=self.segmenter,
                     idle_timeout=self.idle_timeout,

@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lightmem.schemas import DeadLetter, SchemaError, TurnEvent
+from lightmem.schemas import DeadLetter, SchemaError, TurnEvent, parse_turn
 from lightmem.settings import Settings
 
 from .control import FlushCommand, flush_headers
-from .topics import Topics, kafka_config
+from .topics import Topics, dead_letter_max_bytes, kafka_config
 
 __all__ = [
     "DeliveryError",
@@ -62,7 +62,29 @@ class OversizeError(ValueError):
 
 
 def oversize_error(size: int, limit: int) -> OversizeError:
-    return OversizeError(f"<record>: event is {size} bytes, larger than max_event_bytes={limit}")
+    """The error for an event of ``size`` bytes over the ``max_event_bytes`` limit."""
+    return OversizeError(
+        f"<record>: event is {size} bytes, larger than max_event_bytes={limit} "
+        "(LIGHTMEM_MAX_EVENT_BYTES)"
+    )
+
+
+#: UTF-8 byte-order mark that some editors put at the start of a file.
+_BOM = b"\xef\xbb\xbf"
+
+
+def _delivery_reason(err: Any, settings: Settings) -> str:
+    """A broker's refusal in words; a record too large says which limit to raise."""
+    from confluent_kafka import KafkaError
+
+    reason = err.str()
+    if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        reason += (
+            f" (the topic's max.message.bytes is below this record; topics created by "
+            f"`lightmem topics create` accept max_event_bytes={settings.max_event_bytes}: "
+            "raise the existing topic's max.message.bytes, or lower the event)"
+        )
+    return reason
 
 
 def _utcnow() -> datetime:
@@ -98,8 +120,8 @@ class TurnProducer:
                     "enable.idempotence": True,
                     "partitioner": "murmur2_random",
                     "linger.ms": 5,
-                    # Room for dead letters of oversized events (see topics.DLQ_MAX_...).
-                    "message.max.bytes": 5 * 1024 * 1024,
+                    # Room for the dead letter of the largest turn (settings.max_event_bytes).
+                    "message.max.bytes": dead_letter_max_bytes(settings),
                 },
             )
         )
@@ -108,13 +130,16 @@ class TurnProducer:
 
     # -- delivery bookkeeping
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        # Runs inside poll()/flush(): record, never raise.
-        if err is not None:
-            key = msg.key()
-            self.failures.append(f"{msg.topic()} key={key!r}: {err.str()}")
-        else:
-            self.delivered += 1
+    def _on_delivery(self, label: str | None) -> Callable[[Any, Any], None]:
+        def report(err: Any, msg: Any) -> None:
+            # Runs inside poll()/flush(): record, never raise.
+            if err is not None:
+                where = f"{label} -> " if label else ""
+                self.failures.append(f"{where}{msg.topic()} key={msg.key()!r}: "
+                                     f"{_delivery_reason(err, self.settings)}")
+            else:
+                self.delivered += 1
+        return report
 
     def produce(
         self,
@@ -124,9 +149,22 @@ class TurnProducer:
         key: bytes | None = None,
         partition: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        label: str | None = None,
     ) -> None:
-        """Queue one record; waits for room when the local queue is full."""
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
+        """Queue one record; waits for room when the local queue is full.
+
+        Args:
+            label: Where the record came from (``FILE:LINE``, a turn id): named in every
+                failure of this record.
+
+        Raises:
+            DeliveryError: the client refused the record at once (e.g. larger than its
+                ``message.max.bytes``); the records queued before it are unaffected.
+        """
+        from confluent_kafka import KafkaException
+
+        kwargs: dict[str, Any] = {"key": key, "value": value,
+                                  "on_delivery": self._on_delivery(label)}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
@@ -138,16 +176,37 @@ class TurnProducer:
             except BufferError:
                 # Local queue full: serve delivery reports until there is room again.
                 self._producer.poll(0.5)
+            except KafkaException as exc:
+                where = f"{label} -> " if label else ""
+                raise DeliveryError([f"{where}{topic} key={key!r}: "
+                                     f"{_delivery_reason(exc.args[0], self.settings)}"]) from None
         self._producer.poll(0)
 
+    def check_size(self, value: bytes, label: str) -> None:
+        """Refuse a turn larger than ``max_event_bytes`` before it is sent.
+
+        Raises:
+            OversizeError: naming ``label`` (the line or the turn) and the limit.
+        """
+        limit = self.settings.max_event_bytes
+        if len(value) > limit:
+            raise OversizeError(f"{label}: {oversize_error(len(value), limit)}")
+
     def add_turns(self, turns: Iterable[TurnEvent]) -> int:
-        """Queue turn events keyed ``tenant/conversation``; returns how many were queued.
+        """Queue turn events keyed by their ``conversation_key``; returns how many were queued.
 
         Call :meth:`flush` (or leave the ``with`` block) to wait for their delivery.
+
+        Raises:
+            OversizeError: a turn is larger than ``max_event_bytes`` (checked before it is
+                sent, named by turn id and conversation; the turns before it stay queued).
         """
         n = 0
         for turn in turns:
-            self.produce(self.topics.turns, turn.to_bytes(), key=turn.conversation_key.encode())
+            label = f"turn {turn.turn_id!r} of {turn.conversation_key}"
+            value = turn.to_bytes()
+            self.check_size(value, label)
+            self.produce(self.topics.turns, value, key=turn.conversation_key.encode(), label=label)
             n += 1
         return n
 
@@ -214,6 +273,7 @@ def add_turns(
 
     Raises:
         DeliveryError: some turns were not delivered (every failure is listed).
+        OversizeError: a turn is larger than ``max_event_bytes`` (none after it is sent).
     """
     with TurnProducer(settings, topics) as producer:
         n = producer.add_turns(turns)
@@ -252,7 +312,26 @@ class FileReport:
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with path.open("rb") as f:
-        yield from enumerate(f, start=1)
+        for number, line in enumerate(f, start=1):
+            # A byte-order mark belongs to the file, not to the first turn: drop it so that
+            # the record on the topic is plain JSON for every consumer.
+            yield number, line.removeprefix(_BOM) if number == 1 else line
+
+
+def _file_dead_letter(body: bytes, error: Exception, *, path: Path, number: int,
+                      at: datetime, limit: int) -> DeadLetter:
+    """The dead letter of a rejected line; without its bytes when it would not fit the DLQ
+    (the line is still in the file, and the reason says where)."""
+    letter = DeadLetter.from_raw(body, stage="parse", error=error, source=str(path),
+                                 offset=number, at=at).model_copy(
+        update={"raw": raw_preview(body)})
+    if len(letter.to_bytes()) > limit:
+        letter = letter.model_copy(update={
+            "raw_b64": "",
+            "reason": f"{letter.reason} [the line's {len(body)} bytes are not kept in this "
+                      f"dead letter: too large for the DLQ; see {path} line {number}]",
+        })
+    return letter
 
 
 def produce_file(
@@ -266,16 +345,18 @@ def produce_file(
     """Produce a JSONL file of turn events (``lightmem produce FILE.jsonl``).
 
     Every line is validated first; a bad line (invalid JSON, schema violation, larger than
-    ``max_event_bytes``) is reported with its line number and reason and sent to the DLQ
-    topic (stage ``parse``, source = the file, offset = the line number); the valid lines
-    are produced all the same.
+    ``max_event_bytes``, an event time more than ``max_event_time_skew_s`` ahead) is
+    reported with its line number and reason and sent to the DLQ topic (stage ``parse``,
+    source = the file, offset = the line number); the valid lines are produced all the
+    same. A UTF-8 byte-order mark at the start of the file is ignored. A record the broker
+    still refuses is named by ``FILE:LINE`` in the :class:`DeliveryError`.
 
     Args:
         path: The file; blank lines are skipped.
         settings: Kafka settings and ``max_event_bytes``.
         topics: Topic names (default: the deployment's).
         on_progress: Called with the number of lines just handled.
-        clock: Time stamped on dead letters.
+        clock: Now: stamped on dead letters, and the reference of the event-time bound.
 
     Returns:
         The report (lines, produced, rejected with reasons).
@@ -292,20 +373,21 @@ def produce_file(
                 report.blank += 1
                 on_progress(1)
                 continue
+            label = f"{path}:{number}"
             try:
                 if len(body) > settings.max_event_bytes:
                     raise oversize_error(len(body), settings.max_event_bytes)
-                turn = TurnEvent.parse(body)
+                turn = parse_turn(body, now=clock(),
+                                  max_future_s=settings.max_event_time_skew_s)
             except (SchemaError, OversizeError) as exc:
                 report.rejected.append(RejectedLine(number, str(exc)))
-                producer.dead_letter(
-                    DeadLetter.from_raw(body, stage="parse", error=exc, source=str(path),
-                                        offset=number, at=clock()).model_copy(
-                        update={"raw": raw_preview(body)}),
-                )
+                letter = _file_dead_letter(body, exc, path=path, number=number, at=clock(),
+                                           limit=dead_letter_max_bytes(settings))
+                producer.produce(producer.topics.dlq, letter.to_bytes(), label=label)
             else:
                 # The validated bytes as they were: consumers re-validate the same payload.
-                producer.produce(producer.topics.turns, body, key=turn.conversation_key.encode())
+                producer.produce(producer.topics.turns, body,
+                                 key=turn.conversation_key.encode(), label=label)
                 report.produced += 1
             on_progress(1)
     return report

@@ -59,6 +59,7 @@ from lightmem.schemas import (
     SchemaError,
     Segment,
     TurnEvent,
+    parse_turn,
     stable_id,
 )
 from lightmem.settings import Settings
@@ -339,7 +340,8 @@ class SensoryStage(_Stage):
         """Decode one turn record.
 
         Raises:
-            SchemaError: invalid JSON or schema violation (every field named).
+            SchemaError: invalid JSON, schema violation (every field named), or an event
+                time more than ``max_event_time_skew_s`` ahead of the stage's clock.
             OversizeError: larger than ``max_event_bytes``.
             KeyMismatchError: the key is not the turn's ``tenant/conversation``.
         """
@@ -347,7 +349,8 @@ class SensoryStage(_Stage):
             raise _empty_value_error("TurnEvent")
         if len(rec.value) > self.settings.max_event_bytes:
             raise oversize_error(len(rec.value), self.settings.max_event_bytes)
-        turn = TurnEvent.parse(rec.value)
+        turn = parse_turn(rec.value, now=self.clock(),
+                          max_future_s=self.settings.max_event_time_skew_s)
         _check_key(rec, turn.conversation_key)
         return turn
 
@@ -461,7 +464,7 @@ class SensoryStage(_Stage):
         c = self.components
         try:
             segments, state = self.guarded(lambda: push(
-                slot.buffer, turn, to_segment_turn(turn, compressed),
+                slot.buffer, turn, to_segment_turn(turn, compressed, seq=rec.offset),
                 buffer=c.sensory_buffer, segmenter=c.segmenter, idle_timeout=c.idle_timeout,
             ))
         except _Poisoned as poisoned:

@@ -14,8 +14,13 @@ Topics (DESIGN.md section 2); the partition key keeps what must stay ordered tog
 Turns, segments, entries and memory changes share one partition count
 (``settings.kafka_partitions``): the faust workers' tables are co-partitioned with them.
 
-A *topic prefix* (``Topics(prefix=...)``, or ``settings.kafka_topic_prefix`` where the settings
-have that field) puts a whole deployment's topics under one namespace, e.g. one per test run.
+A *topic prefix* (``Topics(prefix=...)``, or ``settings.kafka_topic_prefix``, env
+``LIGHTMEM_KAFKA_TOPIC_PREFIX``) puts a whole deployment's topics under one namespace, e.g. one
+per test run.
+
+Sizes: ``settings.max_event_bytes`` is the one size limit of a turn. The turns topic accepts
+such a record (:func:`turns_max_message_bytes`), and the DLQ topic and every producer that may
+write a dead letter accept the dead letter of such a record (:func:`dead_letter_max_bytes`).
 A replay run keeps reading the deployment's turns topic but writes its segments, entries,
 changes and dead letters to topics of its own (:meth:`Topics.for_replay`), so that it never
 mixes with the live pipeline.
@@ -50,6 +55,8 @@ __all__ = [
     "faust_broker_settings",
     "redacted",
     "topic_prefix",
+    "turns_max_message_bytes",
+    "dead_letter_max_bytes",
 ]
 
 #: Base names; the deployment's prefix goes in front.
@@ -62,7 +69,13 @@ SLEEP_CONTROL = "lightmem.sleep-control.v1"
 
 #: Dead letters carry the original event (base64) plus the reason: allow bigger records
 #: than the broker default (1 MiB) so that an oversized turn can always be dead-lettered.
+#: The floor of :func:`dead_letter_max_bytes`.
 DLQ_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: The broker's default ``message.max.bytes``: a topic is never made stricter than this, so
+#: producers batching up to librdkafka's default ``batch.size`` (1,000,000) always fit.
+BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+#: Room for what a record batch adds to the value: batch and record headers, key, headers.
+RECORD_OVERHEAD_BYTES = 64 * 1024
 _FOREVER = "-1"
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
 
@@ -77,9 +90,29 @@ class TopicSpec:
 
 
 def topic_prefix(settings: Settings) -> str:
-    """The deployment's topic prefix: ``settings.kafka_topic_prefix`` when the settings have
-    that field (env ``LIGHTMEM_KAFKA_TOPIC_PREFIX``), else none."""
-    return str(getattr(settings, "kafka_topic_prefix", "") or "")
+    """The deployment's topic prefix: ``settings.kafka_topic_prefix`` (env
+    ``LIGHTMEM_KAFKA_TOPIC_PREFIX``; empty = none)."""
+    return settings.kafka_topic_prefix
+
+
+def turns_max_message_bytes(settings: Settings) -> int:
+    """``max.message.bytes`` of the turns topic: a turn of ``max_event_bytes`` fits, and the
+    broker's default is kept as a floor (a larger turn from another producer still reaches
+    the sensory stage, which dead-letters it with the reason instead of the broker refusing
+    it)."""
+    return max(settings.max_event_bytes + RECORD_OVERHEAD_BYTES, BROKER_DEFAULT_MAX_MESSAGE_BYTES)
+
+
+def dead_letter_max_bytes(settings: Settings) -> int:
+    """The largest dead letter: the DLQ topic's ``max.message.bytes`` and the producers'
+    ``message.max.bytes``.
+
+    A dead letter of a turn the turns topic accepted holds its bytes in base64 (4/3), a
+    preview of at most :data:`~lightmem.streams.producer.RAW_PREVIEW_CHARS` characters and
+    the reason: twice the turns topic's limit covers it, with :data:`DLQ_MAX_MESSAGE_BYTES`
+    as the floor (dead letters of segments and entries).
+    """
+    return max(2 * turns_max_message_bytes(settings), DLQ_MAX_MESSAGE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -154,13 +187,15 @@ def topic_specs(settings: Settings, topics: Topics) -> list[TopicSpec]:
     keep = {"cleanup.policy": "delete", "retention.ms": _FOREVER}
     return [
         # The source of truth: replay/backfill reads it from the beginning, so keep it.
-        TopicSpec(topics.turns, n, keep),
+        TopicSpec(topics.turns, n,
+                  {**keep, "max.message.bytes": str(turns_max_message_bytes(settings))}),
         # Intermediate: only needed until the next stage consumed it.
         TopicSpec(topics.segments, n, {"cleanup.policy": "delete", "retention.ms": _WEEK_MS}),
         # The sleep-time group replays entries; the audit trail is kept.
         TopicSpec(topics.entries, n, keep),
         TopicSpec(topics.memory_changes, n, keep),
-        TopicSpec(topics.dlq, 1, {**keep, "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}),
+        TopicSpec(topics.dlq, 1,
+                  {**keep, "max.message.bytes": str(dead_letter_max_bytes(settings))}),
         TopicSpec(topics.sleep_control, 1, {"cleanup.policy": "compact"}),
     ]
 
