@@ -93,7 +93,7 @@ class UpdateQueue:
 
     #: The (newer) entry the queue belongs to.
     entry_id: str
-    #: Its scope, ``tenant/user``.
+    #: Its scope, ``scope_key(tenant, user)``.
     scope: str
     #: ``(target_id, cosine score)`` pairs, best first; every target is older than the entry.
     items: list[tuple[str, float]]

@@ -1,8 +1,8 @@
 """Reading the memory-changes topic (``lightmem history`` on the streaming deployment).
 
-The topic is keyed ``tenant/user``; a memory id does not say its scope, so the reader scans
-every partition from the beginning to its current end with a consumer that *assigns* the
-partitions (no group joined, nothing committed). Records are at-least-once: the same
+The topic is keyed ``scope_key(tenant, user)``; a memory id does not say its scope, so the
+reader scans every partition from the beginning to its current end with a consumer that
+*assigns* the partitions (no group joined, nothing committed). Records are at-least-once: the same
 ``change_id`` may appear more than once (a replayed batch, a settled outbox entry); the
 first copy is kept.
 """

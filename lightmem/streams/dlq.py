@@ -9,7 +9,7 @@ letters to where they came from, with their original key:
 
 - ``source`` is a pipeline topic: back to that topic;
 - ``source`` is a file (``lightmem produce``): to the turns topic, keyed by the turn's
-  ``tenant/conversation`` when the bytes parse (else unkeyed: the worker dead-letters them
+  ``conversation_key`` when the bytes parse (else unkeyed: the worker dead-letters them
   again, with the reason);
 - ``source`` is ``summarizer`` (a failed summarization): each carried segment goes back to
   the segments topic, marked as a redelivery so that the short-term stage buffers it again.
