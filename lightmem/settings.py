@@ -93,8 +93,6 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=256_000, ge=1024, le=16 * 1024 * 1024)
     #: A stage that fails on the same event this many times dead-letters it (poison message).
     poison_attempts: int = Field(default=3, ge=1)
-    #: faust worker web server: bound to 127.0.0.1; 0 = off.
-    worker_web_port: int = Field(default=0, ge=0)
     worker_id: str = "lightmem"
 
     # --- Elasticsearch (streaming deployment)

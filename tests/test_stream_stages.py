@@ -273,13 +273,16 @@ def test_index_sink_writes_once_and_dead_letters_a_rejected_entry() -> None:
     changes = [MemoryChange.parse(o.value) for o in result.out if o.topic ==
                TOPICS.memory_changes]
     assert {c.memory_id for c in changes} == set(store.docs) and {c.op for c in changes} == {"add"}
-    # A redelivery after the sleep-time stage updated the memory: the update stays, and no
-    # second `add` goes to the changes topic.
+    # A redelivery (its first attempt's transaction was aborted, so its `add` was lost)
+    # after the sleep-time stage updated the memory: the update stays, and the `add` goes
+    # out again with the same change id (a consumer can tell it is the same change).
     first = MemoryEntry.parse(recs[0].value)
     store.docs[first.id] = store.docs[first.id].model_copy(update={"version": 2,
                                                                    "fact": "updated"})
     again = sink.step(recs[:1])
-    assert (again.applied, again.skipped, again.out) == (0, 1, [])
+    [resent] = [MemoryChange.parse(o.value) for o in again.out]
+    [original] = [c for c in changes if c.memory_id == first.id]
+    assert again.applied == 1 and resent.change_id == original.change_id
     assert store.docs[first.id].version == 2 and store.docs[first.id].fact == "updated"
 
 
@@ -391,3 +394,24 @@ def test_an_idle_flush_decodes_its_key_whatever_the_names() -> None:
     assert (command.tenant, command.conversation) == ("a/b", "c/d")
     assert command.key == key and command.matches("a/b", "c/d")
     assert not command.matches("a", "b/c/d")
+
+
+def test_a_quiet_conversation_is_idle_by_wall_clock_without_newer_event_times() -> None:
+    """Event-time idleness needs a newer event to compare with; when the stream goes quiet
+    the wall clock since the conversation's last turn arrived flushes it anyway."""
+    clock = [NOW]
+    stage = SensoryStage(settings(), components(), TOPICS, clock=lambda: clock[0],
+                         sleep=lambda s: None)
+    result = stage.step(turn_recs([turn(0), turn(1)]), {})
+    slots = slots_of(result)
+    assert result.stream_time is not None
+    # The newest event time seen is the conversation's own: never idle by event time.
+    assert stage.idle_keys(slots, result.stream_time, {0}) == []
+    assert stage.idle_keys(slots, result.stream_time, {0}, now=NOW + timedelta(minutes=59)
+                           ) == []
+    [key] = stage.idle_keys(slots, result.stream_time, {0}, now=NOW + timedelta(minutes=61))
+    assert stage.idle_keys(slots, None, {0}, now=NOW + timedelta(minutes=61)) == [key]
+    assert stage.idle_keys(slots, None, {1}, now=NOW + timedelta(minutes=61)) == []
+    command = stage.idle_flush_command(slots[key])
+    assert (command.tenant, command.conversation) == ("acme", "c1")
+    assert command.key == key

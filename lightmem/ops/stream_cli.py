@@ -7,7 +7,7 @@ backfill.
     lightmem produce FILE.jsonl          produce turn events (bad lines -> DLQ, exit 1)
     lightmem flush [--tenant --conversation]
                                          in-band flush command on the turns topic
-    lightmem worker                      run the faust worker (all three stages)
+    lightmem worker                      run the ingest worker (all three stages)
     lightmem dlq list [--json]           every dead letter: stage, reason, source position
     lightmem dlq replay --offset N ... | --stage S | --all
                                          re-produce the original bytes to their source
@@ -181,12 +181,17 @@ def flush(
 
 def worker(
     ctx: typer.Context,
-    app_id: Annotated[str | None, typer.Option("--app-id", help="faust app id = consumer "
-                                               "group [env LIGHTMEM_WORKER_ID]")] = None,
+    app_id: Annotated[str | None, typer.Option("--app-id", help="app id = consumer group, "
+                                               "part of the changelog topic names "
+                                               "[env LIGHTMEM_WORKER_ID]")] = None,
     index: Annotated[str | None, typer.Option(help="Write this index instead of the alias "
                                               "[env LIGHTMEM_ES_ALIAS]")] = None,
     topic_prefix: PrefixOpt = None,
-    loglevel: Annotated[str, typer.Option(help="faust/worker log level")] = "info",
+    loglevel: Annotated[str, typer.Option(help="worker log level")] = "info",
+    instance: Annotated[str | None, typer.Option(
+        "--instance", help="this worker's stable name in the group (transactional id "
+        "<app id>-<instance>): a restart with the same name aborts its predecessor's open "
+        "transaction at once; never give two live workers one name [default: random]")] = None,
     replay_run: Annotated[str | None, typer.Option(hidden=True)] = None,
     stop_offsets: Annotated[str | None, typer.Option(hidden=True)] = None,
     idle_timer: Annotated[bool, typer.Option(hidden=True)] = True,
@@ -195,11 +200,12 @@ def worker(
 ) -> None:
     """Run the streaming worker: sensory stage, short-term stage and index sink.
 
-    Stops cleanly on SIGTERM/SIGINT. The web server is off unless
-    LIGHTMEM_WORKER_WEB_PORT is set (then bound to 127.0.0.1); so is the Prometheus
-    endpoint unless --metrics-port / LIGHTMEM_METRICS_PORT is set.
+    One Kafka transaction per batch: output, stage state and input offsets commit together.
+    Stops cleanly on SIGTERM/SIGINT (finishes and commits the batch at hand). The Prometheus
+    endpoint is off unless --metrics-port / LIGHTMEM_METRICS_PORT is set. Exit status: 0
+    stopped, 1 could not start, 70 a bug in a stage, 75 a fatal Kafka error (restart it).
     """
-    from lightmem.streams.app import WorkerOptions, run_worker
+    from lightmem.streams.ingest import WorkerOptions, run_worker
 
     if log_format is None and isinstance(ctx.obj, dict):  # `lightmem --log-format X worker`
         log_format = ctx.obj.get("log_format")
@@ -216,7 +222,8 @@ def worker(
                          f"partition -> offset: {exc}")
             raise typer.Exit(2) from None
     options = WorkerOptions.from_settings(settings, topics=topics, index=index,
-                                          stop_offsets=stops, idle_timer=idle_timer)
+                                          stop_offsets=stops, idle_timer=idle_timer,
+                                          instance=instance)
     raise typer.Exit(run_worker(settings, options, loglevel=loglevel))
 
 

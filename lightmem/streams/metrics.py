@@ -19,7 +19,7 @@ lightmem_events_skipped_total           counter     stage (already applied: rede
 lightmem_stage_errors_total             counter     stage, kind (transient | bug)
 lightmem_dead_letters_total             counter     stage, reason (parse, compress, ...)
 lightmem_batch_seconds                  histogram   stage (one step, delivery included)
-lightmem_partition_rereads_total        counter     stage (lost-record watchdog seeks)
+lightmem_partition_rereads_total        counter     stage (held batches left to be re-read)
 lightmem_llm_calls_total                counter     stage, tenant
 lightmem_llm_errors_total               counter     stage, tenant
 lightmem_llm_tokens_total               counter     stage, tenant, kind (prompt | completion)
@@ -114,7 +114,8 @@ BATCH_SECONDS = Histogram("lightmem_batch_seconds",
                           "Seconds of one successful batch step, delivery included.",
                           ["stage"], buckets=_STEP_BUCKETS, registry=REGISTRY)
 REREADS = Counter("lightmem_partition_rereads",
-                  "Partitions sought back by the lost-record watchdog.", ["stage"],
+                  "Batches held for a retry and dropped by a rebalance (re-read from the "
+                  "committed offset).", ["stage"],
                   registry=REGISTRY)
 LLM_CALLS = Counter("lightmem_llm_calls", "Successful LLM calls.", ["stage", "tenant"],
                     registry=REGISTRY)
@@ -213,7 +214,8 @@ def record_stage_error(stage: str, kind: str) -> None:
 
 
 def record_reread(stage: str) -> None:
-    """Count one partition sought back by the lost-record watchdog."""
+    """Count one held batch dropped by a rebalance (its records are re-read by their next
+    owner from the committed offset)."""
     REREADS.labels(stage).inc()
 
 

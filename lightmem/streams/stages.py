@@ -1,28 +1,27 @@
-"""The three stream stages as plain steps over record batches, without faust.
+"""The three stream stages as plain steps over record batches, without any Kafka client.
 
 Each stage turns a batch of raw inbound records (bytes, with topic/partition/offset) and the
 table slots it touches into the records to produce and the slots to write back
-(:class:`StepResult`). The faust agents (:mod:`lightmem.streams.app`) only move bytes: read
-the slots, run a step in a worker thread, produce its output and wait for delivery, write
-the slots, and let faust ack the batch. A step never mutates its inputs, so a failed step
+(:class:`StepResult`). The ingest worker (:mod:`lightmem.streams.ingest`) only moves bytes:
+it reads the slots, runs the steps, then commits their output, the new slots (changelog) and
+the input offsets in one Kafka transaction. A step never mutates its inputs, so a failed step
 (a transient error) is simply run again on the same batch and the same slots.
 
-Delivery semantics (at-least-once, made harmless):
+Delivery semantics (exactly once on Kafka, idempotent outside it):
 
-- A slot remembers the last source offset it applied (per conversation, which lives in one
-  partition), so a batch redelivered after a crash skips what the changelog already holds.
-- The sensory slot also keeps the recent turn ids (a turn produced twice is applied once);
-  the topic slot keeps the recent segment ids (a segment cut twice is buffered once).
-- Entries have deterministic ids: the index sink's bulk upsert overwrites, never duplicates.
-- Everything the stages produce is delivered before the slots are written and before the
-  offsets are committed; the worst a crash does is re-run a step whose output is deduplicated
-  downstream.
+- The transaction makes output, state and offsets one unit: a batch is applied entirely or
+  not at all, and read again from the committed offset after a crash.
+- A slot still remembers the last source offset it applied (per conversation, which lives in
+  one partition) and its recent turn ids / segment ids, so a turn produced twice or a
+  segment replayed from the DLQ is applied once.
+- Entries have deterministic ids: the index sink's write (first write wins) never
+  duplicates, and an entry read again gets the ``add`` change its aborted attempt lost.
 
 Failure sorting, per record (STYLE.md section 4):
 
 - undecodable, schema-invalid, wrongly keyed or oversized records: a dead letter at once;
 - transient errors (:func:`is_transient`: LLM/ES/Kafka unavailable, 429, 5xx): the whole
-  step raises, the agent backs off and runs it again (nothing is acked meanwhile);
+  step raises, the worker backs off and runs it again (nothing is committed meanwhile);
 - any other exception while processing one record: retried up to ``poison_attempts`` times,
   then that record is dead-lettered (a *poison message*) and the batch goes on.
 
@@ -185,11 +184,12 @@ def is_transient(exc: BaseException) -> bool:
             statuses = [_leading_int(r) for r in exc.failures.values()]
             return bool(statuses) and all(s == 429 or s >= 500 for s in statuses)
     try:
-        from aiokafka.errors import KafkaError as AioKafkaError
-    except ImportError:  # pragma: no cover
-        AioKafkaError = ()  # type: ignore[assignment,misc]  # noqa: N806
-    if AioKafkaError and isinstance(exc, AioKafkaError):
-        return True
+        from confluent_kafka import KafkaException
+    except ImportError:  # pragma: no cover - the stream extra is missing
+        KafkaException = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if KafkaException and isinstance(exc, KafkaException):
+        err = exc.args[0] if exc.args else None
+        return not (hasattr(err, "fatal") and err.fatal())
     return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
 
 
@@ -295,6 +295,9 @@ class SensorySlot(BaseModel):
     buffer: SensoryBufferState | None = None
     #: Segments went downstream since the last flush: a flush must tell the next stage.
     downstream_open: bool = False
+    #: Wall-clock time the conversation's last turn was applied: a quiet stream is flushed
+    #: by the idle timer even when no newer event time arrives to compare with.
+    arrived_at: datetime | None = None
 
     def applied(self, rec: Inbound) -> bool:
         return rec.partition == self.partition and rec.offset <= self.offset
@@ -343,7 +346,7 @@ class SensoryStage(_Stage):
             SchemaError: invalid JSON, schema violation (every field named), or an event
                 time more than ``max_event_time_skew_s`` ahead of the stage's clock.
             OversizeError: larger than ``max_event_bytes``.
-            KeyMismatchError: the key is not the turn's ``tenant/conversation``.
+            KeyMismatchError: the key is not the turn's ``conversation_key``.
         """
         if rec.value is None:
             raise _empty_value_error("TurnEvent")
@@ -427,6 +430,7 @@ class SensoryStage(_Stage):
                 # Dead-lettered turns are not remembered: `dlq replay` may bring them back.
                 slot.remember(item.turn_id)
             slot.advance(rec)
+            slot.arrived_at = self.clock()
             if result.stream_time is None or item.event_time > result.stream_time:
                 result.stream_time = item.event_time
 
@@ -533,19 +537,33 @@ class SensoryStage(_Stage):
             slot.downstream_open = False
 
     def idle_keys(
-        self, slots: Mapping[bytes, bytes], stream_time: datetime, partitions: set[int]
+        self, slots: Mapping[bytes, bytes], stream_time: datetime | None, partitions: set[int],
+        *, now: datetime | None = None,
     ) -> list[bytes]:
-        """Conversations of ``partitions`` silent (in event time) for longer than the idle
-        timeout, compared with ``stream_time`` (the newest event time the worker saw)."""
+        """Conversations of ``partitions`` with a buffer and no new turn for longer than the
+        idle timeout: in event time (against ``stream_time``, the newest event time the
+        worker saw) or, with ``now``, in wall-clock time since their last turn arrived (so
+        the last conversations of a stream that went quiet are flushed too)."""
         idle = []
+        timeout = self.components.idle_timeout
         for key, raw in slots.items():
             slot = SensorySlot.model_validate_json(raw)
             if slot.partition not in partitions or slot.buffer is None:
                 continue
-            if should_flush(slot.buffer, now=stream_time,
-                            idle_timeout=self.components.idle_timeout) is not None:
+            by_event = stream_time is not None and should_flush(
+                slot.buffer, now=stream_time, idle_timeout=timeout) is not None
+            by_clock = (now is not None and slot.arrived_at is not None
+                        and now - slot.arrived_at >= timeout)
+            if by_event or by_clock:
                 idle.append(key)
         return idle
+
+    def idle_flush_command(self, raw_slot: bytes) -> FlushCommand:
+        """The flush command for one idle conversation (names from the slot, never parsed
+        back out of the key)."""
+        slot = SensorySlot.model_validate_json(raw_slot)
+        return FlushCommand(tenant=slot.tenant, conversation=slot.conversation,
+                            issued_at=self.clock(), issued_by="idle-timer")
 
 
 _SKIP = object()
@@ -725,25 +743,30 @@ class IndexSink(_Stage):
             return result
         pairs = list(entries.values())
         poisoned_before = result.dead_letters
-        written = self._write_all(pairs, result)
+        stored = self._write_all(pairs, result)
         now = self.clock()
-        for entry in written:
+        # Every stored entry gets its `add` change, also one the index already held: the
+        # worker commits the changes with the entries' offsets in one transaction, so an
+        # entry read again is one whose earlier attempt was never committed (its change was
+        # aborted with it). The change id is deterministic: a consumer sees at most the same
+        # change twice, never two different ones. An entry already present (possibly updated
+        # since by the sleep-time stage) is left as it is: the first write wins.
+        for entry in stored:
             result.out.append(Outbound(self.topics.memory_changes, entry.scope.encode(),
                                        added_change(entry, now).to_bytes()))
-        result.applied += len(written)
-        # Redelivered entries already in the index (possibly updated since by the sleep-time
-        # stage): left as they are, and no second `add` change.
-        result.skipped += len(pairs) - len(written) - (result.dead_letters - poisoned_before)
+        result.applied += len(stored)
+        result.skipped += len(pairs) - len(stored) - (result.dead_letters - poisoned_before)
         return result
 
     def _write_all(self, pairs: list[tuple[Inbound, MemoryEntry]], result: StepResult
                    ) -> list[MemoryEntry]:
-        """The entries newly written (first write wins: see ``bulk_create``)."""
+        """The entries now in the index: written here or already there (first write wins:
+        see ``bulk_create``); the poison ones are dead-lettered."""
         embedder = self.components.embedder
         try:
             embedded = embedder.embed_entries([e for _, e in pairs])
-            created = set(self.store.bulk_create(embedded))
-            return [e for e in embedded if e.id in created]
+            self.store.bulk_create(embedded)
+            return embedded
         except Exception as exc:  # noqa: BLE001 - isolate the poison entries below
             if is_transient(exc):
                 raise
@@ -752,7 +775,8 @@ class IndexSink(_Stage):
         for rec, entry in pairs:
             def write(e: MemoryEntry = entry) -> list[MemoryEntry]:
                 [done] = embedder.embed_entries([e])
-                return [done] if self.store.bulk_create([done]) else []
+                self.store.bulk_create([done])
+                return [done]
             try:
                 written.extend(self.guarded(write))
             except _Poisoned as poisoned:

@@ -12,7 +12,8 @@ Topics (DESIGN.md section 2); the partition key keeps what must stay ordered tog
     lightmem.sleep-control.v1    key = command scope       sleep-window commands (compacted)
 
 Turns, segments, entries and memory changes share one partition count
-(``settings.kafka_partitions``): the faust workers' tables are co-partitioned with them.
+(``settings.kafka_partitions``): the ingest workers' changelog-backed tables are
+co-partitioned with them.
 
 A *topic prefix* (``Topics(prefix=...)``, or ``settings.kafka_topic_prefix``, env
 ``LIGHTMEM_KAFKA_TOPIC_PREFIX``) puts a whole deployment's topics under one namespace, e.g. one
@@ -36,7 +37,6 @@ Exceptions::
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -52,7 +52,6 @@ __all__ = [
     "create_topics",
     "delete_topics",
     "kafka_config",
-    "faust_broker_settings",
     "redacted",
     "topic_prefix",
     "turns_max_message_bytes",
@@ -217,12 +216,19 @@ def kafka_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     Returns:
         The configuration dict. It holds the SASL password in clear text: never log it
         without :func:`redacted`.
+
+    Raises:
+        ValueError: an unknown security protocol (the value is named; credentials never are).
     """
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
         "security.protocol": settings.kafka_security_protocol,
     }
     protocol = settings.kafka_security_protocol.upper()
+    if protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+        raise ValueError(
+            f"kafka_security_protocol: must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL "
+            f"(got {settings.kafka_security_protocol!r})")
     if protocol.startswith("SASL"):
         if settings.kafka_sasl_mechanism:
             conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
@@ -239,47 +245,6 @@ def kafka_config(settings: Settings, **extra: Any) -> dict[str, Any]:
 def redacted(conf: Mapping[str, Any]) -> dict[str, Any]:
     """``conf`` with every secret replaced by ``'***'`` (safe to log or print)."""
     return {k: ("***" if k in _SECRET_KEYS and v is not None else v) for k, v in conf.items()}
-
-
-def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile is not None else None
-    return ssl.create_default_context(purpose=ssl.Purpose.SERVER_AUTH, cafile=cafile)
-
-
-def faust_broker_settings(settings: Settings) -> dict[str, Any]:
-    """faust ``App`` keyword arguments for the brokers and their security settings.
-
-    Returns:
-        ``broker`` (a list of ``kafka://host:port`` URLs) and, for secured clusters,
-        ``broker_credentials`` (SASL, with an SSL context for SASL_SSL) or an SSL context.
-
-    Raises:
-        ValueError: an unknown security protocol or SASL mechanism (the value is named;
-            credentials never are).
-    """
-    import faust
-
-    hosts = [h.strip() for h in settings.kafka_bootstrap.split(",") if h.strip()]
-    kwargs: dict[str, Any] = {"broker": [f"kafka://{h}" for h in hosts]}
-    protocol = settings.kafka_security_protocol.upper()
-    if protocol == "PLAINTEXT":
-        return kwargs
-    if protocol == "SSL":
-        kwargs["broker_credentials"] = faust.SSLCredentials(_ssl_context(settings))
-        return kwargs
-    if protocol in {"SASL_PLAINTEXT", "SASL_SSL"}:
-        password = settings.kafka_sasl_password
-        kwargs["broker_credentials"] = faust.SASLCredentials(
-            username=settings.kafka_sasl_username,
-            password=None if password is None else password.get_secret_value(),
-            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
-            ssl_context=_ssl_context(settings) if protocol == "SASL_SSL" else None,
-        )
-        return kwargs
-    raise ValueError(
-        f"kafka_security_protocol: must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL "
-        f"(got {settings.kafka_security_protocol!r})"
-    )
 
 
 # -- admin -----------------------------------------------------------------------------------

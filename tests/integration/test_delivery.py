@@ -194,3 +194,20 @@ def test_a_second_deployment_cannot_share_the_app_id(stream_env: StreamEnv) -> N
         env=senv.env, cwd=senv.tmp, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "already consumes" in result.stderr and senv.topics.turns in result.stderr
+
+
+def test_a_quiet_stream_is_flushed_by_the_wall_clock(stream_env: StreamEnv) -> None:
+    """The last turns of a stream that goes quiet become memories without `lightmem flush`
+    and without newer traffic: idle by wall clock since their last turn arrived."""
+    from datetime import UTC, datetime, timedelta
+
+    senv = stream_env
+    senv.env["LIGHTMEM_IDLE_TIMEOUT_S"] = "4"
+    now = datetime.now(UTC).replace(microsecond=0)
+    conv = make_conversation("acme", "u1", "quiet-c1", 6, start=now - timedelta(minutes=6))
+    w = senv.start_worker("w1")
+    wait_ready(w)
+    SteadyProducer(senv, conv, 100.0).run()
+    # No flush command, no later turn: only the timer can close the buffers.
+    wait_count(senv, len(conv), [w], "the quiet conversation's memories")
+    assert "idle flush requested" in w.text()

@@ -1,13 +1,8 @@
-"""The local Kafka and Elasticsearch work for both Kafka clients and for kNN search.
-
-The aiokafka test is the version-compatibility proof for the pinned broker: faust-streaming
-talks to Kafka through aiokafka, which (unlike librdkafka) has lagged behind Kafka 4.0's removal
-of old protocol versions.
-"""
+"""The local Kafka and Elasticsearch work for the Kafka client (confluent-kafka: plain and
+transactional produce, group consume and commit) and for kNN search."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -92,90 +87,6 @@ def test_confluent_kafka_round_trip(
     finally:
         consumer.close()
     _assert_round_trip(received)
-
-
-@pytest.mark.integration
-def test_aiokafka_round_trip(
-    kafka_bootstrap: str,
-    new_topic: Callable[..., str],
-    new_group: Callable[[], str],
-    unique_id: Callable[[str], str],
-) -> None:
-    """Plain and transactional produce, group consume and commit: what faust relies on."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    topic = new_topic(PARTITIONS)
-    admin_topic = unique_id("lightmem-test")
-    group = new_group()
-
-    async def scenario() -> tuple[list[tuple[str, int]], list[str], list[tuple[int, str]], dict]:
-        # faust declares its topics through aiokafka's CreateTopics request.
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            response = await admin.create_topics([NewTopic(admin_topic, 2, 1)])
-            created = [(name, code) for name, code, *_ in response.topic_errors]
-            # The broker's metadata follows the controller shortly after CreateTopics.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            listed = await admin.list_topics()
-            while admin_topic not in listed and loop.time() < deadline:
-                await asyncio.sleep(0.1)
-                listed = await admin.list_topics()
-            await admin.delete_topics([admin_topic])
-        finally:
-            await admin.close()
-
-        producer = AIOKafkaProducer(
-            bootstrap_servers=kafka_bootstrap,
-            transactional_id=unique_id("lightmem-test-tx"),
-            enable_idempotence=True,
-        )
-        await producer.start()
-        try:
-            # faust's exactly-once mode produces inside transactions.
-            async with producer.transaction():
-                for value, partition in _expected().items():
-                    await producer.send(
-                        topic, value=value.encode(), key=value.encode(), partition=partition
-                    )
-        finally:
-            await producer.stop()
-
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=kafka_bootstrap,
-            group_id=group,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
-        await consumer.start()
-        received: list[tuple[int, str]] = []
-        try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 60
-            while len(received) < N_MESSAGES and loop.time() < deadline:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for tp, messages in batches.items():
-                    received.extend((tp.partition, m.value.decode()) for m in messages)
-            await consumer.commit()
-            committed = {
-                p: await consumer.committed(TopicPartition(topic, p)) for p in range(PARTITIONS)
-            }
-        finally:
-            await consumer.stop()
-        return created, list(listed), received, committed
-
-    created, listed, received, committed = asyncio.run(asyncio.wait_for(scenario(), 120))
-    assert created == [(admin_topic, 0)]  # error code 0: created
-    assert admin_topic in listed
-    _assert_round_trip(received)
-    # Each partition holds 10 records plus the transaction's commit marker.
-    assert all(
-        offset is not None and offset >= N_MESSAGES // PARTITIONS for offset in committed.values()
-    ), committed
 
 
 @pytest.mark.integration

@@ -69,7 +69,7 @@ from ..stages import (
     StepResult,
     is_transient,
 )
-from ..topics import DLQ_MAX_MESSAGE_BYTES, Topics, kafka_config
+from ..topics import Topics, dead_letter_max_bytes, kafka_config
 from .state import ChangelogTable, changelog_topic
 
 __all__ = ["WorkerOptions", "IngestWorker", "run_worker", "EXIT_BUG", "EXIT_KAFKA_FATAL",
@@ -208,6 +208,9 @@ class IngestWorker:
         #: Bumped on every revoke/loss: a batch consumed under an older one is dropped.
         self._generation = 0
         self._assigned: set[tuple[str, int]] = set()
+        #: Offsets this worker committed, and end offsets the consumer reached (EOF events).
+        self._committed: dict[tuple[str, int], int] = {}
+        self._eofs: dict[tuple[str, int], int] = {}
         self._ready = False
         #: stage -> (what it is doing, since when): for diagnosing a stuck worker.
         self.where: dict[str, tuple[str, float]] = {}
@@ -319,7 +322,7 @@ class IngestWorker:
             "linger.ms": 5,
             "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
             # Dead letters carry the original event: as large as the DLQ topic allows.
-            "message.max.bytes": DLQ_MAX_MESSAGE_BYTES + 65_536,
+            "message.max.bytes": dead_letter_max_bytes(self.settings) + 65_536,
         }))
         try:
             self._producer.init_transactions(60)
@@ -339,6 +342,9 @@ class IngestWorker:
             # A batch (its LLM calls) must fit in here, or the group evicts the worker.
             "max.poll.interval.ms": 600_000,
             "partition.assignment.strategy": "roundrobin",
+            # The end of a partition is reported: its offset is committed even when a
+            # transaction marker, not a record, is the last thing there (see _process).
+            "enable.partition.eof": True,
         }))
         self._consumer.subscribe([self.topics.turns, self.topics.segments, self.topics.entries],
                                  on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -357,7 +363,7 @@ class IngestWorker:
                 size = self.options.batch_size or self.settings.ingest_batch_turns
                 msgs = self._consumer.consume(size, timeout=BATCH_WITHIN_S)
                 records = self._records(msgs)
-                if records:
+                if records or self._eofs:
                     self._process(records, self._generation)
                 now = time.monotonic()
                 if self.options.idle_timer and now >= next_idle:
@@ -421,6 +427,9 @@ class IngestWorker:
         self._generation += 1
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= revoked
+        self._eofs = {}
+        for tp in revoked:
+            self._committed.pop(tp, None)
         self.tables["sensory"].drop(p for t, p in revoked if t == self.topics.turns)
         self.tables["topic-buffers"].drop(p for t, p in revoked if t == self.topics.segments)
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(revoked)) or "nothing")
@@ -435,6 +444,7 @@ class IngestWorker:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
+                    self._eofs[(msg.topic(), msg.partition())] = msg.offset()
                     continue
                 if err.fatal():
                     raise _Fatal(str(err))
@@ -462,6 +472,16 @@ class IngestWorker:
         for r in records:
             offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), -1),
                                                   r.offset + 1)
+        # A partition read to its end commits the end offset: past the transaction markers
+        # that follow the last record (the upstream stage writes in transactions), so that
+        # a caught-up stage shows lag 0. Every record before it is in this batch or earlier.
+        for tp, end in self._eofs.items():
+            if tp in self._assigned and end > max(offsets.get(tp, -1),
+                                                  self._committed.get(tp, -1)):
+                offsets[tp] = end
+        self._eofs = {}
+        if not offsets:
+            return
         done: dict[str, tuple[StepResult, float]] = {}
         delay, cap = BACKOFF_S
         while True:
@@ -477,6 +497,9 @@ class IngestWorker:
             except _Dropped:
                 log.info("partitions moved while a batch was held: %d record(s) left to the "
                          "next owner", len(records))
+                for stage, batch in by_stage.items():
+                    if batch:
+                        metrics.record_reread(stage)
                 return
             except _Fatal:
                 raise
@@ -490,6 +513,7 @@ class IngestWorker:
                             delay, exc)
                 self._backoff(delay)
                 delay = min(delay * 2, cap)
+        self._committed.update(offsets)
         for stage, (result, seconds) in done.items():
             self._account(stage, result, seconds)
         for table, stage in (("sensory", "sensory"), ("topic-buffers", "short-term")):
