@@ -27,7 +27,7 @@ from lightmem.schemas import (  # noqa: E402
     scope_key,
 )
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.control import FlushCommand, flush_headers  # noqa: E402
+from lightmem.streams.control import FlushCommand, control_kind, flush_headers  # noqa: E402
 from lightmem.streams.stages import (  # noqa: E402
     Inbound,
     IndexSink,
@@ -113,7 +113,7 @@ def sensory(comp: Any = None) -> SensoryStage:
 
 def segments_of(result: Any) -> list[Segment]:
     return [Segment.parse(o.value) for o in result.out
-            if o.topic == TOPICS.segments and not o.headers]
+            if o.topic == TOPICS.segments and control_kind(o.headers) is None]
 
 
 def letters_of(result: Any) -> list[DeadLetter]:
@@ -166,7 +166,7 @@ def test_flush_command_closes_the_buffer_and_tells_the_next_stage() -> None:
     segs = segments_of(flushed)
     assert {s.conversation for s in segs} == {"c1", "c2"}
     assert all(s.closed_by == "flush" for s in segs)
-    markers = [o for o in flushed.out if o.headers]
+    markers = [o for o in flushed.out if control_kind(o.headers) is not None]
     assert sorted(o.key for o in markers) == sorted([K1, K2])
     # Applying the same flush again (redelivery) changes nothing.
     again = stage.step([flush_all], {**slots_of(applied), **slots_of(flushed)})

@@ -19,6 +19,7 @@ from rich.table import Table
 from lightmem.settings import Settings, load_settings
 
 from . import bench_cli, bench_sleep, schemas_cli, sleep_cli, stream_cli
+from .forget_cli import forget as forget_command
 
 app = typer.Typer(
     name="lightmem",
@@ -43,6 +44,8 @@ app.command()(stream_cli.produce)
 app.command()(stream_cli.flush)
 app.command()(stream_cli.worker)
 app.command()(stream_cli.replay)
+# Erasure on request (issue 14): embedded, or --stream.
+app.command("forget")(forget_command)
 # Sleep-time consolidation on the streaming deployment (issue 5).
 app.add_typer(sleep_cli.app, name="sleep")
 app.command("sleep-worker")(sleep_cli.sleep_worker)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .records import (
     DeadLetter,
+    ErasureRequest,
     MemoryChange,
     MemoryEntry,
     Record,
@@ -30,6 +31,7 @@ RECORDS: tuple[type[Record], ...] = (
     MemoryChange,
     SleepWindowCommand,
     DeadLetter,
+    ErasureRequest,
 )
 
 

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .keys import conversation_key, scope_key
+from .keys import conversation_key, encode_key, scope_key
 
 __all__ = [
     "SchemaError",
@@ -56,6 +56,7 @@ __all__ = [
     "SleepAction",
     "SleepWindowCommand",
     "DeadLetter",
+    "ErasureRequest",
     "stable_id",
     "Timestamp",
     "RFC3339_PATTERN",
@@ -354,6 +355,8 @@ class ChangeOp(StrEnum):
     add = "add"
     update = "update"
     delete = "delete"
+    #: A scope was erased on request (content-free audit record: scope, counts, time).
+    erase = "erase"
 
 
 class MemoryChange(Record):
@@ -374,6 +377,8 @@ class MemoryChange(Record):
     #: The consolidator's explanation, or "ingest".
     reason: str = ""
     at: Timestamp
+    #: ``erase`` only: what was removed, per sink (no text).
+    counts: dict[str, int] | None = None
 
     @field_validator("before", "after")
     @classmethod
@@ -405,6 +410,32 @@ class SleepWindowCommand(Record):
     duration_s: int | None = Field(default=None, gt=0)
     issued_at: Timestamp
     issued_by: str = "ops"
+
+
+class ErasureRequest(Record):
+    """One request to forget a scope (topic ``lightmem.erasures.v1``, compacted, key =
+    ``scope_key(tenant, user)``, or ``encode_key(tenant)`` for a whole tenant).
+
+    Every stage, the sleep workers and replays drop records of the scope produced at or
+    before ``requested_at``; records produced later are a new beginning.
+    """
+
+    #: Unique id of the request (audit: the ``erase`` changes name it).
+    erasure_id: Name
+    tenant: Name
+    #: None: the whole tenant.
+    user: Name | None = None
+    #: When the erasure took effect: records produced until then are erased.
+    requested_at: Timestamp
+    #: Who asked (operator, service route, API key name).
+    requested_by: str = "ops"
+    #: Why (free text, e.g. a ticket reference).
+    reason: str = ""
+
+    @property
+    def key(self) -> str:
+        """The record key: the scope key, or the tenant's one-name key."""
+        return encode_key(self.tenant) if self.user is None else scope_key(self.tenant, self.user)
 
 
 class DeadLetter(Record):

@@ -55,21 +55,35 @@ class DeadLetterRecord:
 
 
 def read_dead_letters(
-    settings: Settings, topics: Topics | None = None, *, timeout_s: float = 30.0
+    settings: Settings, topics: Topics | None = None, *, timeout_s: float = 30.0,
+    skip_erased: bool = True,
 ) -> list[DeadLetterRecord]:
     """Every record of the DLQ topic, oldest first per partition.
+
+    Dead letters of a scope erased after they were written are left out (``skip_erased``,
+    default): ``dlq list`` never shows them and ``dlq replay`` never re-produces them.
 
     Raises:
         LookupError: the DLQ topic does not exist.
         TimeoutError: the end of the topic was not reached within ``timeout_s``.
     """
     topics = topics or Topics.from_settings(settings)
+    ledger = None
+    if skip_erased:
+        from .erasure import read_ledger
+
+        ledger = read_ledger(settings, topics)
     out: list[DeadLetterRecord] = []
     for msg in read_to_end(settings, topics.dlq, timeout_s=timeout_s, purpose="dlq-list"):
         try:
             letter, error = DeadLetter.parse(msg.value() or b""), None
         except SchemaError as exc:
             letter, error = None, str(exc)
+        if ledger and letter is not None:
+            from .erasure import dead_letter_erased
+
+            if dead_letter_erased(letter, ledger):
+                continue
         out.append(DeadLetterRecord(msg.partition(), msg.offset(), msg.key(), letter, error))
     return sorted(out, key=lambda r: (r.partition, r.offset))
 

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lightmem.processors.erasure import ErasureLedger, strip_turns
 from lightmem.processors.llm import LLMTransientError
 from lightmem.processors.segment import (
     SensoryBufferState,
@@ -81,6 +82,8 @@ __all__ = [
     "added_change",
     "REDELIVERY_HEADER",
     "SUMMARIZER_SOURCE",
+    "ORIGINS_HEADER",
+    "ORIGIN_HEADER",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,12 @@ SUMMARIZER_SOURCE = "summarizer"
 #: Header on records re-produced by ``lightmem dlq replay``: the short-term stage buffers
 #: such a segment even if its id was seen before (it was, when its summarization failed).
 REDELIVERY_HEADER = "lightmem-redelivery"
+
+#: Header on segments: JSON object turn id -> Kafka timestamp (ms) of the source turn, so that
+#: the erasure ledger judges a segment made later from an erased turn by the turn's time.
+ORIGINS_HEADER = "lightmem-origins"
+#: Header on entries: the earliest Kafka timestamp (ms) of the entry's source turns.
+ORIGIN_HEADER = "lightmem-origin-ms"
 
 #: Turn ids / segment ids a slot remembers for deduplication. Redelivery only reaches back
 #: to the last committed offset, a few batches: a few hundred ids per conversation is plenty.
@@ -115,6 +124,13 @@ class Inbound:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    #: The record's Kafka timestamp (ms); None when not known.
+    timestamp_ms: int | None = None
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header ``name``, or None."""
+        found = [v for k, v in self.headers if k == name]
+        return found[-1] if found else None
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,8 @@ class StepResult:
     stream_time: datetime | None = None
     applied: int = 0
     skipped: int = 0
+    #: Of ``skipped``: records (or parts of records) of an erased scope, dropped.
+    erased: int = 0
     dead_letters: int = 0
     #: Dead letters by reason class (the step that failed: parse, compress, segment, ...).
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
@@ -233,6 +251,8 @@ class _Stage:
         self.topics = topics
         self.clock = clock
         self.sleep = sleep
+        #: The erasure ledger every step consults (the worker shares its follower's).
+        self.erasures = ErasureLedger()
 
     def guarded(self, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry a non-transient failure until ``poison_attempts`` failures.
@@ -298,6 +318,12 @@ class SensorySlot(BaseModel):
     #: Wall-clock time the conversation's last turn was applied: a quiet stream is flushed
     #: by the idle timer even when no newer event time arrives to compare with.
     arrived_at: datetime | None = None
+    #: Buffered turn id -> Kafka timestamp (ms) of its record: the erasure ledger's "when".
+    origins: dict[str, int] = Field(default_factory=dict)
+
+    def prune_origins(self) -> None:
+        held = {t.turn_id for t in self.buffer.turns} if self.buffer is not None else set()
+        self.origins = {k: v for k, v in self.origins.items() if k in held}
 
     def applied(self, rec: Inbound) -> bool:
         return rec.partition == self.partition and rec.offset <= self.offset
@@ -383,6 +409,8 @@ class SensoryStage(_Stage):
 
         # 1. parse, dead-letter the bad, drop what the slots already applied
         items: list[tuple[Inbound, TurnEvent | FlushCommand]] = []
+        #: Turns of an erased scope produced before its erasure: dropped, counted.
+        erased: set[tuple[int, int]] = set()
         for rec in batch:
             kind = control_kind(rec.headers)
             if kind == FLUSH:
@@ -397,12 +425,14 @@ class SensoryStage(_Stage):
             except (SchemaError, OversizeError, KeyMismatchError) as exc:
                 self.dead_letter(result, rec, "parse", exc)
                 continue
+            if self.erasures.drops(turn.tenant, turn.user, rec.timestamp_ms):
+                erased.add((rec.partition, rec.offset))
             items.append((rec, turn))
 
         fresh: list[tuple[Inbound, TurnEvent]] = []
         seen: set[tuple[bytes, str]] = set()
         for rec, item in items:
-            if isinstance(item, TurnEvent):
+            if isinstance(item, TurnEvent) and (rec.partition, rec.offset) not in erased:
                 key = item.conversation_key.encode()
                 slot = slot_for(key, item, rec.partition)
                 if slot.applied(rec) or slot.holds(item.turn_id) or (key, item.turn_id) in seen:
@@ -419,6 +449,12 @@ class SensoryStage(_Stage):
                 self._flush_command(rec, item, slots, work, result)
                 continue
             key = item.conversation_key.encode()
+            if (rec.partition, rec.offset) in erased:
+                result.skipped += 1
+                result.erased += 1
+                if key in work or key in slots:  # never a new slot for an erased turn
+                    slot_for(key, item, rec.partition).advance(rec)
+                continue
             slot = work[key]
             if slot.applied(rec):
                 result.skipped += 1
@@ -435,6 +471,7 @@ class SensoryStage(_Stage):
                 result.stream_time = item.event_time
 
         for key, slot in work.items():
+            slot.prune_origins()
             result.slots[key] = (slot.partition, slot.model_dump_json().encode())
         return result
 
@@ -466,6 +503,8 @@ class SensoryStage(_Stage):
         result: StepResult,
     ) -> bool:
         c = self.components
+        if rec.timestamp_ms is not None:
+            slot.origins[turn.turn_id] = rec.timestamp_ms
         try:
             segments, state = self.guarded(lambda: push(
                 slot.buffer, turn, to_segment_turn(turn, compressed, seq=rec.offset),
@@ -483,8 +522,12 @@ class SensoryStage(_Stage):
         self, segments: Iterable[Segment], slot: SensorySlot, result: StepResult
     ) -> None:
         for segment in segments:
+            origins = {t.turn_id: slot.origins[t.turn_id] for t in segment.turns
+                       if t.turn_id in slot.origins}
+            headers = ((ORIGINS_HEADER, json.dumps(origins).encode()),) if origins else ()
             result.out.append(Outbound(self.topics.segments,
-                                       segment.conversation_key.encode(), segment.to_bytes()))
+                                       segment.conversation_key.encode(), segment.to_bytes(),
+                                       headers))
             slot.downstream_open = True
 
     def _flush_command(
@@ -583,6 +626,13 @@ class TopicSlot(BaseModel):
     #: Recent segment ids, oldest first (a segment delivered twice is buffered once).
     recent: list[str] = Field(default_factory=list)
     buffer: TopicBufferState | None = None
+    #: Buffered turn id -> Kafka timestamp (ms) of its source turn (see ORIGINS_HEADER).
+    origins: dict[str, int] = Field(default_factory=dict)
+
+    def prune_origins(self) -> None:
+        held = ({t.turn_id for s in self.buffer.segments for t in s.turns}
+                if self.buffer is not None else set())
+        self.origins = {k: v for k, v in self.origins.items() if k in held}
 
     def applied(self, rec: Inbound) -> bool:
         return rec.partition == self.partition and rec.offset <= self.offset
@@ -619,7 +669,7 @@ class ShortTermStage(_Stage):
             if kind == FLUSH:
                 if slot.buffer is not None and not slot.buffer.is_empty:
                     segments, _ = self.components.topic_buffer.drain(slot.buffer)
-                    self._summarize(rec, segments, result)
+                    self._summarize(rec, segments, result, slot.origins)
                 slot.buffer = None
                 result.flushed.append(key)
             elif kind is not None:
@@ -630,6 +680,7 @@ class ShortTermStage(_Stage):
             slot.advance(rec)
         for key, slot in work.items():
             if key:
+                slot.prune_origins()
                 result.slots[key] = (slot.partition, slot.model_dump_json().encode())
         return result
 
@@ -646,6 +697,12 @@ class ShortTermStage(_Stage):
         if segment.segment_id in slot.recent and not redelivered:
             result.skipped += 1
             return
+        origins = segment_origins(rec, segment)
+        segment = self._without_erased(segment, origins, result)
+        if segment is None:
+            result.skipped += 1
+            return
+        slot.origins.update(origins)
         topic_buffer = self.components.topic_buffer
         state = slot.buffer or TopicBufferState.for_segment(segment)
         try:
@@ -654,12 +711,28 @@ class ShortTermStage(_Stage):
             self.dead_letter(result, rec, "summarize", poisoned)
             return
         for segments in batches:
-            self._summarize(rec, segments, result)
+            self._summarize(rec, segments, result, slot.origins)
         slot.buffer = None if state.is_empty else state
         slot.recent = [*slot.recent[-(RECENT_IDS - 1):], segment.segment_id]
         result.applied += 1
 
-    def _summarize(self, rec: Inbound, segments: Sequence[Segment], result: StepResult) -> None:
+    def _without_erased(self, segment: Segment, origins: Mapping[str, int],
+                        result: StepResult) -> Segment | None:
+        """``segment`` without the turns of erased scopes (None: nothing left)."""
+        kept = strip_turns(segment.turns, default_user=segment.user, user_of=lambda t: t.user,
+                           origin_of=lambda t: origins.get(t.turn_id), tenant=segment.tenant,
+                           ledger=self.erasures)
+        if len(kept) == len(segment.turns):
+            return segment
+        result.erased += 1
+        if not kept:
+            return None
+        users = {t.user or segment.user for t in kept}
+        user = segment.user if segment.user in users else (kept[0].user or segment.user)
+        return segment.model_copy(update={"turns": kept, "user": user})
+
+    def _summarize(self, rec: Inbound, segments: Sequence[Segment], result: StepResult,
+                   origins: Mapping[str, int] | None = None) -> None:
         summarizer = self.components.summarizer
         try:
             summary = self.guarded(lambda: summarizer.summarize(segments, now=self.clock()))
@@ -681,8 +754,10 @@ class ShortTermStage(_Stage):
             result.out.append(Outbound(self.topics.dlq, rec.key, summary.dead_letter.to_bytes()))
             result.count_dead_letter(summary.dead_letter.stage or "summarize")
         for entry in summary.entries:
+            known = [origins[t] for t in entry.source_turn_ids if origins and t in origins]
+            headers = ((ORIGIN_HEADER, str(min(known)).encode()),) if known else ()
             result.out.append(Outbound(self.topics.entries, entry.scope.encode(),
-                                       entry.to_bytes()))
+                                       entry.to_bytes(), headers))
 
 
 # -- index sink: entries -> Elasticsearch ------------------------------------------------------
@@ -737,6 +812,10 @@ class IndexSink(_Stage):
             except (SchemaError, KeyMismatchError) as exc:
                 self.dead_letter(result, rec, "parse", exc)
                 continue
+            if self.erasures.drops(entry.tenant, entry.user, entry_origin(rec)):
+                result.skipped += 1
+                result.erased += 1
+                continue
             entries.pop(entry.id, None)
             entries[entry.id] = (rec, entry)  # the newest copy of an id wins
         if not entries:
@@ -782,3 +861,35 @@ class IndexSink(_Stage):
             except _Poisoned as poisoned:
                 self.dead_letter(result, rec, "index", poisoned)
         return written
+
+
+def segment_origins(rec: Inbound, segment: Segment) -> dict[str, int]:
+    """Turn id -> Kafka timestamp (ms) of the source turn: from :data:`ORIGINS_HEADER`, else
+    the segment record's own timestamp (a segment written before the header existed, or
+    re-produced by ``dlq replay``)."""
+    raw = rec.header(ORIGINS_HEADER)
+    known: dict[str, int] = {}
+    if raw is not None:
+        try:
+            parsed = json.loads(raw)
+            known = {str(k): int(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
+        except (ValueError, TypeError, AttributeError):
+            known = {}
+    out = {}
+    for t in segment.turns:
+        ms = known.get(t.turn_id, rec.timestamp_ms)
+        if ms is not None:
+            out[t.turn_id] = ms
+    return out
+
+
+def entry_origin(rec: Inbound) -> int | None:
+    """Kafka timestamp (ms) of an entry's earliest source turn (:data:`ORIGIN_HEADER`), else
+    the entry record's own timestamp."""
+    raw = rec.header(ORIGIN_HEADER)
+    if raw is not None:
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+    return rec.timestamp_ms

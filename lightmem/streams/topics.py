@@ -10,6 +10,9 @@ Topics (DESIGN.md section 2); the partition key keeps what must stay ordered tog
     lightmem.memory-changes.v1   key tenant/user          every add/update/delete (audit)
     lightmem.dlq.v1              key = the source key      dead letters, nothing is dropped
     lightmem.sleep-control.v1    key = command scope       sleep-window commands (compacted)
+    lightmem.erasures.v1         key = the erased scope    erasure ledger (compacted): every
+                                                           stage, sleep worker and replay drops
+                                                           what an erasure covers
 
 Turns, segments, entries and memory changes share one partition count
 (``settings.kafka_partitions``): the ingest workers' changelog-backed tables are
@@ -65,6 +68,7 @@ ENTRIES = "lightmem.entries.v1"
 MEMORY_CHANGES = "lightmem.memory-changes.v1"
 DLQ = "lightmem.dlq.v1"
 SLEEP_CONTROL = "lightmem.sleep-control.v1"
+ERASURES = "lightmem.erasures.v1"
 
 #: Dead letters carry the original event (base64) plus the reason: allow bigger records
 #: than the broker default (1 MiB) so that an oversized turn can always be dead-lettered.
@@ -121,7 +125,8 @@ class Topics:
     Args:
         prefix: Prepended to every name (default none).
         stage_prefix: Prepended, after ``prefix``, to every name except the turns topic and
-            the sleep-control topic (a replay run's private namespace; default none).
+            the sleep-control and erasures topics (a replay run's private namespace;
+            default none).
     """
 
     prefix: str = ""
@@ -163,9 +168,14 @@ class Topics:
     def sleep_control(self) -> str:
         return f"{self.prefix}{SLEEP_CONTROL}"
 
+    @property
+    def erasures(self) -> str:
+        """The erasure ledger: the deployment's, also for a replay run (never private)."""
+        return f"{self.prefix}{ERASURES}"
+
     def all(self) -> list[str]:
         return [self.turns, self.segments, self.entries, self.memory_changes, self.dlq,
-                self.sleep_control]
+                self.sleep_control, self.erasures]
 
     def stage_topics(self) -> list[str]:
         """The topics a replay run owns (everything but turns and sleep control)."""
@@ -196,6 +206,8 @@ def topic_specs(settings: Settings, topics: Topics) -> list[TopicSpec]:
         TopicSpec(topics.dlq, 1,
                   {**keep, "max.message.bytes": str(dead_letter_max_bytes(settings))}),
         TopicSpec(topics.sleep_control, 1, {"cleanup.policy": "compact"}),
+        # One record per erased scope (the latest request), kept forever by compaction.
+        TopicSpec(topics.erasures, 1, {"cleanup.policy": "compact"}),
     ]
 
 

@@ -73,12 +73,16 @@ class ChangelogTable:
         for p in list(wanted):
             yield from self._parts.get(p, {}).items()
 
-    def apply(self, writes: Mapping[bytes, tuple[int, bytes]]) -> None:
-        """Apply committed writes (key -> (partition, slot)) to the loaded state."""
+    def apply(self, writes: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Apply committed writes (key -> (partition, slot; None deletes)) to the loaded
+        state."""
         for key, (partition, value) in writes.items():
             slots = self._parts.get(partition)
             if slots is not None:
-                slots[key] = value
+                if value is None:
+                    slots.pop(key, None)
+                else:
+                    slots[key] = value
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget the state of partitions this worker no longer owns."""

@@ -33,6 +33,13 @@ stage stops the worker (exit 70) without committing; a fatal Kafka error (this w
 fenced, or the idempotent producer failed) stops it with exit 75 so that a supervisor
 restarts it.
 
+Erasure: the worker reads the erasures topic to its end before it joins the group and keeps
+following it between batches (:class:`~lightmem.streams.erasure.ErasureFollower`); the stage
+steps share its ledger and drop the records of a scope produced before the scope's erasure.
+When the ledger changes, and when partitions are assigned, the table slots of the erased
+scopes are deleted (tombstones on the changelog) or rewritten without their turns, in a
+transaction of their own between batches (:meth:`IngestWorker.sweep`).
+
 Flushes: a new session cuts the sensory buffer (in the processors); an idle conversation (no
 new turn for ``idle_timeout_s``, by event time against the newest event seen, or by wall
 clock since its last turn arrived) and ``lightmem flush`` both put an in-band flush command
@@ -54,6 +61,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from lightmem.processors.erasure import ErasureLedger
 from lightmem.settings import Settings
 
 from .. import metrics
@@ -147,6 +155,7 @@ class _Counters:
     batches: int = 0
     applied: int = 0
     skipped: int = 0
+    erased: int = 0
     dead_letters: int = 0
     retries: int = 0
     stream_time: datetime | None = None
@@ -201,6 +210,13 @@ class IngestWorker:
                        for name in TABLES}
         self.sensory = SensoryStage(settings, self.components, self.topics, clock=clock)
         self.short_term = ShortTermStage(settings, self.components, self.topics, clock=clock)
+        #: The erasure ledger, shared by the stage steps (filled by the follower in run()).
+        self.erasures = ErasureLedger()
+        self.sensory.erasures = self.short_term.erasures = self.erasures
+        self._erasure_follower: Any = None
+        #: Ledger version the tables were last swept for; partitions recovered since.
+        self._swept_version = 0
+        self._sweep_due: dict[str, set[int]] = {}
         self._sink: IndexSink | None = None
         self.stop_event = threading.Event()
         self._consumer: Any = None
@@ -235,6 +251,7 @@ class IngestWorker:
         if self._sink is None:
             self._sink = IndexSink(self.settings, self.components, self.topics, self.store,
                                    clock=self.clock)
+            self._sink.erasures = self.erasures
         return self._sink
 
     @property
@@ -330,6 +347,16 @@ class IngestWorker:
             log.error("could not initialise the transactional producer %s: %s",
                       self.transactional_id, exc)
             return EXIT_KAFKA_FATAL
+        from ..erasure import ErasureFollower
+
+        self._erasure_follower = ErasureFollower(self.settings, self.topics,
+                                                 ledger=self.erasures)
+        try:
+            self._erasure_follower.start()
+        except Exception as exc:  # noqa: BLE001 - reported with the exit status
+            log.error("could not read the erasure ledger %s: %s", self.topics.erasures, exc)
+            return EXIT_KAFKA_FATAL
+        self._swept_version = self.erasures.version
         self._consumer = Consumer(kafka_config(self.settings, **{
             "group.id": self.options.app_id,
             "enable.auto.commit": False,
@@ -360,8 +387,11 @@ class IngestWorker:
         try:
             while not self.stop_event.is_set():
                 self._at("all", "waiting for records")
+                self.follow_erasures()
                 size = self.options.batch_size or self.settings.ingest_batch_turns
                 msgs = self._consumer.consume(size, timeout=BATCH_WITHIN_S)
+                if self._sweep_due:
+                    self.sweep(self._sweep_due)
                 records = self._records(msgs)
                 if records or self._eofs:
                     self._process(records, self._generation)
@@ -392,6 +422,8 @@ class IngestWorker:
 
     def _shutdown(self, *, clean: bool) -> None:
         self._lag_executor.shutdown(wait=True, cancel_futures=True)
+        if self._erasure_follower is not None:
+            self._erasure_follower.close()
         if self._lag_reader is not None:
             self._lag_reader.close()
         if self._consumer is not None:
@@ -414,6 +446,9 @@ class IngestWorker:
         self.tables["topic-buffers"].recover(self.settings, segments)
         for c in self.counters.values():
             c.idle_requested.clear()
+        if self.erasures:  # the previous owner may have died before it swept these
+            self._sweep_due.setdefault("sensory", set()).update(turns)
+            self._sweep_due.setdefault("topic-buffers", set()).update(segments)
         log.info("assigned %s (tables recovered in %.1fs)",
                  ", ".join(f"{t}[{p}]" for t, p in sorted(self._assigned)) or "nothing",
                  time.monotonic() - started)
@@ -453,9 +488,11 @@ class IngestWorker:
                 log.warning("consumer error on %s[%s]: %s", msg.topic(), msg.partition(), err)
                 continue
             headers = msg.headers() or []
+            ts_type, ts = msg.timestamp()
             out.append(Inbound(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
                                key=msg.key(), value=msg.value(),
-                               headers=tuple((str(k), bytes(v or b"")) for k, v in headers)))
+                               headers=tuple((str(k), bytes(v or b"")) for k, v in headers),
+                               timestamp_ms=ts if ts_type != 0 and ts >= 0 else None))
         return out
 
     def _process(self, records: list[Inbound], generation: int) -> None:
@@ -673,11 +710,62 @@ class IngestWorker:
         c.batches += 1
         c.applied += result.applied
         c.skipped += result.skipped
+        c.erased += result.erased
+        if result.erased:
+            log.info("%s: dropped %d record(s) of erased scopes", stage, result.erased)
         c.dead_letters += result.dead_letters
         if result.stream_time is not None and (c.stream_time is None
                                                or result.stream_time > c.stream_time):
             c.stream_time = result.stream_time
         c.idle_requested.difference_update(result.flushed)
+
+    # -- erasure (between batches)
+
+    def follow_erasures(self) -> None:
+        """Fold the erasures recorded since the last call; sweep the tables when the ledger
+        changed."""
+        if self._erasure_follower is None:
+            return
+        self._erasure_follower.poll(0)
+        if self.erasures.version != self._swept_version:
+            version = self.erasures.version
+            if self.sweep(None):
+                self._swept_version = version
+
+    def sweep(self, partitions: Mapping[str, set[int]] | None) -> bool:
+        """Delete (tombstone) or rewrite the table slots that hold erased turns, in one
+        transaction; ``partitions``: table -> source partitions (None: every loaded one).
+        Returns False when the transaction failed (tried again later)."""
+        from ..erasure import sweep_slot
+
+        changelog: list[tuple[str, bytes, int, bytes | None]] = []
+        writes: dict[str, dict[bytes, tuple[int, bytes | None]]] = {}
+        for name, table in self.tables.items():
+            parts = table.partitions if partitions is None else (
+                set(partitions.get(name, ())) & table.partitions)
+            for p in sorted(parts):
+                for key, raw in list(table.items([p])):
+                    new = sweep_slot(name, raw, self.erasures)
+                    if new is not raw:
+                        changelog.append((table.topic, key, p, new))
+                        writes.setdefault(name, {})[key] = (p, new)
+        if changelog:
+            self._at("all", f"erasure: writing {len(changelog)} slot(s)")
+            try:
+                self._transaction([], changelog, [], None)  # type: ignore[arg-type]
+            except _Fatal:
+                raise
+            except Exception as exc:  # noqa: BLE001 - swept again after the next batch
+                log.warning("erasure: could not write the swept slots: %r", exc)
+                return False
+            for name, w in writes.items():
+                self.tables[name].apply(w)  # type: ignore[arg-type]
+            log.info("erasure: %d slot(s) deleted, %d rewritten without erased turns",
+                     sum(1 for *_, v in changelog if v is None),
+                     sum(1 for *_, v in changelog if v is not None))
+        if partitions is self._sweep_due:
+            self._sweep_due = {}
+        return True
 
     # -- timers (run between batches)
 
@@ -803,7 +891,7 @@ def run_worker(
         quiet_progress_bars()
     worker = IngestWorker(settings, options, components=components)
     needed = [options.topics.turns, options.topics.segments, options.topics.entries,
-              options.topics.memory_changes, options.topics.dlq]
+              options.topics.memory_changes, options.topics.dlq, options.topics.erasures]
     missing = missing_topics(settings, needed)
     if missing:
         log.error("missing topics %s: run `lightmem topics create` first", missing)
