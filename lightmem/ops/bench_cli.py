@@ -31,6 +31,7 @@ from rich.table import Table
 from lightmem.settings import load_settings
 
 from .bench_locomo import locomo_command
+from .bench_segment import segment_command
 from .bench_stream import stream_command
 from .locomo import DEFAULT_LOCOMO, load_locomo
 
@@ -42,6 +43,8 @@ out = Console()
 app.command(name="locomo")(locomo_command)
 #: ``bench stream``: the Kafka + Elasticsearch path beside the embedded runtime.
 app.command(name="stream")(stream_command)
+#: ``bench segment``: boundary precision / recall of B1, B2 and B on spliced LoCoMo buffers.
+app.command(name="segment")(segment_command)
 
 
 @dataclass
