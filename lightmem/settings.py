@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     #: Log lines of the workers and the CLI: ``text``, or ``json`` (one object per line).
     log_format: Literal["text", "json"] = "text"
 
+    # --- memory service (``lightmem serve``, lightmem/service/)
+    #: Address the service binds; anything but loopback requires API keys.
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(default=8420, ge=0, le=65535)
+    #: The hashed API keys (``lightmem keys create``); unset = ``DATA_DIR/api-keys.json``.
+    api_keys_file: Path | None = None
+    #: Requests per second per API key (token bucket; 0 = no limit) and its burst.
+    api_rate_per_s: float = Field(default=50.0, ge=0)
+    api_rate_burst: int = Field(default=100, ge=1)
+
     # --- sleep-time stage (consumer group over the entries topic, see streams/sleep.py)
     #: Consumer group of the sleep workers.
     sleep_group: str = "lightmem-sleep"
@@ -156,6 +166,11 @@ class Settings(BaseSettings):
         th = 512). Completion tokens are billed as generated, so the headroom costs nothing.
         """
         return self.summary_max_tokens or 4 * self.topic_buffer_tokens
+
+    @property
+    def keys_file(self) -> Path:
+        """``api_keys_file``, or ``DATA_DIR/api-keys.json`` when unset."""
+        return self.api_keys_file or self.data_dir / "api-keys.json"
 
     @property
     def llm_configured(self) -> bool:

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from lightmem.settings import Settings, load_settings
 
-from . import bench_cli, bench_sleep, schemas_cli, sleep_cli, stream_cli
+from . import bench_cli, bench_sleep, schemas_cli, serve_cli, sleep_cli, stream_cli
 from .forget_cli import forget as forget_command
 
 app = typer.Typer(
@@ -50,6 +50,10 @@ app.command("forget")(forget_command)
 app.add_typer(sleep_cli.app, name="sleep")
 app.command("sleep-worker")(sleep_cli.sleep_worker)
 bench_cli.app.command("sleep")(bench_sleep.sleep)
+# The HTTP memory service, its API keys and its OpenAPI document (issue 13).
+app.command()(serve_cli.serve)
+app.add_typer(serve_cli.keys_app, name="keys")
+app.add_typer(serve_cli.openapi_app, name="openapi")
 
 err = Console(stderr=True)
 out = Console()

@@ -341,11 +341,15 @@ class EmbeddedRuntime(Components):
             ):
                 self._flush_conversation(key, report)
 
-    def flush(self, report: IngestReport | None = None) -> IngestReport:
-        """Explicit flush: close every conversation's sensory and topic buffers."""
+    def flush(self, report: IngestReport | None = None, *,
+              conversations: Iterable[str] | None = None) -> IngestReport:
+        """Explicit flush: close every conversation's sensory and topic buffers (only those
+        of the conversation keys in ``conversations``, when given)."""
         report = report or IngestReport(mode=self.mode)
         with self.store.transaction():
             keys = set(self.store.buffer_keys(SENSORY)) | set(self.store.buffer_keys(TOPIC))
+            if conversations is not None:
+                keys &= set(conversations)
             for key in sorted(keys):
                 self._flush_conversation(key, report)
             self._persist_usage()

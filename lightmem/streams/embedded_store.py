@@ -335,6 +335,25 @@ class EmbeddedStore:
         for i in range(0, len(ids), 256):
             yield from self.get(ids[i : i + 256], with_embedding=with_embedding)
 
+    def page_entries(
+        self, tenant: str, user: str, *, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[MemoryEntry, tuple[int, str]]]:
+        """One page of a scope's entries in (event time, id) order, after the key ``after``.
+
+        Keyset pagination: each entry comes with its key ``(event_time_us, id)``; pass the
+        last one as ``after`` for the next page. ``id`` is unique, so no entry is skipped or
+        repeated between pages, however many there are.
+        """
+        sql = "SELECT id, event_time_us, body FROM entries WHERE tenant=? AND user=?"
+        args: list[Any] = [tenant, user]
+        if after is not None:
+            sql += " AND (event_time_us > ? OR (event_time_us = ? AND id > ?))"
+            args += [after[0], after[0], after[1]]
+        sql += " ORDER BY event_time_us, id LIMIT ?"
+        args.append(limit)
+        return [(MemoryEntry.model_validate_json(body), (int(us), entry_id))
+                for entry_id, us, body in self._db.execute(sql, args)]
+
     def count_entries(self) -> dict[tuple[str, str], int]:
         """Number of memories per (tenant, user)."""
         rows = self._db.execute("SELECT tenant, user, count(*) FROM entries GROUP BY tenant, user")

@@ -1,0 +1,355 @@
+"""The two stores the memory service serves, behind one small port.
+
+- :class:`EmbeddedBackend`: the embedded runtime (SQLite + sqlite-vec under ``data_dir``);
+  added turns are applied in-process before the call returns.
+- :class:`StreamBackend`: the streaming deployment; reads go to the Elasticsearch alias,
+  added turns are produced to the turns topic with the idempotent producer (the workers
+  apply them), deletes are recorded on the memory-changes topic.
+
+Both load the encoder once per process (:func:`lightmem.streams.models.load_encoder` is
+cached) and answer searches with the same :class:`~lightmem.processors.retrieve.Retriever`
+scoring: cosine similarity within the (tenant, user) scope.
+
+Exceptions: :class:`StartupError` (the store or the topics are missing: one line, said by
+``lightmem serve`` before it exits 1); store and Kafka client errors pass through.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from lightmem.processors.llm import ChatModel
+from lightmem.processors.store import ScoredEntry
+from lightmem.schemas import ChangeOp, MemoryChange, MemoryEntry, TurnEvent, stable_id
+from lightmem.settings import Settings
+
+__all__ = [
+    "Backend",
+    "EmbeddedBackend",
+    "StreamBackend",
+    "StartupError",
+    "Written",
+    "PageKey",
+    "delete_change",
+]
+
+#: A backend's opaque position in a scope's (event time, id) order.
+PageKey = list[Any]
+
+#: sqlite-vec's largest ``k``: a filtered embedded search scans this many nearest first.
+_VEC_MAX_K = 4096
+
+
+class StartupError(RuntimeError):
+    """The service cannot serve this deployment (missing index alias or topics)."""
+
+
+@dataclass
+class Written:
+    """What a backend did with added turns."""
+
+    status: str
+    skipped: list[str] = field(default_factory=list)
+    memories: int = 0
+    searchable: bool = False
+
+
+def delete_change(entry: MemoryEntry, *, at: datetime, reason: str) -> MemoryChange:
+    """The ``delete`` change of ``entry`` (deterministic id: memory, op, version)."""
+    return MemoryChange(
+        change_id=stable_id(entry.id, ChangeOp.delete.value, entry.version),
+        op=ChangeOp.delete, memory_id=entry.id, tenant=entry.tenant, user=entry.user,
+        before=entry, reason=reason, at=at)
+
+
+class Backend(Protocol):
+    #: ``embedded`` or ``stream``.
+    name: str
+    #: Whether added turns are applied (and can be flushed) before an add returns.
+    applies_turns: bool
+
+    def warm_up(self) -> None: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    @property
+    def chat(self) -> ChatModel | None: ...
+
+    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool) -> Written: ...
+
+    def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
+               conversation: str | None, not_before: datetime | None,
+               not_after: datetime | None) -> list[ScoredEntry]: ...
+
+    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
+             ) -> list[tuple[MemoryEntry, PageKey]]: ...
+
+    def get(self, entry_id: str) -> MemoryEntry | None: ...
+
+    def history(self, entry_id: str) -> list[MemoryChange]: ...
+
+    def delete(self, entry: MemoryEntry, change: MemoryChange) -> None: ...
+
+    def readiness(self) -> dict[str, str]: ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddedBackend:
+    """The embedded runtime as a service backend (one lock: one SQLite connection, one set
+    of models; the service is I/O-light and the models are the bottleneck on 2 cores).
+
+    Args:
+        settings: ``data_dir``, model and LLM settings.
+        runtime: An existing runtime (the SDK's, tests); default builds one.
+    """
+
+    name = "embedded"
+    applies_turns = True
+
+    def __init__(self, settings: Settings, *, runtime: Any = None) -> None:
+        from lightmem.streams.embedded import EmbeddedRuntime
+
+        self.settings = settings
+        self.runtime = runtime or EmbeddedRuntime(settings)
+        self.lock = threading.RLock()
+
+    def warm_up(self) -> None:
+        with self.lock:
+            _ = self.runtime.store, self.runtime.embedder
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        with self.lock:
+            return self.runtime.embedder(list(texts))
+
+    @property
+    def chat(self) -> ChatModel | None:
+        return self.runtime.chat
+
+    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool) -> Written:
+        with self.lock:
+            store = self.runtime.store
+            skipped, seen = [], set()
+            for t in turns:
+                key = (t.conversation_key, t.turn_id)
+                if key in seen or store.seen(*key):
+                    skipped.append(t.turn_id)
+                seen.add(key)
+            report = self.runtime.ingest_lines(
+                ((i, t.to_bytes()) for i, t in enumerate(turns, start=1)),
+                source="api", flush=False)
+            if flush:
+                self.runtime.flush(report, conversations={t.conversation_key for t in turns})
+            return Written(status="applied", skipped=skipped, memories=report.entries,
+                           searchable=flush)
+
+    def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
+               conversation: str | None, not_before: datetime | None,
+               not_after: datetime | None) -> list[ScoredEntry]:
+        filtered = conversation is not None or not_before is not None
+        with self.lock:
+            # The vector index filters by scope and time upper bound; the other filters are
+            # applied to the nearest _VEC_MAX_K of the scope (exact kNN, best first).
+            hits = self.runtime.store.search(tenant, user, vector,
+                                             _VEC_MAX_K if filtered else k,
+                                             not_after=not_after)
+        hits = [h for h in hits
+                if (conversation is None or h.entry.conversation == conversation)
+                and (not_before is None or h.entry.event_time >= not_before)]
+        return hits[:k]
+
+    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
+             ) -> list[tuple[MemoryEntry, PageKey]]:
+        key = None if after is None else (int(after[0]), str(after[1]))
+        with self.lock:
+            rows = self.runtime.store.page_entries(tenant, user, after=key, limit=limit)
+        return [(e, list(k)) for e, k in rows]
+
+    def get(self, entry_id: str) -> MemoryEntry | None:
+        with self.lock:
+            found = self.runtime.store.get([entry_id])
+        return found[0] if found else None
+
+    def history(self, entry_id: str) -> list[MemoryChange]:
+        with self.lock:
+            return self.runtime.store.history(entry_id)
+
+    def delete(self, entry: MemoryEntry, change: MemoryChange) -> None:
+        store = self.runtime.store
+        with self.lock, store.transaction():
+            store.delete(entry.id, expected_version=entry.version)
+            store.append_changes([change])
+
+    def readiness(self) -> dict[str, str]:
+        try:
+            with self.lock:
+                self.runtime.store.turns_seen()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"store": f"{type(exc).__name__}: {exc}"}
+        return {"store": "ok"}
+
+    def close(self) -> None:
+        with self.lock:
+            if "store" in vars(self.runtime):
+                self.runtime.store.close()
+
+
+class StreamBackend:
+    """The streaming deployment: Elasticsearch alias for reads, Kafka for writes.
+
+    Args:
+        settings: Kafka and Elasticsearch settings (``es_alias``, ``kafka_topic_prefix``).
+        check: Refuse to start (:class:`StartupError`) when the alias or a topic is missing.
+    """
+
+    name = "stream"
+    applies_turns = False
+
+    def __init__(self, settings: Settings, *, check: bool = True) -> None:
+        from lightmem.streams.es_store import ElasticsearchStore, es_client
+        from lightmem.streams.producer import TurnProducer
+        from lightmem.streams.topics import Topics
+
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        self.client = es_client(settings)
+        self.store = ElasticsearchStore(self.client, alias=settings.es_alias)
+        if check:
+            self._check()
+        from lightmem.streams.components import Components
+
+        self.components = Components(settings)
+        self.producer = TurnProducer(settings, self.topics)
+        self._produce_lock = threading.Lock()
+
+    def _needed_topics(self) -> list[str]:
+        return [self.topics.turns, self.topics.memory_changes]
+
+    def _missing_topics(self, timeout_s: float = 10.0) -> list[str]:
+        from confluent_kafka.admin import AdminClient
+
+        from lightmem.streams.topics import kafka_config
+
+        metadata = AdminClient(kafka_config(self.settings)).list_topics(timeout=timeout_s)
+        return [n for n in self._needed_topics() if n not in metadata.topics]
+
+    def _check(self) -> None:
+        try:
+            current = self.store.current_index()
+        except Exception as exc:  # noqa: BLE001 - one line, not a stack trace
+            raise StartupError(f"Elasticsearch at {self.settings.es_url}: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if current is None:
+            raise StartupError(
+                f"index alias {self.settings.es_alias!r} not found on {self.settings.es_url}: "
+                "start `lightmem worker` once (it creates it) or run `lightmem index create`")
+        try:
+            missing = self._missing_topics()
+        except Exception as exc:  # noqa: BLE001
+            raise StartupError(f"Kafka at {self.settings.kafka_bootstrap}: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if missing:
+            raise StartupError(f"missing topics {missing}: run `lightmem topics create` first")
+
+    def warm_up(self) -> None:
+        _ = self.components.embedder
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.components.embedder(list(texts))
+
+    @property
+    def chat(self) -> ChatModel | None:
+        return self.components.chat
+
+    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool) -> Written:
+        # Idempotent producer, acks=all: when flush() returns, every turn is on the topic.
+        with self._produce_lock:
+            self.producer.add_turns(turns)
+            self.producer.flush(timeout_s=30.0)
+        return Written(status="queued", searchable=False)
+
+    def _filters(self, tenant: str, user: str, conversation: str | None,
+                 not_before: datetime | None, not_after: datetime | None
+                 ) -> list[dict[str, Any]]:
+        filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}, {"term": {"user": user}}]
+        if conversation is not None:
+            filters.append({"term": {"conversation": conversation}})
+        bounds = {}
+        if not_before is not None:
+            bounds["gte"] = not_before.astimezone(UTC).isoformat()
+        if not_after is not None:
+            bounds["lte"] = not_after.astimezone(UTC).isoformat()
+        if bounds:
+            filters.append({"range": {"event_time": bounds}})
+        return filters
+
+    def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
+               conversation: str | None, not_before: datetime | None,
+               not_after: datetime | None) -> list[ScoredEntry]:
+        filters = self._filters(tenant, user, conversation, not_before, not_after)
+        resp = self.client.search(
+            index=self.store.target,
+            knn={"field": "embedding", "query_vector": [float(x) for x in vector], "k": k,
+                 "num_candidates": min(10_000, max(4 * k, 100)),
+                 # A pre-filter: the k nearest are chosen within the scope only.
+                 "filter": filters},
+            size=k, source_excludes=["embedding"])
+        # Elasticsearch's cosine _score is (1 + cos) / 2.
+        return [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
+                            score=2.0 * float(h["_score"]) - 1.0)
+                for h in resp["hits"]["hits"]]
+
+    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
+             ) -> list[tuple[MemoryEntry, PageKey]]:
+        resp = self.client.search(
+            index=self.store.target,
+            query={"bool": {"filter": self._filters(tenant, user, None, None, None)}},
+            sort=[{"event_time": "asc"}, {"id": "asc"}],
+            size=limit, search_after=after, source_excludes=["embedding"],
+            track_total_hits=False)
+        return [(MemoryEntry.model_validate(h["_source"]), list(h["sort"]))
+                for h in resp["hits"]["hits"]]
+
+    def get(self, entry_id: str) -> MemoryEntry | None:
+        found = self.store.get([entry_id])
+        return found[0] if found else None
+
+    def history(self, entry_id: str) -> list[MemoryChange]:
+        from lightmem.streams.changes import memory_history
+
+        return memory_history(self.settings, entry_id, self.topics)
+
+    def delete(self, entry: MemoryEntry, change: MemoryChange) -> None:
+        self.store.delete(entry.id, expected_version=entry.version)
+        with self._produce_lock:
+            self.producer.produce(self.topics.memory_changes, change.to_bytes(),
+                                  key=entry.scope.encode(), label=f"delete {entry.id}")
+            self.producer.flush(timeout_s=30.0)
+        # Searches and lists see the delete at once (the index is near real time).
+        self.store.refresh()
+
+    def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            checks["elasticsearch"] = ("ok" if self.store.current_index() is not None
+                                       else f"alias {self.settings.es_alias!r} not found")
+        except Exception as exc:  # noqa: BLE001
+            checks["elasticsearch"] = f"{type(exc).__name__}: {exc}"
+        try:
+            missing = self._missing_topics(timeout_s=5.0)
+            checks["kafka"] = "ok" if not missing else f"missing topics {missing}"
+        except Exception as exc:  # noqa: BLE001
+            checks["kafka"] = f"{type(exc).__name__}: {exc}"
+        return checks
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(timeout_s=10.0)
+        finally:
+            self.client.close()

@@ -1,0 +1,392 @@
+"""The memory service's operations, for one tenant at a time, over either backend.
+
+The HTTP routes (:mod:`lightmem.service.app`) and the in-process SDK
+(:class:`~lightmem.service.sdk.Memory`) both call :class:`MemoryService`; the tenant is an
+argument that the routes take from the API key only. Every read checks the tenant of what it
+found: another tenant's memory id is "not found" (404), never "forbidden", so ids leak
+nothing.
+
+Idempotency of ``POST /add`` (the Agent Memory Leaderboard contract) is kept in a small
+SQLite ledger (:class:`RequestLedger`, ``DATA_DIR/service-requests.db``): the first answer
+to a ``(tenant, request_id)`` is stored with a digest of its payload; the same payload gets
+the same answer, another payload a 409. Turn ids are derived from the request id, so even a
+retry that reaches another replica adds no turn twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from lightmem.processors.retrieve import Retriever
+from lightmem.processors.store import ScoredEntry, VersionConflict
+from lightmem.schemas import MemoryEntry, SchemaError, TurnEvent, check_event_time, stable_id
+from lightmem.settings import Settings
+
+from .backends import Backend, PageKey, delete_change
+from .errors import Conflict, InvalidInput, NotFound
+from .models import (
+    AddRequest,
+    AddResponse,
+    AmlAddRequest,
+    AmlAddResponse,
+    AmlSearchItem,
+    AmlSearchRequest,
+    AmlSearchResponse,
+    AnswerRequest,
+    AnswerResponse,
+    ChangeItem,
+    DeleteAllResponse,
+    DeleteResponse,
+    HistoryResponse,
+    MemoryItem,
+    MemoryPage,
+    MessageIn,
+    ReadyResponse,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+)
+
+__all__ = ["MemoryService", "RequestLedger", "erase_user", "NOT_ERASED", "MAX_PAGE"]
+
+#: Largest page of ``GET /v1/memories``.
+MAX_PAGE = 1000
+
+#: What deleting all of a user's memories leaves behind, per backend, until the erasure of
+#: issue 14 (memories, events, buffers, change history, erasure ledger) is wired in.
+NOT_ERASED: dict[str, list[str]] = {
+    "embedded": [
+        "turn ledger: the ids of the user's processed turns",
+        "open sensory and topic buffers of the user's conversations (their turns' text)",
+        "change history: the add/update records keep the memories' text; a delete change "
+        "is recorded per memory",
+        "dead letters that hold the user's turns",
+    ],
+    "stream": [
+        "raw turns on the turns topic (until the topic's retention)",
+        "segments and entries topics",
+        "change history on the memory-changes topic (a delete change is recorded per memory)",
+        "open buffers in the workers' changelog topics",
+        "dead letters on the DLQ topic",
+        "entries still on their way to the index: a replay or backfill can bring memories back",
+    ],
+}
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"),
+                                     default=str).encode()).hexdigest()
+
+
+class RequestLedger:
+    """``(tenant, request_id) -> (payload digest, answer)`` in a SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS requests (tenant TEXT NOT NULL, "
+                         "request_id TEXT NOT NULL, digest TEXT NOT NULL, answer TEXT NOT NULL, "
+                         "PRIMARY KEY (tenant, request_id))")
+        self.lock = threading.RLock()
+
+    def find(self, tenant: str, request_id: str) -> tuple[str, str] | None:
+        row = self._db.execute("SELECT digest, answer FROM requests WHERE tenant=? AND "
+                               "request_id=?", (tenant, request_id)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def record(self, tenant: str, request_id: str, digest: str, answer: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO requests VALUES (?,?,?,?)",
+                         (tenant, request_id, digest, answer))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _encode_cursor(key: PageKey) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> PageKey:
+    try:
+        key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        key = None
+    if not isinstance(key, list) or len(key) != 2:
+        raise InvalidInput(f"not a cursor this service returned: {cursor[:80]!r}",
+                           loc=("query", "cursor"))
+    return key
+
+
+def _aml_time(value: str | None, now: datetime, loc: tuple[str | int, ...]) -> datetime:
+    """An AML timestamp: RFC 3339, or ``YYYY-MM-DD[ HH:MM[:SS]]`` taken as UTC."""
+    if value is None:
+        return now
+    text = value.strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        text += "T00:00:00"
+    try:
+        when = datetime.fromisoformat(text.replace(" ", "T", 1).replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"not a date-time: {value[:64]!r} (use RFC 3339, e.g. "
+                           "2024-05-01T09:00:00Z)", loc=loc) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+class MemoryService:
+    """Tenant-scoped memory operations over a :class:`~lightmem.service.backends.Backend`.
+
+    Args:
+        backend: The store served.
+        settings: Limits (``max_event_bytes``, ``max_event_time_skew_s``), ``retrieve_k``
+            and ``data_dir`` (where the request ledger lives).
+        clock: Now, for turn times without a timestamp and for change records.
+    """
+
+    def __init__(self, backend: Backend, settings: Settings, *,
+                 clock: Callable[[], datetime] = _utcnow) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.clock = clock
+        self.retriever = Retriever(_NoStore(), backend.embed, k=settings.retrieve_k)
+        self._ledger: RequestLedger | None = None
+
+    @property
+    def ledger(self) -> RequestLedger:
+        if self._ledger is None:
+            self._ledger = RequestLedger(self.settings.data_dir / "service-requests.db")
+        return self._ledger
+
+    def warm_up(self) -> None:
+        """Load the models now (the first request does not pay for it)."""
+        self.backend.warm_up()
+
+    def close(self) -> None:
+        self.backend.close()
+        if self._ledger is not None:
+            self._ledger.close()
+
+    # -- writes
+
+    def _turns(self, tenant: str, user: str, conversation: str, session: str,
+               messages: list[MessageIn], *, id_seed: str, loc: str = "messages"
+               ) -> list[TurnEvent]:
+        now = self.clock()
+        turns, errors = [], []
+        for i, m in enumerate(messages):
+            try:
+                turn = TurnEvent(
+                    tenant=tenant, user=user, conversation=conversation, session=session,
+                    turn_id=m.turn_id or f"{id_seed[:20]}-{i}", role=m.role,
+                    speaker=m.speaker or (user if m.role == "user" else "assistant"),
+                    text=m.content, event_time=m.timestamp or now, metadata=m.metadata)
+                check_event_time(turn, now=now,
+                                 max_future_s=self.settings.max_event_time_skew_s)
+            except SchemaError as exc:
+                errors += [{"loc": ["body", loc, i, "timestamp"], "msg": f"{reason} (got {value})",
+                            "type": "value_error"} for _, reason, value in exc.errors]
+                continue
+            except ValidationError as exc:
+                errors += [{"loc": ["body", loc, i, *e["loc"]], "msg": e["msg"],
+                            "type": e["type"]} for e in exc.errors(include_url=False)]
+                continue
+            size = len(turn.to_bytes())
+            if size > self.settings.max_event_bytes:
+                errors.append({"loc": ["body", loc, i, "content"],
+                               "msg": f"the turn is {size} bytes, larger than max_event_bytes="
+                                      f"{self.settings.max_event_bytes}",
+                               "type": "value_error"})
+                continue
+            turns.append(turn)
+        if errors:
+            raise InvalidInput("invalid messages", errors=errors)
+        return turns
+
+    def add(self, tenant: str, request: AddRequest) -> AddResponse:
+        """Add chat turns; nothing is written when any message is invalid."""
+        conversation = request.conversation or request.session or "default"
+        session = request.session or conversation
+        seed = stable_id(tenant, request.user, conversation, session,
+                         *(m.model_dump_json() for m in request.messages))
+        turns = self._turns(tenant, request.user, conversation, session,
+                            list(request.messages), id_seed=seed)
+        written = self.backend.write_turns(turns, flush=request.flush)
+        return AddResponse(status="applied" if written.status == "applied" else "queued",
+                           turn_ids=[t.turn_id for t in turns], skipped=written.skipped,
+                           memories=written.memories, searchable=written.searchable)
+
+    # -- reads
+
+    def _hits(self, tenant: str, user: str, query: str, k: int, *,
+              conversation: str | None = None, after: datetime | None = None,
+              before: datetime | None = None) -> list[ScoredEntry]:
+        if not query.strip():
+            return []
+        vector = self.backend.embed([query])[0]
+        hits = self.backend.search(tenant, user, [float(x) for x in vector], k,
+                                   conversation=conversation, not_before=after,
+                                   not_after=before)
+        # The backend filters by scope; re-checking makes a store bug unable to leak.
+        hits = [h for h in hits if h.entry.tenant == tenant and h.entry.user == user]
+        return sorted(hits, key=lambda h: (-h.score, h.entry.id))
+
+    def search(self, tenant: str, request: SearchRequest) -> SearchResponse:
+        hits = self._hits(tenant, request.user, request.query, request.k,
+                          conversation=request.conversation, after=request.after,
+                          before=request.before)
+        return SearchResponse(results=[_hit(h) for h in hits])
+
+    def answer(self, tenant: str, request: AnswerRequest) -> AnswerResponse:
+        hits = self._hits(tenant, request.user, request.question, request.k)
+        answer = self.retriever.answer(request.question, hits, self.backend.chat,
+                                       tenant=tenant, asked_at=self.clock())
+        by_id = {h.entry.id: h for h in hits}
+        return AnswerResponse(answer=answer.text, mode=answer.mode,
+                              memories=[_hit(by_id[i]) for i in answer.memory_ids
+                                        if i in by_id])
+
+    def list(self, tenant: str, user: str, *, limit: int = 100, cursor: str | None = None
+             ) -> MemoryPage:
+        """One page of ``user``'s memories, oldest first; ``next_cursor`` while more remain."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"must be between 1 and {MAX_PAGE} (got {limit})",
+                               loc=("query", "limit"))
+        after = None if cursor is None else _decode_cursor(cursor)
+        rows = self.backend.page(tenant, user, after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return MemoryPage(results=[MemoryItem.of(e) for e, _ in rows],
+                          next_cursor=_encode_cursor(rows[-1][1]) if more else None)
+
+    def iter_all(self, tenant: str, user: str, *, page_size: int = 500
+                 ) -> Iterator[MemoryEntry]:
+        after: PageKey | None = None
+        while True:
+            rows = self.backend.page(tenant, user, after=after, limit=page_size)
+            for entry, _ in rows:
+                yield entry
+            if len(rows) < page_size:
+                return
+            after = rows[-1][1]
+
+    def _entry(self, tenant: str, memory_id: str) -> MemoryEntry:
+        entry = self.backend.get(memory_id)
+        if entry is None or entry.tenant != tenant:
+            raise NotFound(f"no memory {memory_id!r}", loc=("path", "memory_id"))
+        return entry
+
+    def get(self, tenant: str, memory_id: str) -> MemoryItem:
+        return MemoryItem.of(self._entry(tenant, memory_id))
+
+    def history(self, tenant: str, memory_id: str) -> HistoryResponse:
+        """Every change of one memory, deleted ones included (404 for another tenant's)."""
+        changes = [c for c in self.backend.history(memory_id) if c.tenant == tenant]
+        if not changes:
+            self._entry(tenant, memory_id)  # 404 unless it exists (written before history)
+        return HistoryResponse(results=[ChangeItem.of(c) for c in changes])
+
+    # -- deletes
+
+    def delete(self, tenant: str, memory_id: str, *, reason: str = "deleted through the API"
+               ) -> DeleteResponse:
+        """Delete one memory and record a ``delete`` change (store history / changes topic)."""
+        for _ in range(3):
+            entry = self._entry(tenant, memory_id)
+            try:
+                self.backend.delete(entry, delete_change(entry, at=self.clock(), reason=reason))
+            except VersionConflict:
+                continue  # a consolidation changed it meanwhile: read it again
+            return DeleteResponse(id=memory_id)
+        raise Conflict(f"memory {memory_id!r} keeps changing; try again",
+                       loc=("path", "memory_id"))
+
+    def delete_all(self, tenant: str, user: str) -> DeleteAllResponse:
+        """Delete every memory of ``(tenant, user)``: see :func:`erase_user`."""
+        return erase_user(self, tenant, user)
+
+    # -- the Agent Memory Leaderboard contract
+
+    def aml_add(self, tenant: str, request: AmlAddRequest) -> AmlAddResponse:
+        """``POST /add``: idempotent by ``request_id``; searchable when it returns (embedded)."""
+        digest = _digest(request.model_dump(mode="json"))
+        with self.ledger.lock:
+            known = self.ledger.find(tenant, request.request_id)
+            if known is not None:
+                if known[0] != digest:
+                    raise Conflict(f"request_id {request.request_id!r} was used for another "
+                                   "payload", loc=("body", "request_id"))
+                return AmlAddResponse.model_validate_json(known[1])
+            now = self.clock()
+            messages = [MessageIn(role=m.role, content=m.content,
+                                  timestamp=_aml_time(m.timestamp, now,
+                                                      ("body", "messages", i, "timestamp")))
+                        for i, m in enumerate(request.messages)]
+            turns = self._turns(tenant, request.user_id, request.session_id, request.session_id,
+                                messages, id_seed=stable_id("aml", request.request_id))
+            written = self.backend.write_turns(turns, flush=True)
+            answer = AmlAddResponse(request_id=request.request_id,
+                                    turn_ids=[t.turn_id for t in turns],
+                                    memories=written.memories, searchable=written.searchable)
+            self.ledger.record(tenant, request.request_id, digest, answer.model_dump_json())
+            return answer
+
+    def aml_search(self, tenant: str, request: AmlSearchRequest) -> AmlSearchResponse:
+        hits = self._hits(tenant, request.user_id, request.query, request.top_k)
+        return AmlSearchResponse(data=[
+            AmlSearchItem(id=h.entry.id, content=_hit(h).rendered, score=h.score,
+                          created_at=h.entry.event_time) for h in hits])
+
+    # -- health
+
+    def ready(self) -> ReadyResponse:
+        checks = self.backend.readiness()
+        return ReadyResponse(ready=all(v == "ok" for v in checks.values()), checks=checks)
+
+
+def erase_user(service: MemoryService, tenant: str, user: str) -> DeleteAllResponse:
+    """Delete all of ``(tenant, user)``'s memories from the store the service serves.
+
+    The one place the service erases a user: when the erasure of issue 14 exists (memories,
+    events, buffers, change history and the erasure ledger, in every store), this function
+    calls it instead, and ``not_erased`` shrinks to what that erasure reports. Until then,
+    each memory is deleted like ``DELETE /v1/memories/{id}`` (a ``delete`` change recorded)
+    and the answer lists what still holds the user's data.
+    """
+    deleted = 0
+    # Collect first: deleting while paging by (event time, id) is safe, but a snapshot of
+    # the ids keeps the count exact if the user's memories change meanwhile.
+    ids = [e.id for e in service.iter_all(tenant, user)]
+    for memory_id in ids:
+        try:
+            service.delete(tenant, memory_id, reason="delete all of the user")
+        except NotFound:
+            continue  # deleted meanwhile
+        deleted += 1
+    return DeleteAllResponse(user=user, deleted=deleted,
+                             not_erased=list(NOT_ERASED[service.backend.name]))
+
+
+def _hit(h: ScoredEntry) -> SearchHit:
+    return SearchHit(**MemoryItem.of(h.entry).model_dump(), score=h.score)
+
+
+class _NoStore:
+    """The service's Retriever only answers (searches go through the backend)."""
+
+    def search(self, *args: object, **kwargs: object) -> list[ScoredEntry]:
+        raise NotImplementedError
