@@ -24,7 +24,8 @@ openapi_app = typer.Typer(help="The memory service's OpenAPI document.", no_args
 
 
 def _err() -> Console:
-    return Console(stderr=True)
+    # soft_wrap: a refusal to start stays one line, whatever the terminal's width.
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _settings(**overrides: object) -> Settings:

@@ -1,0 +1,183 @@
+"""``lightmem serve --stream`` on the real Kafka broker and Elasticsearch node.
+
+The service process reads the test's private alias and writes the test's private topics: an
+added turn is produced to the turns topic (202 with its ids, read back from the topic), the
+read side is seeded directly with :class:`ElasticsearchStore` (no worker), and a delete is
+recorded on the memory-changes topic. A missing alias or topic refuses the start in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from service_server import Server, start_server, stop_server
+
+from lightmem.schemas import EntryMode, MemoryEntry, TurnEvent, conversation_key
+from lightmem.service.auth import create_key
+from lightmem.settings import Settings
+
+pytest.importorskip("confluent_kafka")
+pytest.importorskip("elasticsearch")
+
+from lightmem.streams.es_store import ElasticsearchStore  # noqa: E402
+from lightmem.streams.topic_reader import read_to_end  # noqa: E402
+from lightmem.streams.topics import Topics, create_topics, delete_topics  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.models]
+
+
+def _entry(i: int, tenant: str, user: str, fact: str) -> MemoryEntry:
+    when = datetime(2024, 3, 4 + i, 18, 0, tzinfo=UTC)
+    return MemoryEntry(id=f"{tenant}-{user}-{i}", tenant=tenant, user=user, conversation="c1",
+                       topic_id="t1", speaker=user, fact=fact, event_time=when,
+                       ingest_time=when, source_turn_ids=[f"turn-{i}"], original_text=fact,
+                       compressed_text=fact, mode=EntryMode.extractive)
+
+
+@pytest.fixture
+def deployment(kafka_bootstrap: str, es_url: str, es_client, unique_id: Callable[[str], str],  # noqa: ANN001
+               tmp_path: Path) -> Iterator[tuple[Settings, Topics, ElasticsearchStore]]:
+    """Private topics and alias, seeded with two tenants' memories; removed after."""
+    from lightmem.processors.embed import Embedder
+    from lightmem.streams.models import load_encoder
+
+    prefix = unique_id("lmtest-serve") + "."
+    alias = unique_id("lightmem-test-serve")
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, es_url=es_url, kafka_partitions=2,
+                        kafka_topic_prefix=prefix, es_alias=alias, data_dir=tmp_path)
+    topics = Topics.from_settings(settings)
+    created = create_topics(settings, topics).created
+    store = ElasticsearchStore(es_client, alias=alias, refresh=True)
+    store.ensure_index()
+    try:
+        embedder = Embedder(load_encoder().sentence_model, batch_size=8)
+        store.bulk_upsert(embedder.embed_entries([
+            _entry(0, "tenant-a", "alice", "alice: I adopted a dog named Pepper."),
+            _entry(1, "tenant-a", "alice", "alice: My sister lives in Lisbon."),
+            _entry(2, "tenant-a", "alice", "alice: I play the cello on Sundays."),
+            _entry(0, "tenant-b", "alice", "alice: My dog is called Rex."),
+        ]))
+        yield settings, topics, store
+    finally:
+        delete_topics(settings, created)
+        for name in es_client.indices.get(index=f"{alias}-*", expand_wildcards="all"):
+            es_client.indices.delete(index=name, ignore_unavailable=True)
+        es_client.options(ignore_status=404).indices.delete_index_template(
+            name=f"{alias}-template")
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {"LIGHTMEM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "LIGHTMEM_ES_URL": settings.es_url,
+            "LIGHTMEM_KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix}
+
+
+@pytest.fixture
+def served(deployment: tuple[Settings, Topics, ElasticsearchStore], tmp_path: Path
+           ) -> Iterator[tuple[Server, dict[str, str]]]:
+    settings, _, _ = deployment
+    keys_file = tmp_path / "keys.json"
+    keys = {"a": create_key(keys_file, "tenant-a")[0], "b": create_key(keys_file, "tenant-b")[0]}
+    server = start_server(["--stream", "--alias", settings.es_alias, "--keys-file",
+                           str(keys_file), "--data-dir", str(tmp_path)],
+                          env=_env(settings), log=tmp_path / "serve.log")
+    try:
+        yield server, keys
+    finally:
+        stop_server(server)
+
+
+def test_stream_service_produces_turns_and_reads_the_alias(
+    deployment: tuple[Settings, Topics, ElasticsearchStore],
+    served: tuple[Server, dict[str, str]],
+) -> None:
+    settings, topics, store = deployment
+    server, keys = served
+    a = httpx.Client(base_url=server.url, timeout=60.0,
+                     headers={"Authorization": f"Bearer {keys['a']}"})
+    b = httpx.Client(base_url=server.url, timeout=60.0, headers={"X-API-Key": keys["b"]})
+
+    ready = a.get("/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"elasticsearch": "ok", "kafka": "ok"}
+
+    # Write side: 202 with the turn ids; the turns are on the turns topic, keyed by
+    # conversation, with the key's tenant (never the body's).
+    r = a.post("/v1/memories", json={"user": "alice", "conversation": "c9", "messages": [
+        {"role": "user", "content": "I moved to Porto.", "timestamp": "2024-05-01T09:00:00Z"},
+        {"role": "assistant", "content": "Porto is lovely!"}]})
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued" and r.json()["searchable"] is False
+    turn_ids = r.json()["turn_ids"]
+    produced = [(m.key(), TurnEvent.parse(m.value()))
+                for m in read_to_end(settings, topics.turns, timeout_s=30)]
+    assert [t.turn_id for _, t in produced] == turn_ids
+    assert all(k == conversation_key("tenant-a", "c9").encode() for k, _ in produced)
+    assert {(t.tenant, t.user, t.text) for _, t in produced} == {
+        ("tenant-a", "alice", "I moved to Porto."), ("tenant-a", "alice", "Porto is lovely!")}
+
+    # Read side: the alias, within the key's tenant only.
+    r = a.post("/v1/search", json={"user": "alice", "query": "what is my dog called", "k": 2})
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    assert "Pepper" in hits[0]["text"] and all(h["id"].startswith("tenant-a-") for h in hits)
+    assert hits[0]["rendered"] == "[2024-03-04, Monday] alice: I adopted a dog named Pepper."
+    r = b.post("/v1/search", json={"user": "alice", "query": "what is my dog called"})
+    assert [h["id"] for h in r.json()["results"]] == ["tenant-b-alice-0"]
+    r = a.post("/v1/search", json={"user": "alice", "query": "dog",
+                                   "after": "2024-03-05T00:00:00Z"})
+    assert "tenant-a-alice-0" not in [h["id"] for h in r.json()["results"]]
+    r = a.post("/search", json={"user_id": "alice", "query": "sister", "top_k": 1})
+    assert r.json()["data"][0]["id"] == "tenant-a-alice-1"
+
+    pages, cursor, ids = 0, None, []
+    while True:
+        params = {"user": "alice", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = a.get("/v1/memories", params=params).json()
+        ids += [m["id"] for m in page["results"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert ids == ["tenant-a-alice-0", "tenant-a-alice-1", "tenant-a-alice-2"] and pages == 2
+
+    assert b.get("/v1/memories/tenant-a-alice-0").status_code == 404
+    assert b.delete("/v1/memories/tenant-a-alice-0").status_code == 404
+    assert a.get("/v1/memories/tenant-a-alice-0").status_code == 200
+
+    # Delete one: gone from the alias, a delete change on the memory-changes topic.
+    r = a.delete("/v1/memories/tenant-a-alice-2")
+    assert r.status_code == 200, r.text
+    assert a.get("/v1/memories/tenant-a-alice-2").status_code == 404
+    assert store.get(["tenant-a-alice-2"]) == []
+    history = a.get("/v1/memories/tenant-a-alice-2/history")
+    assert history.status_code == 200, history.text
+    assert [c["op"] for c in history.json()["results"]] == ["delete"]
+    assert b.get("/v1/memories/tenant-a-alice-2/history").status_code == 404
+
+
+def test_stream_service_refuses_to_start_without_its_alias_or_topics(
+    deployment: tuple[Settings, Topics, ElasticsearchStore], tmp_path: Path,
+) -> None:
+    settings, _, _ = deployment
+    for args, env, says in (
+        (["--alias", settings.es_alias + "-missing"], _env(settings), "index alias"),
+        (["--alias", settings.es_alias, "--topic-prefix", "no-such-prefix."], _env(settings),
+         "missing topics"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightmem", "serve", "--stream", "--data-dir", str(tmp_path),
+             *args], env={**os.environ, **env}, capture_output=True, text=True,
+            timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        error = [ln for ln in lines if ln.startswith("error:")]
+        assert len(error) == 1 and says in error[0], proc.stderr
+        assert "Traceback" not in proc.stderr
