@@ -29,6 +29,7 @@ from .procs import Worker  # noqa: E402
 from .test_streaming import (  # noqa: E402
     StreamEnv,
     assert_order,
+    bad_event,
     make_conversation,
     turn_counts,
     wait_count,
@@ -162,18 +163,37 @@ def test_a_second_worker_joining_and_leaving_mid_stream_loses_nothing(stream_env
 
 
 def test_every_producer_codec_is_read(stream_env: StreamEnv) -> None:
-    """Turns produced with gzip, snappy, lz4 and zstd are all processed (none stalls the
-    worker) and a batch of each codec is read by the worker exactly once."""
+    """Turns produced with gzip, snappy, lz4 and zstd, malformed ones among them: every valid
+    turn in exactly one memory, every malformed one in the DLQ with its reason (before, one
+    lz4 record crash-looped the whole worker)."""
+    from confluent_kafka import Producer
+
     senv = stream_env
     convs = []
     w = senv.start_worker("w1")
+    bad_markers = []
     for i, codec in enumerate(("gzip", "snappy", "lz4", "zstd")):
         conv = make_conversation("acme", f"u{i}", f"codec-{codec}", 10, seed=i)
         convs.append(conv)
-        producer = SteadyProducer(senv, conv, 1000.0, codec=codec)
-        producer.run()
-        assert not producer.errors
-    check_every_turn_once(senv, [t for c in convs for t in c], convs, [w])
+        producer = Producer(kafka_config(senv.settings, **{"compression.type": codec,
+                                                            "linger.ms": 50}))
+        for n, turn in enumerate(conv):
+            producer.produce(senv.topics.turns, turn.to_bytes(),
+                             key=turn.conversation_key.encode())
+            if n in (3, 7):  # malformed records inside the same compressed batches
+                key, value, kind = bad_event(len(bad_markers) * 3 + (n == 7), turn)
+                bad_markers.append((f"BAD-{len(bad_markers) * 3 + (n == 7):04d}", kind))
+                producer.produce(senv.topics.turns, value, key=key)
+        assert producer.flush(30) == 0
+    turns = [t for c in convs for t in c]
+    assert send_flush(senv.settings, topics=senv.topics) == 4
+    wait_count(senv, len(turns), [w], "every valid turn indexed")
+    counts = turn_counts(senv.entries())
+    assert set(counts) == {t.turn_id for t in turns} and set(counts.values()) == {1}
+    letters = wait_for(lambda: (lambda ls: ls if len(ls) >= len(bad_markers) else None)(
+        senv.dead_letters()), what="the dead letters", workers=[w])
+    assert len(letters) == len(bad_markers)
+    assert all(r.letter is not None and r.letter.reason for r in letters)
 
 
 def test_a_second_deployment_cannot_share_the_app_id(stream_env: StreamEnv) -> None:

@@ -337,6 +337,9 @@ class IngestWorker:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            # The Java client's hash, like every producer here (producer.py): a flush command
+            # or a segment lands in the partition of its conversation's turns.
+            "partitioner": "murmur2_random",
             "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
             # Dead letters carry the original event: as large as the DLQ topic allows.
             "message.max.bytes": dead_letter_max_bytes(self.settings) + 65_536,
@@ -703,6 +706,7 @@ class IngestWorker:
                 consumer.resume(assignment)
 
     def _account(self, stage: str, result: StepResult, seconds: float) -> None:
+        self._at(stage, f"committed a batch ({seconds:.2f}s in the step)")
         metrics.record_step(stage, seconds=seconds, applied=result.applied,
                             skipped=result.skipped, out_topics=[o.topic for o in result.out],
                             dead_letter_reasons=result.dead_letter_reasons)
