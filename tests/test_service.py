@@ -154,10 +154,17 @@ def test_add_search_list_get_delete_history(a: httpx.Client) -> None:
     assert r.status_code == 200 and r.json()["mode"] == "extractive"
     assert "Lisbon" in r.json()["answer"]
 
+    # Delete all = the erasure: memories, their history and the turn ledger of the user.
     r = a.request("DELETE", "/v1/memories", params={"user": user})
     assert r.status_code == 200, r.text
-    assert r.json()["deleted"] == len(FACTS) - 1 and r.json()["not_erased"]
+    wiped = r.json()
+    assert wiped["deleted"] == len(FACTS) - 1 and wiped["confirmed"] is True
+    sinks = {s["sink"]: s for s in wiped["sinks"]}
+    assert sinks["history"]["removed"]["changes"] == len(FACTS) + 1  # 7 adds, 1 delete
+    assert wiped["not_erased"] == ["llm usage: per (stage, tenant) counts only, no text: kept"]
     assert _all_ids(a, user, limit=100) == []
+    assert a.get(f"/v1/memories/{memory_id}/history").status_code == 404
+    assert a.post("/v1/search", json={"user": user, "query": "dog"}).json()["results"] == []
 
 
 def test_tenant_isolation(a: httpx.Client, b: httpx.Client, server: Server) -> None:
@@ -177,6 +184,7 @@ def test_tenant_isolation(a: httpx.Client, b: httpx.Client, server: Server) -> N
     assert r.status_code == 200 and r.json()["results"] == []
     r = b.request("DELETE", "/v1/memories", params={"user": user})
     assert r.status_code == 200 and r.json()["deleted"] == 0
+    assert all(s["found"] == 0 for s in r.json()["sinks"])
     for guess in (uuid.uuid4().hex, "0" * 32, "../" + target, target.upper()):
         assert b.get(f"/v1/memories/{guess}").status_code == 404
     # A body naming another tenant changes nothing: refused, nothing written anywhere.

@@ -82,5 +82,7 @@ def test_sdk(memory: Any) -> None:
 
     wiped = memory.delete_all(user_id=user)
     assert isinstance(wiped, DeleteAllResponse)
-    assert wiped.deleted == len(texts) - 1 and wiped.not_erased
+    assert wiped.deleted == len(texts) - 1 and wiped.confirmed
     assert list(memory.get_all(user_id=user)) == []
+    with pytest.raises(NotFound):
+        memory.history(one.id)  # the erasure removed the change history too

@@ -7,7 +7,7 @@ Routes (JSON; the OpenAPI document is ``lightmem/service/openapi.json``, checked
 ``POST /v1/search``                        search a user's memories
 ``POST /v1/answer``                        answer a question from them
 ``GET /v1/memories?user=U``                list them, oldest first, cursor pagination
-``DELETE /v1/memories?user=U``             delete all of a user's memories
+``DELETE /v1/memories?user=U``             forget a user (the erasure, issue 14)
 ``GET /v1/memories/{id}``                  one memory
 ``GET /v1/memories/{id}/history``          its add/update/delete changes
 ``DELETE /v1/memories/{id}``               delete it (a ``delete`` change is recorded)
@@ -279,7 +279,8 @@ def create_app(service: MemoryService | None, auth: Auth) -> FastAPI:
     @app.delete("/v1/memories", response_model=DeleteAllResponse, tags=["memories"],
                 responses=_ERRORS)
     def delete_all(user: User, tenant: Tenant, service: Service) -> DeleteAllResponse:
-        """Delete all of the user's memories; the answer says what was not erased."""
+        """Forget the user (the erasure: memories, history, buffers, turn ledger, dead
+        letters, kept out of replays); the answer says what was not erased (yet)."""
         return service.delete_all(tenant, user)
 
     @app.get("/v1/memories/{memory_id}", response_model=MemoryItem, tags=["memories"],

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from lightmem.processors.llm import ChatModel
 from lightmem.processors.store import ScoredEntry
 from lightmem.schemas import ChangeOp, MemoryChange, MemoryEntry, TurnEvent, stable_id
 from lightmem.settings import Settings
+
+if TYPE_CHECKING:
+    from lightmem.streams.erasure import ErasureReport
 
 __all__ = [
     "Backend",
@@ -95,6 +98,10 @@ class Backend(Protocol):
     def history(self, entry_id: str) -> list[MemoryChange]: ...
 
     def delete(self, entry: MemoryEntry, change: MemoryChange) -> None: ...
+
+    def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
+        """Forget ``(tenant, user)`` everywhere (the erasure of issue 14)."""
+        ...
 
     def readiness(self) -> dict[str, str]: ...
 
@@ -186,6 +193,14 @@ class EmbeddedBackend:
             store.delete(entry.id, expected_version=entry.version)
             store.append_changes([change])
 
+    def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
+        from lightmem.streams.erasure import forget
+
+        with self.lock:
+            return forget(self.settings, tenant, user, requested_by=requested_by,
+                          reason="memory service: delete all of the user",
+                          runtime=self.runtime)
+
     def readiness(self) -> dict[str, str]:
         try:
             with self.lock:
@@ -210,6 +225,8 @@ class StreamBackend:
 
     name = "stream"
     applies_turns = False
+    #: Seconds a delete-all waits for the ingest workers to confirm the erasure.
+    erase_wait_s = 10.0
 
     def __init__(self, settings: Settings, *, check: bool = True) -> None:
         from lightmem.streams.es_store import ElasticsearchStore, es_client
@@ -229,7 +246,7 @@ class StreamBackend:
         self._produce_lock = threading.Lock()
 
     def _needed_topics(self) -> list[str]:
-        return [self.topics.turns, self.topics.memory_changes]
+        return [self.topics.turns, self.topics.memory_changes, self.topics.erasures]
 
     def _missing_topics(self, timeout_s: float = 10.0) -> list[str]:
         from confluent_kafka.admin import AdminClient
@@ -333,6 +350,15 @@ class StreamBackend:
             self.producer.flush(timeout_s=30.0)
         # Searches and lists see the delete at once (the index is near real time).
         self.store.refresh()
+
+    def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
+        from lightmem.streams.erasure import forget_stream, new_request
+
+        request = new_request(tenant, user, reason="memory service: delete all of the user",
+                              requested_by=requested_by)
+        # The workers confirm their part asynchronously: wait a little, report the rest.
+        return forget_stream(self.settings, request, topics=self.topics, store=self.store,
+                             wait_s=self.erase_wait_s)
 
     def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -48,6 +48,7 @@ from .models import (
     ChangeItem,
     DeleteAllResponse,
     DeleteResponse,
+    ErasureSink,
     HistoryResponse,
     MemoryItem,
     MemoryPage,
@@ -58,31 +59,10 @@ from .models import (
     SearchResponse,
 )
 
-__all__ = ["MemoryService", "RequestLedger", "erase_user", "NOT_ERASED", "MAX_PAGE"]
+__all__ = ["MemoryService", "RequestLedger", "erase_user", "MAX_PAGE"]
 
 #: Largest page of ``GET /v1/memories``.
 MAX_PAGE = 1000
-
-#: What deleting all of a user's memories leaves behind, per backend, until the erasure of
-#: issue 14 (memories, events, buffers, change history, erasure ledger) is wired in.
-NOT_ERASED: dict[str, list[str]] = {
-    "embedded": [
-        "turn ledger: the ids of the user's processed turns",
-        "open sensory and topic buffers of the user's conversations (their turns' text)",
-        "change history: the add/update records keep the memories' text; a delete change "
-        "is recorded per memory",
-        "dead letters that hold the user's turns",
-    ],
-    "stream": [
-        "raw turns on the turns topic (until the topic's retention)",
-        "segments and entries topics",
-        "change history on the memory-changes topic (a delete change is recorded per memory)",
-        "open buffers in the workers' changelog topics",
-        "dead letters on the DLQ topic",
-        "entries still on their way to the index: a replay or backfill can bring memories back",
-    ],
-}
-
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -358,27 +338,26 @@ class MemoryService:
         return ReadyResponse(ready=all(v == "ok" for v in checks.values()), checks=checks)
 
 
-def erase_user(service: MemoryService, tenant: str, user: str) -> DeleteAllResponse:
-    """Delete all of ``(tenant, user)``'s memories from the store the service serves.
+def erase_user(service: MemoryService, tenant: str, user: str, *,
+               requested_by: str = "memory service") -> DeleteAllResponse:
+    """Forget ``(tenant, user)``: the one place the service erases a user.
 
-    The one place the service erases a user: when the erasure of issue 14 exists (memories,
-    events, buffers, change history and the erasure ledger, in every store), this function
-    calls it instead, and ``not_erased`` shrinks to what that erasure reports. Until then,
-    each memory is deleted like ``DELETE /v1/memories/{id}`` (a ``delete`` change recorded)
-    and the answer lists what still holds the user's data.
+    Calls the erasure of issue 14 (:func:`lightmem.streams.erasure.forget`) on the store the
+    service serves: memories, change history, open buffers, turn ledger and dead letters of
+    the scope, the request kept in the erasure ledger so replays do not bring them back, and
+    one content-free ``erase`` change for audit. What a store could not remove (yet) comes
+    back in ``not_erased``, e.g. raw turns until the turns topic's retention, or the
+    workers' buffers while no ingest worker confirmed the erasure.
     """
-    deleted = 0
-    # Collect first: deleting while paging by (event time, id) is safe, but a snapshot of
-    # the ids keeps the count exact if the user's memories change meanwhile.
-    ids = [e.id for e in service.iter_all(tenant, user)]
-    for memory_id in ids:
-        try:
-            service.delete(tenant, memory_id, reason="delete all of the user")
-        except NotFound:
-            continue  # deleted meanwhile
-        deleted += 1
-    return DeleteAllResponse(user=user, deleted=deleted,
-                             not_erased=list(NOT_ERASED[service.backend.name]))
+    report = service.backend.erase(tenant, user, requested_by=requested_by)
+    sinks = [ErasureSink(**s.as_json()) for s in report.sinks]
+    memories = next((s for s in sinks if s.sink in ("memories", "elasticsearch")), None)
+    return DeleteAllResponse(
+        user=user, deleted=0 if memories is None else memories.removed.get("memories", 0),
+        confirmed=report.confirmed, erasure_id=report.request.erasure_id,
+        not_erased=[f"{s.sink}: {p}" for s in sinks for p in s.pending]
+        + [f"{s.sink}: not confirmed" for s in sinks if not s.confirmed and not s.pending],
+        sinks=sinks)
 
 
 def _hit(h: ScoredEntry) -> SearchHit:

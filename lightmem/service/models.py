@@ -35,6 +35,7 @@ __all__ = [
     "HistoryResponse",
     "DeleteResponse",
     "DeleteAllResponse",
+    "ErasureSink",
     "HealthResponse",
     "ReadyResponse",
     "AmlMessage",
@@ -225,14 +226,35 @@ class DeleteResponse(BaseModel):
     deleted: bool = True
 
 
+class ErasureSink(BaseModel):
+    """One store's part of an erasure."""
+
+    #: ``memories``, ``history``, ``buffers``, ``elasticsearch``, ``turns``, ...
+    sink: str
+    #: The store did its part (``pending`` items may still be expected, e.g. compaction).
+    confirmed: bool
+    #: Records of the user found there (removed or hidden).
+    found: int
+    removed: dict[str, int]
+    #: What is still there, and until when, in words.
+    pending: list[str]
+
+
 class DeleteAllResponse(BaseModel):
-    """What deleting all of a user's memories did, and what it did not erase."""
+    """What deleting all of a user's memories did: the erasure of the user's scope
+    (memories, change history, open buffers, turn ledger, dead letters) and what it did not
+    erase yet."""
 
     user: str
     #: Memories deleted from the store this service serves.
     deleted: int
-    #: What still holds the user's data (until the erasure of issue 14 is wired in).
+    #: Every store confirmed its part.
+    confirmed: bool
+    #: The erasure request's id (its content-free ``erase`` change names it).
+    erasure_id: str
+    #: What still holds the user's data, or did not confirm yet: ``sink: what``.
     not_erased: list[str]
+    sinks: list[ErasureSink]
 
 
 class HealthResponse(BaseModel):

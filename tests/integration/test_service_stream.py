@@ -162,6 +162,19 @@ def test_stream_service_produces_turns_and_reads_the_alias(
     assert [c["op"] for c in history.json()["results"]] == ["delete"]
     assert b.get("/v1/memories/tenant-a-alice-2/history").status_code == 404
 
+    # Delete all = the stream erasure: the alias is cleared now; with no ingest worker
+    # running, the buffers part is not confirmed, and the answer says so.
+    r = a.request("DELETE", "/v1/memories", params={"user": "alice"})
+    assert r.status_code == 200, r.text
+    wiped = r.json()
+    assert wiped["deleted"] == 2 and wiped["confirmed"] is False
+    sinks = {s["sink"]: s for s in wiped["sinks"]}
+    assert sinks["elasticsearch"]["confirmed"] is True
+    assert any(item.startswith("turns: raw turns in") for item in wiped["not_erased"])
+    assert a.get("/v1/memories", params={"user": "alice"}).json()["results"] == []
+    r = b.post("/v1/search", json={"user": "alice", "query": "dog"})
+    assert [h["id"] for h in r.json()["results"]] == ["tenant-b-alice-0"]
+
 
 def test_stream_service_refuses_to_start_without_its_alias_or_topics(
     deployment: tuple[Settings, Topics, ElasticsearchStore], tmp_path: Path,
