@@ -161,3 +161,15 @@ def test_sweep_keeps_the_other_users_turns_of_a_shared_conversation() -> None:
                               both.to_bytes(), (), BEFORE)], {})
     [(_, (_, topic_raw))] = out.slots.items()
     assert b'"u1"' not in topic_raw and out.erased == 1
+
+
+def test_a_bad_record_of_an_erased_scope_is_dropped_not_dead_lettered() -> None:
+    bad = turn(0).model_dump(mode="json", exclude={"text"})
+    raw = __import__("json").dumps(bad).encode()
+    key = turn(0).conversation_key.encode()
+    erased = stage(SensoryStage, ledger()).step(
+        [Inbound(TOPICS.turns, 0, 0, key, raw, (), BEFORE)], {})
+    assert erased.erased == 1 and erased.dead_letters == 0 and not erased.out
+    later = stage(SensoryStage, ledger()).step(
+        [Inbound(TOPICS.turns, 0, 0, key, raw, (), AFTER)], {})
+    assert later.dead_letters == 1

@@ -15,14 +15,15 @@ sensory and topic buffers of a conversation may hold several users' turns).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lightmem.schemas import ErasureRequest
 
-__all__ = ["ErasureLedger", "Erased", "strip_turns", "to_ms"]
+__all__ = ["ErasureLedger", "Erased", "strip_turns", "raw_scopes", "to_ms"]
 
 T = TypeVar("T")
 
@@ -108,3 +109,31 @@ def strip_turns(turns: Sequence[T], *, default_user: str, user_of: Callable[[T],
         return list(turns)
     return [t for t in turns
             if not ledger.drops(tenant, user_of(t) or default_user, origin_of(t))]
+
+
+def raw_scopes(raw: bytes) -> set[tuple[str, str | None]]:
+    """The (tenant, user) scopes a raw record says it belongs to, read leniently (it may be
+    a record no stage could parse): a JSON object's ``tenant`` and ``user``, its turns'
+    users, a summarizer payload's segments. (tenant, None) when it names no user; nothing
+    when it is not JSON."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, TypeError):
+        return set()
+    out: set[tuple[str, str | None]] = set()
+
+    def add(obj: Any) -> None:
+        if not isinstance(obj, dict) or not isinstance(obj.get("tenant"), str):
+            return
+        tenant = obj["tenant"]
+        user = obj.get("user") if isinstance(obj.get("user"), str) else None
+        out.add((tenant, user))
+        for turn in obj.get("turns") or []:
+            if isinstance(turn, dict) and isinstance(turn.get("user"), str):
+                out.add((tenant, turn["user"]))
+
+    add(payload)
+    if isinstance(payload, dict):
+        for seg in payload.get("segments") or []:
+            add(seg)
+    return out

@@ -30,7 +30,6 @@ out of every stage and replay meanwhile).
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 import uuid
@@ -41,7 +40,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lightmem.processors.erasure import ErasureLedger, strip_turns, to_ms
+from lightmem.processors.erasure import ErasureLedger, raw_scopes, strip_turns, to_ms
 from lightmem.schemas import (
     ChangeOp,
     DeadLetter,
@@ -394,26 +393,10 @@ def dead_letter_scopes(letter: DeadLetter) -> set[tuple[str, str | None]]:
     """The (tenant, user) scopes a dead letter's original record belongs to, as far as it
     says (a record without a user gives (tenant, None); undecodable bytes give nothing)."""
     try:
-        payload = json.loads(base64.b64decode(letter.raw_b64))
+        raw = base64.b64decode(letter.raw_b64)
     except (ValueError, TypeError):
         return set()
-    out: set[tuple[str, str | None]] = set()
-
-    def add(obj: Any) -> None:
-        if not isinstance(obj, dict) or not isinstance(obj.get("tenant"), str):
-            return
-        tenant = obj["tenant"]
-        user = obj.get("user") if isinstance(obj.get("user"), str) else None
-        out.add((tenant, user))
-        for turn in obj.get("turns") or []:
-            if isinstance(turn, dict) and isinstance(turn.get("user"), str):
-                out.add((tenant, turn["user"]))
-
-    add(payload)
-    if isinstance(payload, dict):
-        for seg in payload.get("segments") or []:
-            add(seg)
-    return out
+    return raw_scopes(raw)
 
 
 def dead_letter_erased(letter: DeadLetter, ledger: ErasureLedger) -> bool:
@@ -449,14 +432,45 @@ def _memory_indices(store: Any) -> list[str]:
 
 def erase_elasticsearch(store: Any, tenant: str, user: str | None) -> dict[str, int]:
     """Delete the scope's documents from every memory index (delete by query on the scope
-    fields, then refresh); returns index -> documents deleted."""
+    fields, then refresh); returns index -> documents deleted.
+
+    A cluster without the ``reindex`` module (which serves ``_delete_by_query``; the
+    integ-test distribution has none) is answered by search + bulk delete rounds instead.
+    """
+    from elasticsearch import BadRequestError, NotFoundError
+
     out = {}
     for name in _memory_indices(store):
-        resp = store.client.delete_by_query(index=name, query=_scope_query(tenant, user),
-                                            conflicts="proceed", refresh=True,
-                                            wait_for_completion=True)
-        out[name] = int(resp.get("deleted", 0))
+        query = _scope_query(tenant, user)
+        try:
+            resp = store.client.delete_by_query(index=name, query=query, conflicts="proceed",
+                                                refresh=True, wait_for_completion=True)
+            out[name] = int(resp.get("deleted", 0))
+        except (BadRequestError, NotFoundError) as exc:
+            if "no handler found" not in str(exc):
+                raise
+            out[name] = _delete_by_search(store.client, name, query)
     return out
+
+
+def _delete_by_search(client: Any, index: str, query: dict[str, Any]) -> int:
+    """Delete what ``query`` finds, 1,000 ids per round, refreshing between rounds."""
+    from elasticsearch.helpers import bulk
+
+    deleted = 0
+    client.indices.refresh(index=index)
+    while True:
+        hits = client.search(index=index, query=query, size=1000, source=False,
+                             track_total_hits=False)["hits"]["hits"]
+        if not hits:
+            return deleted
+        ok, errors = bulk(client, ({"_op_type": "delete", "_index": index, "_id": h["_id"]}
+                                   for h in hits), raise_on_error=False)
+        if not ok:
+            raise RuntimeError(f"{index}: no document of the scope could be deleted: "
+                               f"{errors!r:.500}")
+        deleted += ok
+        client.indices.refresh(index=index)
 
 
 def _es_remaining(store: Any, tenant: str, user: str | None) -> int:

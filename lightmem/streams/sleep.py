@@ -49,6 +49,10 @@ own); entries consumed (``events_in``, stage ``sleep``, replays included), chang
 consumer lag of the assigned partitions, sampled every ``LAG_SAMPLE_S`` by a thread of its
 own. LLM calls are counted by the chat model (stage ``consolidate``).
 
+Erasure: the worker follows the erasure ledger (:class:`~lightmem.streams.erasure.
+ErasureFollower`) and drops the entries of a scope erased after their source turns were
+produced (counted as ``erased``): no LLM call is ever made about them.
+
 Exceptions: none of its own. Transient failures (LLM, Elasticsearch, Kafka) leave the batch's
 incomplete entries uncommitted and back off; ``LLMConfigError`` stops the worker.
 """
@@ -73,6 +77,7 @@ from lightmem.processors.consolidate import (
     consolidate_pending,
     schedule_targets,
 )
+from lightmem.processors.erasure import ErasureLedger
 from lightmem.processors.llm import LLMConfigError, LLMError, LLMPermanentError
 from lightmem.processors.store import ScoredEntry, VersionConflict
 from lightmem.processors.update import (
@@ -97,6 +102,7 @@ from .components import Components
 from .ingest_priority import IngestBacklogMonitor
 from .producer import TurnProducer
 from .sleep_control import ControlFollower, WindowScope
+from .stages import ORIGIN_HEADER
 from .topics import Topics, kafka_config
 
 __all__ = ["SleepWorker", "BatchReport", "Outbox", "OutboxStore", "WorkerStats"]
@@ -265,6 +271,8 @@ class BatchReport:
     unindexed: int = 0
     missing: int = 0
     dead_letters: int = 0
+    #: Entries of erased scopes produced before the erasure: dropped.
+    erased: int = 0
     targets: int = 0
     done: int = 0
     updated: int = 0
@@ -309,6 +317,8 @@ class _Record:
     offset: int
     key: bytes | None
     value: bytes | None
+    #: Kafka timestamp (ms) of the entry's earliest source turn (the erasure ledger's time).
+    origin_ms: int | None = None
 
 
 # --------------------------------------------------------------------------- worker
@@ -358,6 +368,9 @@ class SleepWorker:
         self.ingest = IngestBacklogMonitor(settings, self.topics, name=name)
         #: Partitions are consuming: a window is open and ingest has no backlog.
         self._active = False
+        #: The erasure ledger (followed from the erasures topic in run()).
+        self.erasures = ErasureLedger()
+        self._erasure_follower: Any = None
 
     # -- processors
 
@@ -394,6 +407,11 @@ class SleepWorker:
         _ = self.components.embedder
         self._follower = _MeteredFollower(self.settings, self.topics, clock=self.clock)
         self._follower.start()
+        from .erasure import ErasureFollower
+
+        self._erasure_follower = ErasureFollower(self.settings, self.topics,
+                                                 ledger=self.erasures)
+        self._erasure_follower.start()
         self._producer = TurnProducer(self.settings, self.topics)
         self._consumer = Consumer(kafka_config(self.settings, **{
             "group.id": self.settings.sleep_group,
@@ -430,6 +448,7 @@ class SleepWorker:
             ready_called = False
             while not self.stop_event.is_set():
                 self._follow_control()
+                self._erasure_follower.poll(0)
                 msgs = self._consumer.consume(self.settings.sleep_batch_entries,
                                               timeout=self.settings.sleep_poll_s)
                 if self._settle_partitions:
@@ -460,6 +479,8 @@ class SleepWorker:
 
     def _shutdown(self) -> None:
         self.ingest.stop()
+        if self._erasure_follower is not None:
+            self._erasure_follower.close()
         if self._lag_thread is not None:
             self._lag_thread.join(timeout=30)
         if self._pool is not None:
@@ -623,7 +644,15 @@ class SleepWorker:
                     raise KafkaException(err)
                 log.warning("%s: consumer error: %s", self.name, err.str())
                 continue
-            out.append(_Record(msg.partition(), msg.offset(), msg.key(), msg.value()))
+            ts_type, ts = msg.timestamp()
+            origin = ts if ts_type != 0 and ts >= 0 else None
+            for name, value in msg.headers() or []:
+                if name == ORIGIN_HEADER and value:
+                    try:
+                        origin = int(value)
+                    except ValueError:
+                        pass
+            out.append(_Record(msg.partition(), msg.offset(), msg.key(), msg.value(), origin))
         return out
 
     def _process(self, records: Sequence[_Record], consolidator: Consolidator) -> BatchReport:
@@ -654,6 +683,9 @@ class SleepWorker:
                 except SchemaError as exc:
                     self._dead_letter(r, exc)
                     report.dead_letters += 1
+                    continue
+                if self.erasures.drops(entry.tenant, entry.user, r.origin_ms):
+                    report.erased += 1  # consumed: never consolidated, never asked about
                     continue
                 if not self.scope.allows(entry.tenant):
                     held.setdefault(p, r.offset)

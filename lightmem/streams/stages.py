@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lightmem.processors.erasure import ErasureLedger, strip_turns
+from lightmem.processors.erasure import ErasureLedger, raw_scopes, strip_turns
 from lightmem.processors.llm import LLMTransientError
 from lightmem.processors.segment import (
     SensoryBufferState,
@@ -278,8 +278,14 @@ class _Stage:
     def dead_letter(
         self, result: StepResult, rec: Inbound, stage: str, error: BaseException
     ) -> None:
-        """Append a dead letter for ``rec`` (original bytes, coordinates, reason)."""
+        """Append a dead letter for ``rec`` (original bytes, coordinates, reason); a record of
+        an erased scope produced before its erasure is dropped instead (counted)."""
         raw = rec.value or b""
+        if self.erasures and any(self.erasures.drops(t, u, rec.timestamp_ms)
+                                 for t, u in raw_scopes(raw)):
+            result.skipped += 1
+            result.erased += 1
+            return
         if isinstance(error, _Poisoned):
             reason_error: BaseException = error
             error_type = type(error.cause).__name__
