@@ -165,3 +165,19 @@ def test_client_typed_errors_without_retrying_4xx() -> None:
     with pytest.raises(RateLimited) as limited:
         _client(rate_limited, [], retries=0).get("m")
     assert limited.value.retry_after == 7.0
+
+
+def test_oversized_body_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    key, _ = create_key(tmp_path / "keys.json", "acme")
+    app = create_app(None, Auth(keys=KeyRing.load(tmp_path / "keys.json"),
+                                limiter=RateLimiter(0, 1)), max_body_bytes=1000)
+    r = TestClient(app).post("/v1/memories", content=b"x" * 2000,
+                             headers={"X-API-Key": key, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_serve_refuses_dev_mode_off_loopback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--data-dir",
+                                      str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no API keys" in result.stderr and "127.0.0.1 only" in result.stderr

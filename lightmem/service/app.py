@@ -148,10 +148,17 @@ def _error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
                         "type": str(e.get("type", "error"))} for e in errors]}
 
 
-def create_app(service: MemoryService | None, auth: Auth) -> FastAPI:
+#: Largest request body (bytes): a session of chat turns fits many times over; bulk imports
+#: go through ``lightmem produce`` / ``lightmem ingest``.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def create_app(service: MemoryService | None, auth: Auth, *,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app serving ``service`` (None: routes only, e.g. to render the OpenAPI document).
 
-    The service's models load in the app's lifespan, before the first request.
+    The service's models load in the app's lifespan, before the first request. A body
+    declared larger than ``max_body_bytes`` is refused (413) before it is read.
     """
 
     @asynccontextmanager
@@ -207,6 +214,13 @@ def create_app(service: MemoryService | None, auth: Auth) -> FastAPI:
         started = time.perf_counter()
         status = 500
         try:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_body_bytes:
+                status = 413
+                return JSONResponse(_error_body([{
+                    "loc": ["body"], "type": "too_large",
+                    "msg": f"request body of {declared} bytes is larger than {max_body_bytes}"
+                           " (send fewer messages per request)"}]), status_code=413)
             response = await call_next(request)
             status = response.status_code
             return response

@@ -88,7 +88,7 @@ class Backend(Protocol):
 
     def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                conversation: str | None, not_before: datetime | None,
-               not_after: datetime | None) -> list[ScoredEntry]: ...
+               not_after: datetime | None, text: str | None = None) -> list[ScoredEntry]: ...
 
     def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
              ) -> list[tuple[MemoryEntry, PageKey]]: ...
@@ -158,7 +158,7 @@ class EmbeddedBackend:
 
     def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                conversation: str | None, not_before: datetime | None,
-               not_after: datetime | None) -> list[ScoredEntry]:
+               not_after: datetime | None, text: str | None = None) -> list[ScoredEntry]:
         filtered = conversation is not None or not_before is not None
         with self.lock:
             # The vector index filters by scope and time upper bound; the other filters are
@@ -308,18 +308,23 @@ class StreamBackend:
 
     def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                conversation: str | None, not_before: datetime | None,
-               not_after: datetime | None) -> list[ScoredEntry]:
+               not_after: datetime | None, text: str | None = None) -> list[ScoredEntry]:
         filters = self._filters(tenant, user, conversation, not_before, not_after)
+        # Lexical + vector when asked: BM25 on the fact beside the kNN, both filtered to the
+        # scope (ElasticsearchStore.hybrid_search's linear combination, plus our filters).
+        query = None if text is None else {
+            "bool": {"must": [{"match": {"fact": {"query": text}}}], "filter": filters}}
         resp = self.client.search(
             index=self.store.target,
             knn={"field": "embedding", "query_vector": [float(x) for x in vector], "k": k,
                  "num_candidates": min(10_000, max(4 * k, 100)),
                  # A pre-filter: the k nearest are chosen within the scope only.
                  "filter": filters},
-            size=k, source_excludes=["embedding"])
-        # Elasticsearch's cosine _score is (1 + cos) / 2.
+            query=query, size=k, source_excludes=["embedding"])
+        # Elasticsearch's cosine _score is (1 + cos) / 2; a hybrid score is kept as it is.
         return [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
-                            score=2.0 * float(h["_score"]) - 1.0)
+                            score=float(h["_score"]) if text is not None
+                            else 2.0 * float(h["_score"]) - 1.0)
                 for h in resp["hits"]["hits"]]
 
     def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int

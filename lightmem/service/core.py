@@ -214,13 +214,13 @@ class MemoryService:
 
     def _hits(self, tenant: str, user: str, query: str, k: int, *,
               conversation: str | None = None, after: datetime | None = None,
-              before: datetime | None = None) -> list[ScoredEntry]:
+              before: datetime | None = None, hybrid: bool = False) -> list[ScoredEntry]:
         if not query.strip():
             return []
         vector = self.backend.embed([query])[0]
         hits = self.backend.search(tenant, user, [float(x) for x in vector], k,
                                    conversation=conversation, not_before=after,
-                                   not_after=before)
+                                   not_after=before, text=query if hybrid else None)
         # The backend filters by scope; re-checking makes a store bug unable to leak.
         hits = [h for h in hits if h.entry.tenant == tenant and h.entry.user == user]
         return sorted(hits, key=lambda h: (-h.score, h.entry.id))
@@ -228,7 +228,7 @@ class MemoryService:
     def search(self, tenant: str, request: SearchRequest) -> SearchResponse:
         hits = self._hits(tenant, request.user, request.query, request.k,
                           conversation=request.conversation, after=request.after,
-                          before=request.before)
+                          before=request.before, hybrid=request.hybrid)
         return SearchResponse(results=[_hit(h) for h in hits])
 
     def answer(self, tenant: str, request: AnswerRequest) -> AnswerResponse:

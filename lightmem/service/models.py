@@ -129,6 +129,10 @@ class SearchRequest(_Body):
     after: AwareDatetime | None = None
     #: Only memories whose event time is at or before this.
     before: AwareDatetime | None = None
+    #: Lexical + vector: also score the query's words (BM25 on the memory text) where the
+    #: store supports it (Elasticsearch; the embedded store ranks by vector alone). Scores
+    #: are then BM25 + (1 + cos) / 2, comparable only within one search.
+    hybrid: bool = False
 
 
 class MemoryItem(BaseModel):
@@ -165,7 +169,7 @@ class MemoryItem(BaseModel):
 
 
 class SearchHit(MemoryItem):
-    #: Cosine similarity to the query (1 = identical).
+    #: Cosine similarity to the query (1 = identical); the combined score when ``hybrid``.
     score: float
 
 

@@ -134,6 +134,12 @@ def test_stream_service_produces_turns_and_reads_the_alias(
     r = a.post("/v1/search", json={"user": "alice", "query": "dog",
                                    "after": "2024-03-05T00:00:00Z"})
     assert "tenant-a-alice-0" not in [h["id"] for h in r.json()["results"]]
+    # Lexical + vector: an exact word of a memory ranks it first.
+    r = a.post("/v1/search", json={"user": "alice", "query": "cello", "k": 3, "hybrid": True})
+    assert r.status_code == 200, r.text
+    hybrid = r.json()["results"]
+    assert hybrid[0]["id"] == "tenant-a-alice-2" and hybrid[0]["score"] > 1.0
+    assert all(h["id"].startswith("tenant-a-") for h in hybrid)
     r = a.post("/search", json={"user_id": "alice", "query": "sister", "top_k": 1})
     assert r.json()["data"][0]["id"] == "tenant-a-alice-1"
 
