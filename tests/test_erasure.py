@@ -187,6 +187,18 @@ def test_forget_one_user_embedded(tmp_path: Path) -> None:
         result = runner.invoke(app, ["forget", *args, "--data-dir", str(data)], env=env)
         assert result.exit_code == 2, result.output
 
+    # keep them erased: ingesting the same turns again does not bring alice back (their
+    # event times are before the erasure); a turn written after it is a new beginning
+    fresh = _turns("acme", "alice", "c-alice-3", 2, start=datetime.now(UTC))
+    again = _write(tmp_path / "again.jsonl", _turns("acme", "alice", "c-alice", 12) + fresh)
+    result = runner.invoke(app, ["ingest", str(again), "--data-dir", str(data)], env=env)
+    assert result.exit_code == 0, result.output
+    rt = EmbeddedRuntime(load_settings(data_dir=data, compressor="none"))
+    assert {t for e in rt.store.iter_entries("acme", "alice") for t in e.source_turn_ids} \
+        == {t.turn_id for t in fresh}
+    before_bob = _snapshot(rt.store._db, "acme", "bob")  # the flush closed his buffers
+    rt.store.close()
+
     # the whole tenant globex
     result = runner.invoke(app, ["forget", "--tenant", "globex", "--data-dir", str(data)],
                            env=env)

@@ -91,6 +91,8 @@ class IngestReport:
     lines: int = 0
     processed: int = 0
     skipped: int = 0
+    #: Of ``skipped``: turns of a scope erased after their event time (``lightmem forget``).
+    erased: int = 0
     rejected: list[RejectedLine] = field(default_factory=list)
     segments: int = 0
     entries: int = 0
@@ -267,11 +269,22 @@ class EmbeddedRuntime(Components):
         self.store.add_dead_letter(letter)
 
     def _apply_batch(self, batch: Sequence[TurnEvent], report: IngestReport) -> None:
+        from lightmem.processors.erasure import ErasureLedger, to_ms
+
+        from .embedded_erasure import erasures_of
+
+        # Erased scopes stay erased: a turn of one, written (event time) before its erasure,
+        # is dropped (re-ingesting an old file does not bring it back); later turns are a
+        # new beginning. The embedded store has no produce time: the event time stands in.
+        erasures = ErasureLedger(erasures_of(self.store))
         fresh: list[TurnEvent] = []
         in_batch: set[tuple[str, str]] = set()
         for ev in batch:
             key = (ev.conversation_key, ev.turn_id)
-            if key in in_batch or self.store.seen(*key):
+            if erasures and erasures.drops(ev.tenant, ev.user, to_ms(ev.event_time)):
+                report.skipped += 1
+                report.erased += 1
+            elif key in in_batch or self.store.seen(*key):
                 report.skipped += 1
             else:
                 in_batch.add(key)
