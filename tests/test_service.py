@@ -243,6 +243,18 @@ def test_aml_contract(a: httpx.Client, b: httpx.Client) -> None:
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "top_k"]
 
 
+def test_wait_searchable_flushes_on_the_embedded_store(a: httpx.Client) -> None:
+    user = _user()
+    body = {"user": user, "messages": [{"role": "user", "content": "I collect old maps."}]}
+    r = a.post("/v1/memories", params={"wait": "searchable", "timeout_s": 0}, json=body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "timeout_s"]
+    r = a.post("/v1/memories", params={"wait": "searchable"}, json=body)
+    assert r.status_code == 200 and r.json()["searchable"] is True
+    assert r.json()["memories"] == 1 and r.json()["not_searchable"] == []
+    hits = a.post("/v1/search", json={"user": user, "query": "maps"}).json()["results"]
+    assert [h["source_turn_ids"] for h in hits] == [r.json()["turn_ids"]]
+
+
 def test_bad_input_is_4xx_and_writes_nothing(a: httpx.Client) -> None:
     user = _user()
     cases = [

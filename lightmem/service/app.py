@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -255,15 +255,22 @@ def create_app(service: MemoryService | None, auth: Auth, *,
     @app.post("/v1/memories", response_model=AddResponse, tags=["memories"],
               responses={**_ERRORS, 202: {"model": AddResponse,
                                           "description": "Queued (stream backend)"}})
-    def add(body: AddRequest, tenant: Tenant, service: Service,
-            response: Response) -> AddResponse:
+    def add(
+        body: AddRequest, tenant: Tenant, service: Service, response: Response,
+        wait: Annotated[Literal["searchable"] | None, Query(
+            description="searchable: flush the conversation and wait until the turns' "
+                        "memories are searchable (or timeout_s says which are not)")] = None,
+        timeout_s: Annotated[float, Query(gt=0, le=300, description="How long to wait")
+                             ] = 30.0,
+    ) -> AddResponse:
         """Add chat turns to a user's memory.
 
         Embedded: applied before the call returns (``flush`` makes their memories now).
-        Stream: produced to the turns topic, 202 with the turn ids.
+        Stream: produced to the turns topic, 202 with the turn ids (200 when
+        ``?wait=searchable`` saw all of them searchable).
         """
-        answer = service.add(tenant, body)
-        if answer.status == "queued":
+        answer = service.add(tenant, body, wait_s=timeout_s if wait else None)
+        if answer.status == "queued" and not answer.searchable:
             response.status_code = 202
         return answer
 

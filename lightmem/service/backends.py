@@ -61,6 +61,8 @@ class Written:
     skipped: list[str] = field(default_factory=list)
     memories: int = 0
     searchable: bool = False
+    #: Turn ids no memory covered yet when the call returned (stream, when waited for).
+    not_searchable: list[str] = field(default_factory=list)
 
 
 def delete_change(entry: MemoryEntry, *, at: datetime, reason: str) -> MemoryChange:
@@ -84,7 +86,11 @@ class Backend(Protocol):
     @property
     def chat(self) -> ChatModel | None: ...
 
-    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool) -> Written: ...
+    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool,
+                    wait_s: float | None = None) -> Written:
+        """Add turns; ``flush`` closes their conversations' buffers; ``wait_s`` (stream)
+        waits that long for memories covering them to be searchable."""
+        ...
 
     def search(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                conversation: str | None, not_before: datetime | None,
@@ -139,7 +145,9 @@ class EmbeddedBackend:
     def chat(self) -> ChatModel | None:
         return self.runtime.chat
 
-    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool) -> Written:
+    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool,
+                    wait_s: float | None = None) -> Written:
+        flush = flush or wait_s is not None  # applied in-process: flushed = searchable
         with self.lock:
             store = self.runtime.store
             skipped, seen = [], set()
@@ -284,12 +292,51 @@ class StreamBackend:
     def chat(self) -> ChatModel | None:
         return self.components.chat
 
-    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool) -> Written:
+    def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool,
+                    wait_s: float | None = None) -> Written:
+        from lightmem.streams.control import FlushCommand
+
         # Idempotent producer, acks=all: when flush() returns, every turn is on the topic.
         with self._produce_lock:
             self.producer.add_turns(turns)
+            if flush or wait_s is not None:
+                # In-band, keyed like the turns: the worker closes the conversation's
+                # buffers right after these turns, so their memories are made now.
+                for tenant, conversation in sorted({(t.tenant, t.conversation)
+                                                    for t in turns}):
+                    self.producer.send_flush(FlushCommand(
+                        tenant=tenant, conversation=conversation,
+                        issued_at=datetime.now(UTC), issued_by="memory service"))
             self.producer.flush(timeout_s=30.0)
-        return Written(status="queued", searchable=False)
+        if wait_s is None:
+            return Written(status="queued")
+        missing = self._wait_searchable(turns, wait_s)
+        return Written(status="queued", searchable=not missing, not_searchable=missing)
+
+    def _wait_searchable(self, turns: Sequence[TurnEvent], wait_s: float) -> list[str]:
+        """Turn ids still covered by no searchable memory after up to ``wait_s`` seconds."""
+        import time
+
+        by_scope: dict[tuple[str, str], set[str]] = {}
+        for t in turns:
+            by_scope.setdefault((t.tenant, t.user), set()).add(t.turn_id)
+        deadline = time.monotonic() + wait_s
+        while True:
+            for (tenant, user), pending in by_scope.items():
+                if not pending:
+                    continue
+                resp = self.client.search(
+                    index=self.store.target, size=len(pending) * 4,
+                    query={"bool": {"filter": [
+                        *self._filters(tenant, user, None, None, None),
+                        {"terms": {"source_turn_ids": sorted(pending)}}]}},
+                    source_includes=["source_turn_ids"], track_total_hits=False)
+                for h in resp["hits"]["hits"]:
+                    pending.difference_update(h["_source"]["source_turn_ids"])
+            missing = [t.turn_id for t in turns if t.turn_id in by_scope[(t.tenant, t.user)]]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)  # polling interval: the index is refreshed about every second
 
     def _filters(self, tenant: str, user: str, conversation: str | None,
                  not_before: datetime | None, not_after: datetime | None

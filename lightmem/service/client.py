@@ -109,11 +109,18 @@ class MemoryClient:
     # -- the SDK
 
     def add(self, messages: Messages, *, user_id: str, conversation_id: str | None = None,
-            session_id: str | None = None, flush: bool = False) -> AddResponse:
-        """Add chat turns to ``user_id``'s memory (see ``POST /v1/memories``)."""
+            session_id: str | None = None, flush: bool = False,
+            wait_searchable_s: float | None = None) -> AddResponse:
+        """Add chat turns to ``user_id``'s memory (see ``POST /v1/memories``);
+        ``wait_searchable_s`` is ``?wait=searchable&timeout_s=...``."""
         body = {"user": user_id, "conversation": conversation_id, "session": session_id,
                 "messages": _json(_messages(messages)), "flush": flush}
-        return AddResponse.model_validate(self._request("POST", "/v1/memories", json=body))
+        params = ({} if wait_searchable_s is None
+                  else {"wait": "searchable", "timeout_s": wait_searchable_s})
+        extra: dict[str, Any] = {} if wait_searchable_s is None else {
+            "timeout": httpx.Timeout(wait_searchable_s + self._http.timeout.read, connect=5.0)}
+        return AddResponse.model_validate(self._request("POST", "/v1/memories", json=body,
+                                                        params=params, **extra))
 
     def search(self, query: str, *, user_id: str, k: int = 20,
                conversation_id: str | None = None, after: datetime | None = None,

@@ -145,6 +145,8 @@ class MemoryService:
         self.clock = clock
         self.retriever = Retriever(_NoStore(), backend.embed, k=settings.retrieve_k)
         self._ledger: RequestLedger | None = None
+        #: How long ``POST /add`` waits for its turns to be searchable (stream backend).
+        self.aml_wait_s = 30.0
 
     @property
     def ledger(self) -> RequestLedger:
@@ -197,18 +199,24 @@ class MemoryService:
             raise InvalidInput("invalid messages", errors=errors)
         return turns
 
-    def add(self, tenant: str, request: AddRequest) -> AddResponse:
-        """Add chat turns; nothing is written when any message is invalid."""
+    def add(self, tenant: str, request: AddRequest, *, wait_s: float | None = None
+            ) -> AddResponse:
+        """Add chat turns; nothing is written when any message is invalid.
+
+        ``wait_s``: flush the conversations and wait up to that long until the turns are
+        searchable (the stream backend says which are not, when the time is up).
+        """
         conversation = request.conversation or request.session or "default"
         session = request.session or conversation
         seed = stable_id(tenant, request.user, conversation, session,
                          *(m.model_dump_json() for m in request.messages))
         turns = self._turns(tenant, request.user, conversation, session,
                             list(request.messages), id_seed=seed)
-        written = self.backend.write_turns(turns, flush=request.flush)
+        written = self.backend.write_turns(turns, flush=request.flush, wait_s=wait_s)
         return AddResponse(status="applied" if written.status == "applied" else "queued",
                            turn_ids=[t.turn_id for t in turns], skipped=written.skipped,
-                           memories=written.memories, searchable=written.searchable)
+                           memories=written.memories, searchable=written.searchable,
+                           not_searchable=written.not_searchable)
 
     # -- reads
 
@@ -318,10 +326,11 @@ class MemoryService:
                         for i, m in enumerate(request.messages)]
             turns = self._turns(tenant, request.user_id, request.session_id, request.session_id,
                                 messages, id_seed=stable_id("aml", request.request_id))
-            written = self.backend.write_turns(turns, flush=True)
+            written = self.backend.write_turns(turns, flush=True, wait_s=self.aml_wait_s)
             answer = AmlAddResponse(request_id=request.request_id,
                                     turn_ids=[t.turn_id for t in turns],
-                                    memories=written.memories, searchable=written.searchable)
+                                    memories=written.memories, searchable=written.searchable,
+                                    not_searchable=written.not_searchable)
             self.ledger.record(tenant, request.request_id, digest, answer.model_dump_json())
             return answer
 

@@ -113,6 +113,9 @@ class AddResponse(BaseModel):
     memories: int = 0
     #: Whether the turns' memories are searchable now.
     searchable: bool
+    #: With ``?wait=searchable``: the turns no memory covered when the wait ended (a turn
+    #: the LLM found nothing in stays here; the others are still being processed).
+    not_searchable: list[str] = Field(default_factory=list)
 
 
 class SearchRequest(_Body):
@@ -299,6 +302,8 @@ class AmlAddResponse(BaseModel):
     #: Memories written by the request.
     memories: int
     searchable: bool
+    #: Turn ids not yet covered by a searchable memory (stream backend only).
+    not_searchable: list[str] = Field(default_factory=list)
 
 
 class AmlSearchRequest(_Body):

@@ -89,11 +89,13 @@ class Memory:
         self.close()
 
     def add(self, messages: Messages, *, user_id: str, conversation_id: str | None = None,
-            session_id: str | None = None, flush: bool = False) -> AddResponse:
-        """Add chat turns to ``user_id``'s memory (see ``POST /v1/memories``)."""
+            session_id: str | None = None, flush: bool = False,
+            wait_searchable_s: float | None = None) -> AddResponse:
+        """Add chat turns to ``user_id``'s memory (see ``POST /v1/memories``);
+        ``wait_searchable_s`` is ``?wait=searchable&timeout_s=...``."""
         request = _validated(AddRequest, user=user_id, conversation=conversation_id,
                              session=session_id, messages=_messages(messages), flush=flush)
-        return self._service.add(self.tenant, request)
+        return self._service.add(self.tenant, request, wait_s=wait_searchable_s)
 
     def search(self, query: str, *, user_id: str, k: int = 20,
                conversation_id: str | None = None, after: datetime | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,8 @@ pytest.importorskip("elasticsearch")
 from lightmem.streams.es_store import ElasticsearchStore  # noqa: E402
 from lightmem.streams.topic_reader import read_to_end  # noqa: E402
 from lightmem.streams.topics import Topics, create_topics, delete_topics  # noqa: E402
+
+from .test_streaming import StreamEnv, stream_env  # noqa: E402, F401 - the worker fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.models]
 
@@ -200,3 +203,42 @@ def test_stream_service_refuses_to_start_without_its_alias_or_topics(
         error = [ln for ln in lines if ln.startswith("error:")]
         assert len(error) == 1 and says in error[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_wait_searchable_and_aml_add_with_a_worker(stream_env: StreamEnv) -> None:  # noqa: F811
+    """With an ingest worker running: ``?wait=searchable`` flushes the conversation and
+    answers 200 once the turns' memories are in the alias; ``POST /add`` is searchable when
+    it returns, on the stream backend too."""
+    senv = stream_env
+    worker = senv.start_worker("w1")
+    # The worker creates the alias once its models are loaded; the service needs it.
+    deadline = time.monotonic() + 240
+    while not senv.es.indices.exists_alias(name=senv.alias):
+        assert worker.proc.poll() is None and time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)  # polling interval of a deadline wait
+    server = start_server(["--stream", "--data-dir", str(senv.tmp), "--topic-prefix",
+                           senv.topics.prefix], env=senv.env, log=senv.tmp / "serve.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=120.0) as c:  # dev mode: 127.0.0.1
+            r = c.post("/v1/memories", params={"wait": "searchable", "timeout_s": 90},
+                       json={"user": "zoe", "conversation": "c1", "messages": [
+                           {"role": "user", "content": "My kayak is bright red."},
+                           {"role": "user", "content": "I keep it in a shed in Bergen."}]})
+            assert r.status_code == 200, (r.text, worker.tail())
+            added = r.json()
+            assert added["searchable"] is True and added["not_searchable"] == []
+            hits = c.post("/v1/search", json={"user": "zoe", "query": "what colour is the "
+                                              "kayak"}).json()["results"]
+            assert hits and "red" in hits[0]["text"]
+            assert hits[0]["source_turn_ids"] == [added["turn_ids"][0]]
+
+            body = {"request_id": "r1", "user_id": "zoe", "session_id": "s2",
+                    "messages": [{"role": "user", "content": "I moved to Tromso in May."}]}
+            first = c.post("/add", json=body)
+            assert first.status_code == 200 and first.json()["searchable"] is True
+            data = c.post("/search", json={"query": "where did I move", "user_id": "zoe",
+                                           "top_k": 1}).json()["data"]
+            assert "Tromso" in data[0]["content"]
+            assert c.post("/add", json=body).json() == first.json()
+    finally:
+        stop_server(server)
