@@ -253,6 +253,9 @@ def test_wait_searchable_flushes_on_the_embedded_store(a: httpx.Client) -> None:
     assert r.json()["memories"] == 1 and r.json()["not_searchable"] == []
     hits = a.post("/v1/search", json={"user": user, "query": "maps"}).json()["results"]
     assert [h["source_turn_ids"] for h in hits] == [r.json()["turn_ids"]]
+    # The same undated words said again later are a new turn (not a retry).
+    again = a.post("/v1/memories", params={"wait": "searchable"}, json=body).json()
+    assert again["turn_ids"] != r.json()["turn_ids"] and again["skipped"] == []
 
 
 def test_bad_input_is_4xx_and_writes_nothing(a: httpx.Client) -> None:

@@ -166,9 +166,8 @@ class MemoryService:
     # -- writes
 
     def _turns(self, tenant: str, user: str, conversation: str, session: str,
-               messages: list[MessageIn], *, id_seed: str, loc: str = "messages"
-               ) -> list[TurnEvent]:
-        now = self.clock()
+               messages: list[MessageIn], *, id_seed: str, now: datetime,
+               loc: str = "messages") -> list[TurnEvent]:
         turns, errors = [], []
         for i, m in enumerate(messages):
             try:
@@ -208,10 +207,16 @@ class MemoryService:
         """
         conversation = request.conversation or request.session or "default"
         session = request.session or conversation
+        now = self.clock()
+        # Default turn ids come from the request, so a retried request adds nothing twice.
+        # A message with neither id nor timestamp cannot be told from the same words said
+        # again later ("ok"): its id also takes the time the request was received.
+        undated = any(m.turn_id is None and m.timestamp is None for m in request.messages)
         seed = stable_id(tenant, request.user, conversation, session,
-                         *(m.model_dump_json() for m in request.messages))
+                         *(m.model_dump_json() for m in request.messages),
+                         *([now.isoformat()] if undated else []))
         turns = self._turns(tenant, request.user, conversation, session,
-                            list(request.messages), id_seed=seed)
+                            list(request.messages), id_seed=seed, now=now)
         written = self.backend.write_turns(turns, flush=request.flush, wait_s=wait_s)
         return AddResponse(status="applied" if written.status == "applied" else "queued",
                            turn_ids=[t.turn_id for t in turns], skipped=written.skipped,
@@ -325,7 +330,8 @@ class MemoryService:
                                                       ("body", "messages", i, "timestamp")))
                         for i, m in enumerate(request.messages)]
             turns = self._turns(tenant, request.user_id, request.session_id, request.session_id,
-                                messages, id_seed=stable_id("aml", request.request_id))
+                                messages, id_seed=stable_id("aml", request.request_id),
+                                now=now)
             written = self.backend.write_turns(turns, flush=True, wait_s=self.aml_wait_s)
             answer = AmlAddResponse(request_id=request.request_id,
                                     turn_ids=[t.turn_id for t in turns],

@@ -76,7 +76,8 @@ class MessageIn(_Body):
     #: Display name; default: the user id for ``user`` messages, ``assistant`` otherwise.
     speaker: Name | None = None
     #: Turn id, unique within the conversation; default: derived from the request, so the
-    #: same request sent twice adds its turns once.
+    #: same request sent twice adds its turns once (when every message has a timestamp: an
+    #: undated message's id also takes the time it was received).
     turn_id: Name | None = None
     #: Free-form platform metadata, carried through untouched.
     metadata: dict[str, object] | None = None
