@@ -173,3 +173,20 @@ def test_a_bad_record_of_an_erased_scope_is_dropped_not_dead_lettered() -> None:
     later = stage(SensoryStage, ledger()).step(
         [Inbound(TOPICS.turns, 0, 0, key, raw, (), AFTER)], {})
     assert later.dead_letters == 1
+
+
+def test_the_index_sink_names_its_writes_an_erasure_arriving_later_covers() -> None:
+    sensory, short = stage(SensoryStage), stage(ShortTermStage)
+    segs = outs(sensory.step(recs([turn(i) for i in range(12)], BEFORE), {}), TOPICS.segments)
+    entries = outs(short.step([Inbound(TOPICS.segments, 0, i, o.key, o.value, o.headers, AFTER)
+                               for i, o in enumerate(segs)], {}), TOPICS.entries)
+    sink = stage(IndexSink, store=FakeStore())
+    sink.step([Inbound(TOPICS.entries, 0, i, o.key, o.value, o.headers, AFTER)
+               for i, o in enumerate(entries)])
+    assert sink.erased_writes() == []
+    sink.erasures.apply(ErasureRequest(erasure_id="e1", tenant="acme", user="u1",
+                                       requested_at=ERASED))
+    ids = sink.erased_writes()
+    assert len(ids) == len(entries)
+    sink.unremember(ids)
+    assert sink.erased_writes() == []

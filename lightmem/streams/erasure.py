@@ -66,6 +66,7 @@ __all__ = [
     "dead_letter_scopes",
     "dead_letter_erased",
     "erase_elasticsearch",
+    "delete_documents",
     "erase_change",
     "forget",
     "forget_stream",
@@ -410,10 +411,15 @@ def dead_letter_erased(letter: DeadLetter, ledger: ErasureLedger) -> bool:
 # -- Elasticsearch ------------------------------------------------------------------------------
 
 
-def _scope_query(tenant: str, user: str | None) -> dict[str, Any]:
+def _scope_query(tenant: str, user: str | None, before: datetime | None = None
+                 ) -> dict[str, Any]:
     filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}]
     if user is not None:
         filters.append({"term": {"user": user}})
+    if before is not None:
+        # Memories written after the erasure are of turns produced after it (a new
+        # beginning): an erasure never deletes them, however late it runs.
+        filters.append({"range": {"ingest_time": {"lte": before.astimezone(UTC).isoformat()}}})
     return {"bool": {"filter": filters}}
 
 
@@ -430,9 +436,12 @@ def _memory_indices(store: Any) -> list[str]:
     return sorted(names)
 
 
-def erase_elasticsearch(store: Any, tenant: str, user: str | None) -> dict[str, int]:
+def erase_elasticsearch(store: Any, tenant: str, user: str | None,
+                        before: datetime | None = None) -> dict[str, int]:
     """Delete the scope's documents from every memory index (delete by query on the scope
     fields, then refresh); returns index -> documents deleted.
+
+    ``before``: only documents written (``ingest_time``) at or before it, the erasure time.
 
     A cluster without the ``reindex`` module (which serves ``_delete_by_query``; the
     integ-test distribution has none) is answered by search + bulk delete rounds instead.
@@ -441,7 +450,7 @@ def erase_elasticsearch(store: Any, tenant: str, user: str | None) -> dict[str, 
 
     out = {}
     for name in _memory_indices(store):
-        query = _scope_query(tenant, user)
+        query = _scope_query(tenant, user, before)
         try:
             resp = store.client.delete_by_query(index=name, query=query, conflicts="proceed",
                                                 refresh=True, wait_for_completion=True)
@@ -473,13 +482,27 @@ def _delete_by_search(client: Any, index: str, query: dict[str, Any]) -> int:
         client.indices.refresh(index=index)
 
 
-def _es_remaining(store: Any, tenant: str, user: str | None) -> int:
+def delete_documents(store: Any, ids: Sequence[str]) -> int:
+    """Delete documents by id from the store's index (missing ids are fine), then refresh;
+    returns how many were deleted."""
+    from elasticsearch.helpers import bulk
+
+    if not ids or not hasattr(store, "client"):
+        return 0
+    ok, _ = bulk(store.client, ({"_op_type": "delete", "_index": store.target, "_id": i}
+                                for i in ids), raise_on_error=False)
+    store.client.indices.refresh(index=store.target)
+    return ok
+
+
+def _es_remaining(store: Any, tenant: str, user: str | None,
+                  before: datetime | None = None) -> int:
     names = _memory_indices(store)
     if not names:
         return 0
     store.client.indices.refresh(index=",".join(names))
     return int(store.client.count(index=",".join(names),
-                                  query=_scope_query(tenant, user))["count"])
+                                  query=_scope_query(tenant, user, before))["count"])
 
 
 def _es_users(store: Any, tenant: str) -> set[str]:
@@ -593,7 +616,8 @@ def forget_stream(
 
     # 2. Elasticsearch, first pass
     users = {user} if user is not None else _es_users(store, tenant)
-    deleted = erase_elasticsearch(store, tenant, user)
+    erased_at = request.requested_at
+    deleted = erase_elasticsearch(store, tenant, user, erased_at)
 
     # 3. the workers' buffers and the group's progress
     held = _held_slots(settings, topics, app_id, ledger)
@@ -615,8 +639,8 @@ def forget_stream(
                 break
             time.sleep(1.0)  # polling interval: the workers sweep between batches
     # 4. Elasticsearch, second pass (a batch in flight at step 1 may have written since)
-    again = erase_elasticsearch(store, tenant, user)
-    remaining = _es_remaining(store, tenant, user)
+    again = erase_elasticsearch(store, tenant, user, erased_at)
+    remaining = _es_remaining(store, tenant, user, erased_at)
     es = SinkReport("elasticsearch", found=sum(deleted.values()) + sum(again.values()))
     es.removed = {"memories": es.found}
     for name in sorted(set(deleted) | set(again)):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -793,10 +794,28 @@ class IndexSink(_Stage):
 
     name = "index"
 
+    #: Recent writes remembered for an erasure that arrives just after them.
+    RECENT_WRITES = 10_000
+
     def __init__(self, settings: Settings, components: Components, topics: Topics, store: Any,
                  **kwargs: Any) -> None:
         super().__init__(settings, components, topics, **kwargs)
         self.store = store
+        #: (entry id, tenant, user, origin ms) of the latest writes, oldest first.
+        self.written: deque[tuple[str, str, str, int | None]] = deque(
+            maxlen=self.RECENT_WRITES)
+
+    def erased_writes(self) -> list[str]:
+        """Ids of recent writes the ledger now erases (written by a step that ran before the
+        erasure reached this worker): the caller deletes them, then :meth:`unremember`."""
+        if not self.erasures:
+            return []
+        return [w[0] for w in self.written if self.erasures.drops(w[1], w[2], w[3])]
+
+    def unremember(self, ids: Iterable[str]) -> None:
+        gone = set(ids)
+        self.written = deque((w for w in self.written if w[0] not in gone),
+                             maxlen=self.RECENT_WRITES)
 
     def step(self, batch: Sequence[Inbound], slots: Mapping[bytes, bytes] | None = None
              ) -> StepResult:
@@ -839,6 +858,8 @@ class IndexSink(_Stage):
         for entry in stored:
             result.out.append(Outbound(self.topics.memory_changes, entry.scope.encode(),
                                        added_change(entry, now).to_bytes()))
+            self.written.append((entry.id, entry.tenant, entry.user,
+                                 entry_origin(entries[entry.id][0])))
         result.applied += len(stored)
         result.skipped += len(pairs) - len(stored) - (result.dead_letters - poisoned_before)
         return result

@@ -733,8 +733,29 @@ class IngestWorker:
         self._erasure_follower.poll(0)
         if self.erasures.version != self._swept_version:
             version = self.erasures.version
-            if self.sweep(None):
+            if self.sweep(None) and self._unwrite():
                 self._swept_version = version
+
+    def _unwrite(self) -> bool:
+        """Delete from the index what a step wrote just before an erasure of its scope
+        reached this worker (the erasure's own deletes may have run before that write)."""
+        if self._sink is None:
+            return True
+        ids = self._sink.erased_writes()
+        if not ids:
+            return True
+        from ..erasure import delete_documents
+
+        try:
+            delete_documents(self.store, ids)
+        except Exception as exc:  # noqa: BLE001 - tried again after the next batch
+            log.warning("erasure: could not delete %d memorie(s) written before the erasure "
+                        "arrived: %r", len(ids), exc)
+            return False
+        self._sink.unremember(ids)
+        log.info("erasure: deleted %d memorie(s) written just before the erasure arrived",
+                 len(ids))
+        return True
 
     def sweep(self, partitions: Mapping[str, set[int]] | None) -> bool:
         """Delete (tombstone) or rewrite the table slots that hold erased turns, in one
