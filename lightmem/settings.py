@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     #: Requests per second per API key (token bucket; 0 = no limit) and its burst.
     api_rate_per_s: float = Field(default=50.0, ge=0)
     api_rate_burst: int = Field(default=100, ge=1)
+    #: Embed the queries of concurrent searches together (one encoder call per batch).
+    serve_batch_queries: bool = True
 
     # --- sleep-time stage (consumer group over the entries topic, see streams/sleep.py)
     #: Consumer group of the sleep workers.

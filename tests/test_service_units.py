@@ -45,7 +45,7 @@ def test_keys_are_stored_hashed_and_bound_to_a_tenant(tmp_path: Path) -> None:
     key_a, rec_a = create_key(path, "acme")
     key_b, _ = create_key(path, "globex")
     text = path.read_text()
-    assert key_a not in text and key_a.split("_")[2] not in text
+    assert key_a not in text and key_a.split("_", 2)[2] not in text
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     ring = KeyRing.load(path)
     assert len(ring) == 2
@@ -181,3 +181,47 @@ def test_serve_refuses_dev_mode_off_loopback(tmp_path: Path) -> None:
                                       str(tmp_path)])
     assert result.exit_code == 1
     assert "no API keys" in result.stderr and "127.0.0.1 only" in result.stderr
+
+
+def test_query_batcher_batches_concurrent_queries_in_order() -> None:
+    import threading
+
+    import numpy as np
+
+    from lightmem.service.batching import QueryBatcher
+
+    release = threading.Event()
+    calls: list[list[str]] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        if len(calls) == 1:
+            release.wait(10)  # the first call blocks while the others queue up
+        if "boom" in texts:
+            raise RuntimeError("encoder failed")
+        return np.array([[float(t.split()[-1]), 1.0] for t in texts])
+
+    batcher = QueryBatcher(embed, max_batch=4)
+    results: dict[int, object] = {}
+
+    def ask(i: int) -> None:
+        results[i] = batcher([f"query {i}"])[0][0]
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    while not calls:
+        threading.Event().wait(0.01)
+    others = [threading.Thread(target=ask, args=(i,)) for i in range(1, 7)]
+    for t in others:
+        t.start()
+    while batcher._queue.qsize() < 6:
+        threading.Event().wait(0.01)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert results == {i: float(i) for i in range(7)}
+    assert [len(c) for c in calls] == [1, 4, 2]  # 6 waiting queries: batches of 4 and 2
+    assert batcher([f"q {i}" for i in (7, 8)]).tolist() == [[7.0, 1.0], [8.0, 1.0]]
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        batcher(["boom"])
+    batcher.close()

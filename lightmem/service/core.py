@@ -34,6 +34,7 @@ from lightmem.schemas import MemoryEntry, SchemaError, TurnEvent, check_event_ti
 from lightmem.settings import Settings
 
 from .backends import Backend, PageKey, delete_change
+from .batching import QueryBatcher
 from .errors import Conflict, InvalidInput, NotFound
 from .models import (
     AddRequest,
@@ -144,6 +145,8 @@ class MemoryService:
         self.settings = settings
         self.clock = clock
         self.retriever = Retriever(_NoStore(), backend.embed, k=settings.retrieve_k)
+        #: Query embeddings, batched across concurrent requests (see .batching).
+        self.batcher = QueryBatcher(backend.embed) if settings.serve_batch_queries else None
         self._ledger: RequestLedger | None = None
         #: How long ``POST /add`` waits for its turns to be searchable (stream backend).
         self.aml_wait_s = 30.0
@@ -159,6 +162,8 @@ class MemoryService:
         self.backend.warm_up()
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self.backend.close()
         if self._ledger is not None:
             self._ledger.close()
@@ -230,7 +235,7 @@ class MemoryService:
               before: datetime | None = None, hybrid: bool = False) -> list[ScoredEntry]:
         if not query.strip():
             return []
-        vector = self.backend.embed([query])[0]
+        vector = (self.batcher or self.backend.embed)([query])[0]
         hits = self.backend.search(tenant, user, [float(x) for x in vector], k,
                                    conversation=conversation, not_before=after,
                                    not_after=before, text=query if hybrid else None)
