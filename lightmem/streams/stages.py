@@ -142,6 +142,8 @@ class Outbound:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    #: An explicit partition (default: the producer's partitioner hashes the key).
+    partition: int | None = None
 
 
 @dataclass

@@ -68,7 +68,7 @@ class SteadyProducer(threading.Thread):
 
         producer = Producer(kafka_config(self.senv.settings, **{
             "enable.idempotence": True, "acks": "all", "compression.type": self.codec,
-            "linger.ms": 5}))
+            "linger.ms": 5, "partitioner": "murmur2_random"}))
 
         def done(err: Any, msg: Any) -> None:
             if err is not None:
@@ -176,7 +176,8 @@ def test_every_producer_codec_is_read(stream_env: StreamEnv) -> None:
         conv = make_conversation("acme", f"u{i}", f"codec-{codec}", 10, seed=i)
         convs.append(conv)
         producer = Producer(kafka_config(senv.settings, **{"compression.type": codec,
-                                                            "linger.ms": 50}))
+                                                            "linger.ms": 50,
+                                                            "partitioner": "murmur2_random"}))
         for n, turn in enumerate(conv):
             producer.produce(senv.topics.turns, turn.to_bytes(),
                              key=turn.conversation_key.encode())

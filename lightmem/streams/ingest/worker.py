@@ -72,6 +72,7 @@ from ..stages import (
     Inbound,
     IndexSink,
     Outbound,
+    SensorySlot,
     SensoryStage,
     ShortTermStage,
     StepResult,
@@ -640,7 +641,8 @@ class IngestWorker:
             raise
         try:
             for o in out:
-                self._produce(o.topic, o.key, o.value, headers=list(o.headers) or None)
+                self._produce(o.topic, o.key, o.value, partition=o.partition,
+                              headers=list(o.headers) or None)
             for topic, key, partition, value in changelog:
                 self._produce(topic, key, value, partition=partition)
             if offsets:
@@ -810,8 +812,10 @@ class IngestWorker:
         commands = []
         for key in keys:
             command = self.sensory.idle_flush_command(slots[key])
+            # To the partition the conversation's turns came from, whatever partitioner
+            # their producer used (the slot knows it; a hash could pick another one).
             commands.append(Outbound(self.topics.turns, key, command.to_bytes(),
-                                     tuple(flush_headers())))
+                                     tuple(flush_headers()), partition=partition_of(slots[key])))
         try:
             self._transaction(commands, [], [], None)
         except _Fatal:
@@ -868,6 +872,11 @@ class IngestWorker:
         log.warning("assigned: %s", sorted(self._assigned))
         for stage, c in self.counters.items():
             log.warning("%s: %s", stage, c)
+
+
+def partition_of(raw_slot: bytes) -> int:
+    """The turns partition a sensory slot's conversation lives in."""
+    return SensorySlot.model_validate_json(raw_slot).partition
 
 
 class _Bug(Exception):
