@@ -179,6 +179,15 @@ def test_forget_one_user_embedded(tmp_path: Path) -> None:
     assert erase[0]["counts"]["memories"] == len(alice_ids)
     rt.store.close()
 
+    # --status: nothing from before the erasure is left; no erasure of bob is recorded
+    result = runner.invoke(app, ["forget", "--status", "--tenant", "acme", "--user", "alice",
+                                 "--json", "--data-dir", str(data)], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["confirmed"] is True
+    result = runner.invoke(app, ["forget", "--status", "--tenant", "acme", "--user", "bob",
+                                 "--data-dir", str(data)], env=env)
+    assert result.exit_code == 1 and "no erasure" in result.output
+
     # unknown scope: nothing to do, exit 0; malformed names: exit 2
     result = runner.invoke(app, ["forget", "--tenant", "acme", "--user", "nobody",
                                  "--data-dir", str(data)], env=env)

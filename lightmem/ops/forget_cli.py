@@ -37,6 +37,10 @@ def forget(
         "--data-dir", help="Embedded data directory [env LIGHTMEM_DATA_DIR]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")]
     = False,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Erase nothing: what is left of the scope's recorded erasure "
+        "(exit 0: nothing from before it is left; 1: something is, or no erasure recorded)")]
+    = False,
 ) -> None:
     """Forget a user (--tenant T --user U) or a whole tenant (--tenant T) everywhere.
 
@@ -46,6 +50,7 @@ def forget(
     it are a new beginning.
     """
     from lightmem.schemas import SchemaError
+    from lightmem.streams.erasure import erasure_status, new_request
     from lightmem.streams.erasure import forget as forget_scope
 
     err = Console(stderr=True)
@@ -55,13 +60,22 @@ def forget(
         from lightmem.streams.topics import Topics
 
         topics = Topics.from_settings(settings, topic_prefix)
+    scope = f"tenant {tenant!r}" + (f", user {user!r}" if user is not None else " (all users)")
     try:
-        report = forget_scope(settings, tenant, user, reason=reason, requested_by=requested_by,
-                              stream=stream, topics=topics, wait_s=wait)
+        if status:
+            new_request(tenant, user)  # the same name checks
+            found = erasure_status(settings, tenant, user, stream=stream, topics=topics)
+            if found is None:
+                err.print(f"no erasure of {scope} is recorded", highlight=False)
+                raise typer.Exit(1)
+            report = found
+        else:
+            report = forget_scope(settings, tenant, user, reason=reason,
+                                  requested_by=requested_by, stream=stream, topics=topics,
+                                  wait_s=wait)
     except SchemaError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    scope = f"tenant {tenant!r}" + (f", user {user!r}" if user is not None else " (all users)")
     err.print(f"erasure {report.request.erasure_id} of {scope} at "
               f"{report.request.requested_at.isoformat()}", highlight=False)
     for s in report.sinks:
@@ -70,7 +84,7 @@ def forget(
         err.print(f"  {mark} {s.sink}: removed {removed}", highlight=False)
         for note in s.pending:
             err.print(f"       pending: {note}", highlight=False)
-    if not report.found:
+    if not report.found and not status:
         err.print(f"nothing of {scope} was found: nothing to do (the request is recorded, "
                   f"so nothing produced before it can come back)", highlight=False)
     if as_json:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from lightmem.schemas import DeadLetter, ErasureRequest, SchemaError
 from .embedded_store import EmbeddedStore
 from .erasure import ErasureReport, SinkReport, dead_letter_erased, erase_change
 
-__all__ = ["forget_embedded", "erasures_of"]
+__all__ = ["forget_embedded", "erasures_of", "embedded_status"]
 
 _TABLE = ("CREATE TABLE IF NOT EXISTS erasures (key TEXT PRIMARY KEY, requested_at TEXT NOT "
           "NULL, body TEXT NOT NULL)")
@@ -233,3 +234,40 @@ def forget_embedded(store: EmbeddedStore, request: ErasureRequest, *,
 def dumps(report: ErasureReport) -> str:
     """The report as one JSON line."""
     return json.dumps(report.as_json(), ensure_ascii=False)
+
+
+def embedded_status(store: EmbeddedStore, tenant: str, user: str | None = None
+                    ) -> ErasureReport | None:
+    """What is left of an erasure recorded in the embedded store (None: none recorded)."""
+    from lightmem.processors.erasure import to_ms
+
+    ledger = ErasureLedger(erasures_of(store))
+    requests = [r for r in erasures_of(store)
+                if r.tenant == tenant and r.user in (None, user)]
+    if not requests:
+        return None
+    request = max(requests, key=lambda r: r.requested_at)
+    db: Any = store._db
+    scope_sql = "tenant=?" + ("" if user is None else " AND user=?")
+    scope_args = [tenant] if user is None else [tenant, user]
+    left = 0
+    for u, ingest_time in db.execute(f"SELECT user, json_extract(body, '$.ingest_time') FROM "
+                                     f"entries WHERE {scope_sql}", scope_args):
+        if ledger.drops(tenant, u, to_ms(datetime.fromisoformat(ingest_time))):
+            left += 1
+    buffered = 0
+    for kind, _key, body in db.execute("SELECT kind, key, body FROM buffers").fetchall():
+        _, users = _buffer_users(kind, body)
+        state = json.loads(body)
+        if state.get("tenant") == tenant and any(user is None or u == user for u in users):
+            buffered += 1
+    report = ErasureReport(request)
+    report.sinks = [
+        SinkReport("memories", found=left, confirmed=not left,
+                   pending=[f"{left} memorie(s) of the scope from before the erasure"]
+                   if left else []),
+        SinkReport("buffers", found=buffered, confirmed=True,
+                   pending=[f"{buffered} open buffer(s) hold turns of the scope written "
+                            f"after the erasure"] if buffered else []),
+    ]
+    return report

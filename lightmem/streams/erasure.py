@@ -70,6 +70,7 @@ __all__ = [
     "erase_change",
     "forget",
     "forget_stream",
+    "erasure_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -734,3 +735,81 @@ def forget(settings: Settings, tenant: str, user: str | None = None, *, reason: 
         runtime = EmbeddedRuntime(settings)
     return forget_embedded(runtime.store, request,
                            dead_letter_path=settings.data_dir / "dead-letters.jsonl")
+
+
+def _request_of(erased: Any) -> ErasureRequest:
+    return ErasureRequest(erasure_id=erased.erasure_id, tenant=erased.tenant, user=erased.user,
+                          requested_at=datetime.fromtimestamp(erased.at_ms / 1000, tz=UTC))
+
+
+def _recorded(ledger: ErasureLedger, tenant: str, user: str | None) -> Any:
+    """The ledger entry that erases (tenant, user) last (the tenant's or the user's)."""
+    found = [e for e in ledger.entries() if e.tenant == tenant and e.user in (None, user)]
+    return max(found, key=lambda e: e.at_ms) if found else None
+
+
+def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
+                   stream: bool = False, topics: Topics | None = None,
+                   app_id: str | None = None, store: Any = None,
+                   runtime: Any = None) -> ErasureReport | None:
+    """What is left of an erasure recorded earlier (``lightmem forget --status``), changing
+    nothing; None when no erasure of the scope is recorded.
+
+    Each sink is confirmed when nothing of the scope from before the erasure is left in it
+    (what was written after it is a new beginning and does not count).
+    """
+    if not stream:
+        from .embedded_erasure import embedded_status
+
+        if runtime is None:
+            from .embedded import EmbeddedRuntime
+
+            runtime = EmbeddedRuntime(settings)
+        return embedded_status(runtime.store, tenant, user)
+    from .changes import read_changes
+    from .dlq import read_dead_letters
+
+    topics = topics or Topics.from_settings(settings)
+    app_id = app_id or settings.worker_id
+    ledger = read_ledger(settings, topics)
+    erased = _recorded(ledger, tenant, user)
+    if erased is None:
+        return None
+    if store is None:
+        from .es_store import ElasticsearchStore, es_client
+
+        store = ElasticsearchStore(es_client(settings), alias=settings.es_alias)
+    request = _request_of(erased)
+    report = ErasureReport(request)
+    left = _es_remaining(store, tenant, user, request.requested_at)
+    es = SinkReport("elasticsearch", found=left, confirmed=not left)
+    if left:
+        es.pending.append(f"{left} document(s) of the scope from before the erasure")
+    held = sum(_held_slots(settings, topics, app_id, ledger).values())
+    buffers = SinkReport("buffers", found=held, confirmed=not held)
+    if held:
+        buffers.pending.append(f"{held} table slot(s) of the scope not yet deleted by an "
+                               f"ingest worker (group {app_id})")
+    changes = [r for r in read_changes(settings, topics, erasures=ErasureLedger())
+               if r.change.tenant == tenant and (user is None or r.change.user == user)
+               and r.change.op is not ChangeOp.erase
+               and ledger.drops(r.change.tenant, r.change.user, to_ms(r.change.at))]
+    hist = SinkReport("memory-changes", found=len(changes),
+                      removed={"hidden from history": len(changes)})
+    if changes:
+        hist.pending.append(f"{len(changes)} change record(s) stay in {topics.memory_changes} "
+                            f"until its retention deletes them; history skips them")
+    letters = [r for r in read_dead_letters(settings, topics, skip_erased=False)
+               if r.letter is not None and dead_letter_erased(r.letter, ledger)
+               and any(t == tenant and (user is None or u == user)
+                       for t, u in dead_letter_scopes(r.letter))]
+    dlq = SinkReport("dlq", found=len(letters), removed={"hidden from dlq list/replay":
+                                                         len(letters)})
+    if letters:
+        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} until its "
+                           f"retention deletes them; dlq list and replay skip them")
+    turns = SinkReport("turns", pending=[
+        f"raw turns in {topics.turns}: {_retention(settings, topics.turns)}; the ledger "
+        f"keeps them out of every stage and replay"])
+    report.sinks = [es, buffers, hist, dlq, turns]
+    return report

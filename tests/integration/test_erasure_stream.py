@@ -137,6 +137,12 @@ def test_forget_a_user_on_the_stream(stream_env: StreamEnv) -> None:
     wait_for(lambda: scope_turns(senv, "acme", "alice") == ids(after),
              what="alice's turns after the erasure", workers=[w2])
 
+    # --status: nothing of her from before the erasure is left anywhere
+    status = CliRunner().invoke(cli_app, ["forget", "--status", "--stream", "--tenant", "acme",
+                                          "--user", "alice", "--topic-prefix",
+                                          senv.topics.prefix], env=senv.env)
+    assert status.exit_code == 0, status.output
+
     # history and the DLQ show nothing of her from before
     erased_ids = ids(alice + open_turns + late) | {"c-alice-bad"}
     for rec in read_changes(senv.settings, senv.topics):
