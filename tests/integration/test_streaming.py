@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
 from lightmem.ops.cli import app as cli_app  # noqa: E402
-from lightmem.schemas import Segment, TurnEvent  # noqa: E402
+from lightmem.schemas import Segment, TurnEvent, conversation_key  # noqa: E402
 from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.control import FlushCommand, control_kind  # noqa: E402
 from lightmem.streams.dlq import read_dead_letters  # noqa: E402
@@ -554,7 +554,7 @@ def test_produce_file_reports_bad_lines_dead_letters_them_and_produces_the_rest(
     produced = consume_all(senv.settings, senv.topics.turns)
     assert sorted(json.loads(v)["turn_id"] for *_, v, _ in produced) == sorted(
         t.turn_id for t in good)
-    assert {k for _, _, k, _, _ in produced} == {b"acme/file-c1"}
+    assert {k for _, _, k, _, _ in produced} == {conversation_key("acme", "file-c1").encode()}
     assert len({p for p, *_ in produced}) == 1  # one conversation, one partition
     letters = senv.dead_letters()
     assert [(r.letter.source, r.letter.offset, r.letter.stage) for r in letters] == [
