@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     #: Prefix of every topic name: one deployment (or test run) per prefix, e.g. ``dev.``.
     kafka_topic_prefix: str = ""
     kafka_replication_factor: int = Field(default=1, ge=1)
+    #: Retention of the raw turns (and of the segments and entries topics), in seconds; -1
+    #: keeps them forever. Raw turns cannot be erased one by one: an erasure's report says
+    #: when the last turn of the scope ages out. ``lightmem topics create`` sets it, also on
+    #: topics that exist. Default 7 days.
+    turns_retention: int = Field(default=7 * 24 * 3600, ge=-1)
     #: The one size limit of a turn event (bytes of its JSON value). ``lightmem produce`` and
     #: the producer refuse a larger turn before sending it (naming the line / turn); the
     #: sensory stage dead-letters one that arrives anyway; ``lightmem topics create`` sizes

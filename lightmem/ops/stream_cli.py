@@ -108,6 +108,8 @@ def topics_create(topic_prefix: PrefixOpt = None, bootstrap: BootstrapOpt = None
         note = result.mismatched.get(name)
         _err().print(f"exists  {name}" + (f" [yellow]({note})[/yellow]" if note else ""),
                      highlight=False)
+    for name, change in sorted(result.altered.items()):
+        _err().print(f"altered {name}: {change}", highlight=False)
 
 
 # -- produce / flush -------------------------------------------------------------------------

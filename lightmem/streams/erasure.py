@@ -551,7 +551,10 @@ def _behind(settings: Settings, group: str, ends: dict[tuple[str, int], int]) ->
     return behind
 
 
-def _retention(settings: Settings, topic: str) -> str:
+def _retention(settings: Settings, topic: str, since: datetime) -> str:
+    """When the last record of ``topic`` produced up to ``since`` is gone, in words."""
+    from datetime import timedelta
+
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     try:
@@ -562,8 +565,12 @@ def _retention(settings: Settings, topic: str) -> str:
     except Exception as exc:  # noqa: BLE001 - the report says it is unknown
         return f"retention unknown ({exc!r})"
     if ms < 0:
-        return "retention.ms=-1: kept until the topic's retention is set"
-    return f"deleted by retention within {ms / 86_400_000:.1f} day(s) of being produced"
+        return ("retention.ms=-1: kept until a retention is set (LIGHTMEM_TURNS_RETENTION, "
+                "then `lightmem topics create`)")
+    by = (since + timedelta(milliseconds=ms)).astimezone(UTC).isoformat(timespec="seconds")
+    return (f"the last one of the scope from before the erasure ages out by {by} "
+            f"(retention.ms={ms}; the broker deletes whole log segments, so up to one "
+            f"segment later)")
 
 
 def forget_stream(
@@ -684,7 +691,8 @@ def forget_stream(
     report.sinks.append(dlq)
 
     turns = SinkReport("turns", found=0)
-    turns.pending.append(f"raw turns in {topics.turns}: {_retention(settings, topics.turns)}; "
+    turns.pending.append(f"raw turns in {topics.turns}: "
+                         f"{_retention(settings, topics.turns, request.requested_at)}; "
                          f"the ledger keeps them out of every stage and replay")
     report.sinks.append(turns)
 
@@ -809,7 +817,8 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
         dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} until its "
                            f"retention deletes them; dlq list and replay skip them")
     turns = SinkReport("turns", pending=[
-        f"raw turns in {topics.turns}: {_retention(settings, topics.turns)}; the ledger "
+        f"raw turns in {topics.turns}: "
+        f"{_retention(settings, topics.turns, request.requested_at)}; the ledger "
         f"keeps them out of every stage and replay"])
     report.sinks = [es, buffers, hist, dlq, turns]
     return report

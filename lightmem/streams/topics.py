@@ -4,7 +4,8 @@ here is built from.
 Topics (DESIGN.md section 2); the partition key keeps what must stay ordered together::
 
     lightmem.turns.v1            key tenant/conversation  chat turns in; the source of truth
-                                                           for replay (kept forever)
+                                                           for replay (kept for
+                                                           settings.turns_retention, 7 days)
     lightmem.segments.v1         key tenant/conversation  topic segments (sensory stage out)
     lightmem.entries.v1          key tenant/user          memory entries (short-term stage out)
     lightmem.memory-changes.v1   key tenant/user          every add/update/delete (audit)
@@ -80,7 +81,6 @@ BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 #: Room for what a record batch adds to the value: batch and record headers, key, headers.
 RECORD_OVERHEAD_BYTES = 64 * 1024
 _FOREVER = "-1"
-_WEEK_MS = str(7 * 24 * 3600 * 1000)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,17 @@ class TopicSpec:
     name: str
     partitions: int
     configs: Mapping[str, str] = field(default_factory=dict)
+
+
+def turns_retention_ms(settings: Settings) -> str:
+    """``retention.ms`` of the turns, segments and entries topics (``settings.turns_retention``
+    seconds; -1 = forever)."""
+    s = settings.turns_retention
+    return _FOREVER if s < 0 else str(s * 1000)
+
+
+#: Topics whose retention ``create_topics`` keeps in line with the settings when they exist.
+RETAINED = ("turns", "segments", "entries")
 
 
 def topic_prefix(settings: Settings) -> str:
@@ -194,14 +205,17 @@ def topic_specs(settings: Settings, topics: Topics) -> list[TopicSpec]:
     """
     n = settings.kafka_partitions
     keep = {"cleanup.policy": "delete", "retention.ms": _FOREVER}
+    # Raw user text: kept for ``turns_retention`` (erasure cannot delete single records).
+    raw = {"cleanup.policy": "delete", "retention.ms": turns_retention_ms(settings)}
     return [
-        # The source of truth: replay/backfill reads it from the beginning, so keep it.
+        # The source of truth: replay/backfill reads it from the beginning, for as long as
+        # the retention keeps it.
         TopicSpec(topics.turns, n,
-                  {**keep, "max.message.bytes": str(turns_max_message_bytes(settings))}),
+                  {**raw, "max.message.bytes": str(turns_max_message_bytes(settings))}),
         # Intermediate: only needed until the next stage consumed it.
-        TopicSpec(topics.segments, n, {"cleanup.policy": "delete", "retention.ms": _WEEK_MS}),
-        # The sleep-time group replays entries; the audit trail is kept.
-        TopicSpec(topics.entries, n, keep),
+        TopicSpec(topics.segments, n, raw),
+        # The sleep-time group replays entries (within the retention).
+        TopicSpec(topics.entries, n, raw),
         TopicSpec(topics.memory_changes, n, keep),
         TopicSpec(topics.dlq, 1,
                   {**keep, "max.message.bytes": str(dead_letter_max_bytes(settings))}),
@@ -279,6 +293,8 @@ class TopicsResult:
     existed: list[str] = field(default_factory=list)
     #: Existing topics whose partition count differs from the spec (not changed).
     mismatched: dict[str, str] = field(default_factory=dict)
+    #: Existing topics whose retention was changed to the settings': name -> "old -> new".
+    altered: dict[str, str] = field(default_factory=dict)
 
 
 def _admin(settings: Settings) -> Any:
@@ -353,9 +369,46 @@ def create_topics(
                 )
     if failures:
         raise TopicAdminError("create", failures)
+    retained = {getattr(topics, n) for n in RETAINED}
+    _align_retention(admin, [s for s in specs if s.name in result.existed
+                             and s.name in retained], result, timeout_s)
     if result.created:
         _wait_for_leaders(admin, result.created, timeout_s)
     return result
+
+
+def _align_retention(admin: Any, specs: list[TopicSpec], result: TopicsResult,
+                     timeout_s: float) -> None:
+    """Set ``retention.ms`` of existing topics to their spec (incremental: nothing else of
+    their configuration changes)."""
+    from confluent_kafka.admin import (
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+    )
+
+    if not specs:
+        return
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    described = admin.describe_configs(resources, request_timeout=timeout_s)
+    failures = {}
+    for spec, res in zip(specs, resources, strict=True):
+        want = spec.configs["retention.ms"]
+        have = described[res].result(timeout=timeout_s + 5)["retention.ms"].value
+        if have == want:
+            continue
+        alter = ConfigResource(ConfigResource.Type.TOPIC, spec.name, incremental_configs=[
+            ConfigEntry("retention.ms", want,
+                        incremental_operation=AlterConfigOpType.SET)])
+        try:
+            admin.incremental_alter_configs([alter], request_timeout=timeout_s)[alter].result(
+                timeout=timeout_s + 5)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported
+            failures[spec.name] = f"retention.ms: {exc}"
+            continue
+        result.altered[spec.name] = f"retention.ms {have} -> {want}"
+    if failures:
+        raise TopicAdminError("alter", failures)
 
 
 def _wait_for_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
