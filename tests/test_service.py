@@ -301,3 +301,34 @@ def test_bad_input_is_4xx_and_writes_nothing(a: httpx.Client) -> None:
                                                 for e in detail), r.text
         assert detail[0]["loc"] == loc, (path, detail)
     assert _all_ids(a, user, limit=100) == []
+
+
+def test_unsummarized_turns_are_searchable_as_events_then_replaced(a: httpx.Client) -> None:
+    user = _user()
+    body = {"user": user, "conversation": "c1", "session": "s1", "messages": [
+        {"role": "user", "content": "My parrot is called Kiwi.", "turn_id": "t1",
+         "timestamp": "2024-06-03T08:00:00Z"},
+        {"role": "user", "content": "I bake sourdough bread on Fridays.", "turn_id": "t2",
+         "timestamp": "2024-06-03T08:01:00Z"}]}
+    added = a.post("/v1/memories", json=body).json()
+    assert added["memories"] == 0 and added["searchable"] is False  # still in the buffers
+    r = a.post("/v1/search", json={"user": user, "query": "what is the parrot's name"})
+    hits = r.json()["results"]
+    assert [h["kind"] for h in hits] == ["event", "event"]
+    assert hits[0]["id"].startswith("event:") and "Kiwi" in hits[0]["text"]
+    assert hits[0]["source_turn_ids"] == [added["turn_ids"][0]]
+    assert hits[0]["rendered"] == f"[2024-06-03, Monday] {user}: My parrot is called Kiwi."
+    assert a.get(f"/v1/memories/{hits[0]['id']}").status_code == 404  # not a memory
+    r = a.post("/v1/search", json={"user": user, "query": "parrot", "include_events": False})
+    assert r.json()["results"] == []
+    r = a.post("/search", json={"user_id": user, "query": "parrot", "top_k": 1})
+    assert r.json()["data"][0]["id"] == hits[0]["id"]
+    # The flush summarizes them: the memories replace the events (same turns, no duplicate).
+    done = a.post("/v1/memories", params={"wait": "searchable"},
+                  json={**body, "messages": body["messages"][:1]}).json()
+    assert added["turn_ids"] == ["t1", "t2"]
+    assert done["skipped"] == ["t1"] and done["memories"] == 2
+    r = a.post("/v1/search", json={"user": user, "query": "what is the parrot's name"})
+    hits = r.json()["results"]
+    assert [h["kind"] for h in hits] == ["memory", "memory"]
+    assert sorted(t for h in hits for t in h["source_turn_ids"]) == sorted(added["turn_ids"])

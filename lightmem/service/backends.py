@@ -26,7 +26,15 @@ import numpy as np
 
 from lightmem.processors.llm import ChatModel
 from lightmem.processors.store import ScoredEntry
-from lightmem.schemas import ChangeOp, MemoryChange, MemoryEntry, TurnEvent, stable_id
+from lightmem.schemas import (
+    ChangeOp,
+    EntryMode,
+    MemoryChange,
+    MemoryEntry,
+    TurnEvent,
+    encode_key,
+    stable_id,
+)
 from lightmem.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,6 +48,7 @@ __all__ = [
     "Written",
     "PageKey",
     "delete_change",
+    "EVENT_PREFIX",
 ]
 
 #: A backend's opaque position in a scope's (event time, id) order.
@@ -47,6 +56,10 @@ PageKey = list[Any]
 
 #: sqlite-vec's largest ``k``: a filtered embedded search scans this many nearest first.
 _VEC_MAX_K = 4096
+#: Embeddings of buffered turns kept by the embedded backend (oldest dropped first).
+_EVENT_CACHE = 50_000
+#: Ids of provisional events (turns not summarized yet) start with this.
+EVENT_PREFIX = "event:"
 
 
 class StartupError(RuntimeError):
@@ -99,6 +112,12 @@ class Backend(Protocol):
     def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
              ) -> list[tuple[MemoryEntry, PageKey]]: ...
 
+    def search_events(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
+                      conversation: str | None, not_before: datetime | None,
+                      not_after: datetime | None) -> list[ScoredEntry]:
+        """Turns of the scope not summarized yet (provisional *events*), nearest first."""
+        ...
+
     def get(self, entry_id: str) -> MemoryEntry | None: ...
 
     def history(self, entry_id: str) -> list[MemoryChange]: ...
@@ -132,6 +151,7 @@ class EmbeddedBackend:
         self.settings = settings
         self.runtime = runtime or EmbeddedRuntime(settings)
         self.lock = threading.RLock()
+        self._event_vectors: dict[str, np.ndarray] = {}
 
     def warm_up(self) -> None:
         with self.lock:
@@ -185,6 +205,68 @@ class EmbeddedBackend:
         with self.lock:
             rows = self.runtime.store.page_entries(tenant, user, after=key, limit=limit)
         return [(e, list(k)) for e, k in rows]
+
+    def _buffered_turns(self, tenant: str, user: str) -> list[MemoryEntry]:
+        """The scope's turns still in open sensory or topic buffers, as event entries."""
+        from lightmem.processors.segment import SensoryBufferState
+        from lightmem.processors.summarize import TopicBufferState
+
+        store = self.runtime.store
+        # Buffer keys are conversation keys, the JSON array ["tenant","conversation"]: the
+        # tenant's all start with the same characters.
+        prefix = encode_key(tenant)[:-1] + ","
+        out: list[MemoryEntry] = []
+        for kind in ("sensory", "topic"):
+            for key in store.buffer_keys(kind):
+                if not key.startswith(prefix):
+                    continue
+                body = store.load_buffer(kind, key)
+                if body is None:
+                    continue
+                if kind == "sensory":
+                    state = SensoryBufferState.model_validate_json(body)
+                    turns = [(state.user, t) for t in state.turns]
+                else:
+                    topic = TopicBufferState.model_validate_json(body)
+                    turns = [(seg.user, t) for seg in topic.segments for t in seg.turns]
+                    state = topic
+                for owner, turn in turns:
+                    if (turn.user or owner) != user:
+                        continue
+                    text = " ".join((turn.compressed_text or turn.original_text).split())
+                    out.append(MemoryEntry(
+                        id=EVENT_PREFIX + stable_id(key, turn.turn_id), tenant=tenant,
+                        user=user, conversation=state.conversation, topic_id="",
+                        speaker=turn.speaker, fact=f"{turn.speaker}: {text}",
+                        event_time=turn.event_time, ingest_time=turn.event_time,
+                        source_turn_ids=[turn.turn_id], turn_seq=turn.seq,
+                        original_text=turn.original_text,
+                        compressed_text=turn.compressed_text, mode=EntryMode.extractive))
+        return out
+
+    def search_events(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
+                      conversation: str | None, not_before: datetime | None,
+                      not_after: datetime | None) -> list[ScoredEntry]:
+        with self.lock:
+            events = [e for e in self._buffered_turns(tenant, user)
+                      if (conversation is None or e.conversation == conversation)
+                      and (not_before is None or e.event_time >= not_before)
+                      and (not_after is None or e.event_time <= not_after)]
+            if not events:
+                return []
+            # Embeddings of buffered turns are kept per event id: a turn stays in its buffer
+            # over many searches, and leaves it (summarized) only once.
+            todo = [e for e in events if e.id not in self._event_vectors]
+            if todo:
+                vectors = self.runtime.embedder([e.fact for e in todo])
+                for e, v in zip(todo, vectors, strict=True):
+                    self._event_vectors[e.id] = np.asarray(v, dtype=np.float32)
+                while len(self._event_vectors) > _EVENT_CACHE:
+                    self._event_vectors.pop(next(iter(self._event_vectors)))
+            matrix = np.stack([self._event_vectors[e.id] for e in events])
+        scores = matrix @ np.asarray(vector, dtype=np.float32)  # unit vectors: cosines
+        ranked = sorted(zip(events, scores.tolist(), strict=True), key=lambda x: -x[1])[:k]
+        return [ScoredEntry(entry=e, score=float(score)) for e, score in ranked]
 
     def get(self, entry_id: str) -> MemoryEntry | None:
         with self.lock:
@@ -384,6 +466,13 @@ class StreamBackend:
             track_total_hits=False)
         return [(MemoryEntry.model_validate(h["_source"]), list(h["sort"]))
                 for h in resp["hits"]["hits"]]
+
+    def search_events(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
+                      conversation: str | None, not_before: datetime | None,
+                      not_after: datetime | None) -> list[ScoredEntry]:
+        # Events on the stream need their own index, written by the sensory stage (issue 13,
+        # freshness): not there yet, so a turn is searchable once its memories are indexed.
+        return []
 
     def get(self, entry_id: str) -> MemoryEntry | None:
         found = self.store.get([entry_id])

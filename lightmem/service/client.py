@@ -124,10 +124,12 @@ class MemoryClient:
 
     def search(self, query: str, *, user_id: str, k: int = 20,
                conversation_id: str | None = None, after: datetime | None = None,
-               before: datetime | None = None, hybrid: bool = False) -> list[SearchHit]:
+               before: datetime | None = None, hybrid: bool = False,
+               include_events: bool = True) -> list[SearchHit]:
         """``user_id``'s memories nearest to ``query``, best first."""
         body = {"user": user_id, "query": query, "k": k, "conversation": conversation_id,
-                "after": _time(after), "before": _time(before), "hybrid": hybrid}
+                "after": _time(after), "before": _time(before), "hybrid": hybrid,
+                "include_events": include_events}
         return SearchResponse.model_validate(
             self._request("POST", "/v1/search", json=body)).results
 

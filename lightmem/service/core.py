@@ -232,21 +232,29 @@ class MemoryService:
 
     def _hits(self, tenant: str, user: str, query: str, k: int, *,
               conversation: str | None = None, after: datetime | None = None,
-              before: datetime | None = None, hybrid: bool = False) -> list[ScoredEntry]:
+              before: datetime | None = None, hybrid: bool = False,
+              events: bool = True) -> list[ScoredEntry]:
         if not query.strip():
             return []
-        vector = (self.batcher or self.backend.embed)([query])[0]
-        hits = self.backend.search(tenant, user, [float(x) for x in vector], k,
+        vector = [float(x) for x in (self.batcher or self.backend.embed)([query])[0]]
+        hits = self.backend.search(tenant, user, vector, k,
                                    conversation=conversation, not_before=after,
                                    not_after=before, text=query if hybrid else None)
+        if events and not hybrid:  # hybrid scores are not cosines: not comparable
+            # Turns still in open buffers (freshness): searchable before their memories
+            # exist; a turn is in a buffer or summarized, never both, so nothing repeats.
+            hits += self.backend.search_events(tenant, user, vector, k,
+                                               conversation=conversation, not_before=after,
+                                               not_after=before)
         # The backend filters by scope; re-checking makes a store bug unable to leak.
         hits = [h for h in hits if h.entry.tenant == tenant and h.entry.user == user]
-        return sorted(hits, key=lambda h: (-h.score, h.entry.id))
+        return sorted(hits, key=lambda h: (-h.score, h.entry.id))[:k]
 
     def search(self, tenant: str, request: SearchRequest) -> SearchResponse:
         hits = self._hits(tenant, request.user, request.query, request.k,
                           conversation=request.conversation, after=request.after,
-                          before=request.before, hybrid=request.hybrid)
+                          before=request.before, hybrid=request.hybrid,
+                          events=request.include_events)
         return SearchResponse(results=[_hit(h) for h in hits])
 
     def answer(self, tenant: str, request: AnswerRequest) -> AnswerResponse:

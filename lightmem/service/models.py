@@ -137,6 +137,8 @@ class SearchRequest(_Body):
     #: store supports it (Elasticsearch; the embedded store ranks by vector alone). Scores
     #: are then BM25 + (1 + cos) / 2, comparable only within one search.
     hybrid: bool = False
+    #: Also return turns not summarized yet, as provisional events (``kind: event``).
+    include_events: bool = True
 
 
 class MemoryItem(BaseModel):
@@ -155,7 +157,8 @@ class MemoryItem(BaseModel):
     #: When the memory was written.
     created_at: datetime
     source_turn_ids: list[str]
-    #: ``memory`` (events before memories are not served yet).
+    #: ``memory``, or ``event``: a turn not summarized yet (provisional: its memories will
+    #: replace it; embedded store only, for now). Events have ids starting ``event:``.
     kind: Literal["memory", "event"] = "memory"
     #: ``llm`` or ``extractive``.
     mode: str
@@ -169,7 +172,8 @@ class MemoryItem(BaseModel):
                    speaker=entry.speaker, text=entry.fact, rendered=render(entry),
                    event_time=entry.event_time, created_at=entry.ingest_time,
                    source_turn_ids=list(entry.source_turn_ids), mode=entry.mode.value,
-                   version=entry.version)
+                   version=entry.version,
+                   kind="event" if entry.id.startswith("event:") else "memory")
 
 
 class SearchHit(MemoryItem):

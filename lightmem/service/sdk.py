@@ -99,11 +99,12 @@ class Memory:
 
     def search(self, query: str, *, user_id: str, k: int = 20,
                conversation_id: str | None = None, after: datetime | None = None,
-               before: datetime | None = None, hybrid: bool = False) -> list[SearchHit]:
+               before: datetime | None = None, hybrid: bool = False,
+               include_events: bool = True) -> list[SearchHit]:
         """``user_id``'s memories nearest to ``query``, best first."""
         request = _validated(SearchRequest, user=user_id, query=query, k=k,
                              conversation=conversation_id, after=after, before=before,
-                             hybrid=hybrid)
+                             hybrid=hybrid, include_events=include_events)
         return self._service.search(self.tenant, request).results
 
     def answer(self, question: str, *, user_id: str, k: int = 20) -> AnswerResponse:
