@@ -33,6 +33,7 @@ from .topics import Topics, dead_letter_max_bytes, kafka_config
 __all__ = [
     "DeliveryError",
     "TurnProducer",
+    "produce_when_room",
     "FileReport",
     "RejectedLine",
     "add_turns",
@@ -45,6 +46,30 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def produce_when_room(producer: Any, topic: str, key: bytes | None, value: bytes, *,
+                      partition: int | None = None, headers: Any = None,
+                      on_delivery: Any = None) -> None:
+    """``producer.produce(...)``, waiting while the client's local queue is full.
+
+    Raises:
+        KafkaException: the client refused the record at once (e.g. too large).
+    """
+    kwargs: dict[str, Any] = {"key": key, "value": value}
+    if partition is not None:
+        kwargs["partition"] = partition
+    if headers:
+        kwargs["headers"] = headers
+    if on_delivery is not None:
+        kwargs["on_delivery"] = on_delivery
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            # Local queue full: serve delivery reports until there is room again.
+            producer.poll(0.5)
 
 
 class DeliveryError(Exception):
@@ -163,23 +188,13 @@ class TurnProducer:
         """
         from confluent_kafka import KafkaException
 
-        kwargs: dict[str, Any] = {"key": key, "value": value,
-                                  "on_delivery": self._on_delivery(label)}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = headers
-        while True:
-            try:
-                self._producer.produce(topic, **kwargs)
-                break
-            except BufferError:
-                # Local queue full: serve delivery reports until there is room again.
-                self._producer.poll(0.5)
-            except KafkaException as exc:
-                where = f"{label} -> " if label else ""
-                raise DeliveryError([f"{where}{topic} key={key!r}: "
-                                     f"{_delivery_reason(exc.args[0], self.settings)}"]) from None
+        try:
+            produce_when_room(self._producer, topic, key, value, partition=partition,
+                              headers=headers, on_delivery=self._on_delivery(label))
+        except KafkaException as exc:
+            where = f"{label} -> " if label else ""
+            raise DeliveryError([f"{where}{topic} key={key!r}: "
+                                 f"{_delivery_reason(exc.args[0], self.settings)}"]) from None
         self._producer.poll(0)
 
     def check_size(self, value: bytes, label: str) -> None:

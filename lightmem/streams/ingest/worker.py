@@ -68,6 +68,7 @@ from .. import metrics
 from ..components import Components
 from ..control import FlushCommand, flush_headers
 from ..logs import configure_logging, quiet_progress_bars, secrets_of
+from ..producer import produce_when_room
 from ..stages import (
     Inbound,
     IndexSink,
@@ -668,17 +669,8 @@ class IngestWorker:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, *,
                  partition: int | None = None, headers: Any = None) -> None:
-        kwargs: dict[str, Any] = {"key": key, "value": value}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = headers
-        while True:
-            try:
-                self._producer.produce(topic, **kwargs)
-                return
-            except BufferError:  # the local queue is full: let deliveries drain it
-                self._producer.poll(0.1)
+        produce_when_room(self._producer, topic, key, value, partition=partition,
+                          headers=headers)
 
     @staticmethod
     def _sort_kafka_error(exc: Any) -> None:
