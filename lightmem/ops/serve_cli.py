@@ -81,7 +81,8 @@ def serve(
     Leaderboard contract (/add, /search), /health, /ready and /metrics.
 
     Every option also reads its LIGHTMEM_* variable; LLM answers use LIGHTMEM_LLM_BASE_URL
-    (extractive without it). Exit status: 0 stopped, 1 could not start.
+    (extractive without it). SIGTERM/SIGINT finish the requests in flight, then stop (the
+    process ends by that signal, as uvicorn re-raises it). Exit status 1: could not start.
     """
     import uvicorn
 
