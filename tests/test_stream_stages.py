@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("faust", reason="faust-streaming (the stream extra) is missing")
+pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
 from lightmem.processors.compress import IdentityBackend, SensoryCompressor  # noqa: E402
 from lightmem.processors.llm import LLMTransientError  # noqa: E402
