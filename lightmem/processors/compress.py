@@ -13,19 +13,25 @@ LLM call. Two backends implement the :class:`CompressionBackend` protocol:
 processor: it validates the rate, keeps the original text beside the compressed one and lets
 blank messages pass untouched.
 
+Compression is deterministic per text: a text keeps the same words whatever else is in
+its call or batch and, up to ties closer than fp32 rounding, on whatever CPU kernel path
+(AMX, AVX-512 bf16, AVX2): replays and backfills rebuild the same memories. Hence fp32
+models and windows scored alone (see :class:`EntropyBackend`).
+
 Everything here is pure: models come in as constructor arguments (``lightmem.streams.
 causal_lm`` loads them), and nothing reads the disk, the network or the clock.
 
 Exceptions::
 
-    ValueError      an invalid rate or batch size (the message names the value)
+    ValueError      an invalid rate, window size or model dtype (the message names it)
+    RuntimeError    torch set to run fp32 matmuls at reduced precision (bf16/tf32)
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -134,15 +140,20 @@ class IdentityBackend:
         return 0
 
 
-def _is_out_of_memory(exc: RuntimeError) -> bool:
-    # CPU allocation failures are plain RuntimeErrors ("DefaultCPUAllocator: can't
-    # allocate memory"); CUDA ones are torch.OutOfMemoryError.
-    text = str(exc)
-    return (
-        isinstance(exc, torch.OutOfMemoryError)
-        or "can't allocate memory" in text
-        or "out of memory" in text
-    )
+def _check_fp32_matmuls() -> None:
+    # torch.set_float32_matmul_precision("medium"/"high") lets oneDNN run fp32 matmuls in
+    # bf16 (or tf32) where the CPU has the instructions: the scores would depend on the
+    # CPU again. Refuse instead of silently scoring differently from another machine.
+    mkldnn = torch.backends.mkldnn
+    for where, value in (
+        ("torch.backends.mkldnn.matmul.fp32_precision", mkldnn.matmul.fp32_precision),
+        ("torch.backends.mkldnn.fp32_precision", mkldnn.fp32_precision),
+    ):
+        if value not in ("none", "ieee"):
+            raise RuntimeError(
+                f"sensory compression needs IEEE fp32 matmuls; {where} is {value!r} "
+                "(set by torch.set_float32_matmul_precision?): scores would depend on the CPU"
+            )
 
 
 @dataclass
@@ -168,21 +179,37 @@ class EntropyBackend:
     original order, joined with single spaces. Texts with at most :data:`SHORT_TEXT_WORDS`
     words are kept whole.
 
+    **Deterministic per text.** A replay or backfill must make the same memories from the
+    same turns, whatever batch a turn lands in and whatever CPU runs it. So:
+
+    - every window is scored *alone* (a batch of one, no padding, no attention mask): its
+      computation depends on its own tokens only. Padded batches do not: padding changes
+      the attention reductions, and the kernels chosen for a batch's shape (AMX tiles
+      especially) round differently. Measured here on 48 LoCoMo turns, padded batches of
+      16 against one by one: 1 turn's scores moved 0.014 nat in bf16, 4 turns' 1e-5 in fp32.
+    - the model runs in **float32** (the constructor refuses another dtype). In bf16 the
+      CPU's kernel path decides: on 192 LoCoMo turns at r=0.6, this CPU's avx512_bf16
+      kernels against oneDNN capped at AVX2 (emulated bf16) changed the kept text of 25
+      turns (scores up to 0.64 nat apart), against AVX512_CORE 17. In fp32: 0 and 0, scores
+      <= 6e-5 nat apart, while the closest keep/drop pair was 8e-4 nat apart; only words
+      tied closer than ~1e-4 nat could still swap between CPUs. On one machine a turn's
+      result is bit-identical whatever its batch. Cost, 1 thread: fp32 ~2x bf16 and the
+      batch of one ~1.25x on top (``lightmem bench pipeline``: 8-10 -> 4.2-4.5 turns/s).
+
     Texts longer than ``max_tokens`` tokens are scored in independent windows (each with its
-    own BOS), which bounds memory on very long messages. Windows are sorted by length and
-    batched with right padding and an attention mask, so padding stays small; results are
-    put back in input order. Give it a model loaded with ``attn_implementation="eager"``
-    (``lightmem.streams.causal_lm.load_causal_lm`` does): in bf16 on CPU, sdpa takes a
-    different kernel for padded batches and scores move by ~0.1 nat, so batching could
-    change which near-tied words survive; with eager they are bit-identical.
+    own BOS), which bounds memory on very long messages.
 
     Args:
-        model: A causal LM in eval mode (bf16 on CPU is about 2x fp32 here).
+        model: A causal LM in eval mode, **float32** (``lightmem.streams.causal_lm.
+            load_causal_lm`` loads one).
         tokenizer: Its *fast* tokenizer (character offsets map tokens to words).
-        batch_size: Windows per forward pass (default 16).
         max_tokens: Longest window, BOS included (default 512).
         context_token_id: Token prepended to every window; default the tokenizer's BOS,
             else its EOS.
+
+    Raises:
+        ValueError: a model that is not float32/float64, a slow tokenizer, a tokenizer
+            with neither BOS nor EOS, or ``max_tokens < 2``.
     """
 
     name = "entropy"
@@ -191,15 +218,19 @@ class EntropyBackend:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 16,
         *,
         max_tokens: int = 512,
         context_token_id: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2; got {max_tokens!r}")
+        dtype = getattr(model, "dtype", None)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"EntropyBackend needs a float32 model, got {dtype}: in bf16/fp16 the "
+                "CPU's kernel path changes which words survive (load it with "
+                "dtype=torch.float32)"
+            )
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("EntropyBackend needs a fast tokenizer (offset mapping)")
         if context_token_id is None:
@@ -210,14 +241,10 @@ class EntropyBackend:
             raise ValueError("tokenizer has neither BOS nor EOS; pass context_token_id")
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.context_token_id = int(context_token_id)
-        pad = tokenizer.pad_token_id
-        # Padded positions are masked out and never scored, so any id will do.
-        self.pad_token_id = int(pad if pad is not None else self.context_token_id)
 
-    # -- planning: the same rows and batches for compress() and forward_pass() -----------
+    # -- planning: the same rows for compress() and forward_pass() ------------------------
 
     def _rows(self, texts: Sequence[str]) -> list[_Row]:
         rows: list[_Row] = []
@@ -246,40 +273,13 @@ class EntropyBackend:
                 )
         return rows
 
-    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        # Longest first: similar lengths share a batch (little padding), and a memory
-        # problem shows on the first batch rather than after minutes of work.
-        ordered = sorted(rows, key=lambda r: len(r.input_ids), reverse=True)
-        for lo in range(0, len(ordered), self.batch_size):
-            yield ordered[lo : lo + self.batch_size]
-
-    def _tensors(self, batch: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r.input_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, row in enumerate(batch):
-            n = len(row.input_ids)
-            input_ids[b, :n] = torch.tensor(row.input_ids, dtype=torch.long)
-            attention_mask[b, :n] = 1
-        return input_ids, attention_mask
-
-    def _forward(self, batch: list[_Row]) -> Iterator[tuple[_Row, torch.Tensor]]:
-        """Yield each row with its logits, halving the batch when memory runs out."""
-        input_ids, attention_mask = self._tensors(batch)
-        try:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
-            if len(batch) == 1 or not _is_out_of_memory(exc):
-                raise
-            logits = None
-        if logits is None:
-            # The logits alone are batch x length x vocab; a smaller batch usually fits.
-            half = len(batch) // 2
-            yield from self._forward(batch[:half])
-            yield from self._forward(batch[half:])
-            return
-        for b, row in enumerate(batch):
-            yield row, logits[b]
+    def _forward(self, row: _Row) -> torch.Tensor:
+        """The logits of one window, computed alone (shape ``len(input_ids) x vocab``)."""
+        # No padding and no attention mask: the window's scores are a function of its own
+        # tokens, never of the batch it arrived in (see the class docstring).
+        input_ids = torch.tensor([row.input_ids], dtype=torch.long)
+        logits: torch.Tensor = self.model(input_ids=input_ids).logits
+        return logits[0]
 
     # -- public API -------------------------------------------------------------------
 
@@ -291,27 +291,31 @@ class EntropyBackend:
 
         Returns:
             Per text, one score per word (sum of its tokens' ``-log p``), or ``None`` for
-            texts with at most :data:`SHORT_TEXT_WORDS` words (not scored).
+            texts with at most :data:`SHORT_TEXT_WORDS` words (not scored). A text's
+            scores do not depend on the other texts of the call.
+
+        Raises:
+            RuntimeError: torch is set to run fp32 matmuls at reduced precision.
         """
+        _check_fp32_matmuls()
         scores: list[list[float] | None] = [None] * len(texts)
         for index, text in enumerate(texts):
             n = len(_WORD.findall(text))
             if n > SHORT_TEXT_WORDS:
                 scores[index] = [0.0] * n
         with torch.inference_mode():
-            for batch in self._batches(self._rows(texts)):
-                for row, logits in self._forward(batch):
-                    n = len(row.input_ids)
-                    # Position t predicts token t+1; float32 for a stable log-softmax. One
-                    # row at a time keeps the fp32 copy of the logits small.
-                    logprobs = torch.log_softmax(logits[: n - 1].float(), dim=-1)
-                    targets = torch.tensor(row.input_ids[1:], dtype=torch.long)
-                    token_scores = (-logprobs.gather(1, targets[:, None])[:, 0]).tolist()
-                    text_scores = scores[row.text_index]
-                    assert text_scores is not None
-                    for word, value in zip(row.token_words, token_scores, strict=True):
-                        if word >= 0:
-                            text_scores[word] += value
+            for row in self._rows(texts):
+                logits = self._forward(row)
+                n = len(row.input_ids)
+                # Position t predicts token t+1.
+                logprobs = torch.log_softmax(logits[: n - 1].float(), dim=-1)
+                targets = torch.tensor(row.input_ids[1:], dtype=torch.long)
+                token_scores = (-logprobs.gather(1, targets[:, None])[:, 0]).tolist()
+                text_scores = scores[row.text_index]
+                assert text_scores is not None
+                for word, value in zip(row.token_words, token_scores, strict=True):
+                    if word >= 0:
+                        text_scores[word] += value
         return scores
 
     def compress(self, texts: Sequence[str], rate: float) -> list[str]:
@@ -323,7 +327,8 @@ class EntropyBackend:
                 :func:`keep_count` words survive.
 
         Returns:
-            One string per text: the kept words joined with single spaces.
+            One string per text: the kept words joined with single spaces. A text's result
+            does not depend on the other texts of the call.
         """
         rate = validate_rate(rate)
         scores = self.surprisals(texts)
@@ -339,19 +344,19 @@ class EntropyBackend:
         return out
 
     def forward_pass(self, texts: Sequence[str]) -> int:
-        """Run the model over exactly the batches :meth:`compress` would, scoring nothing.
+        """Run the model over exactly the windows :meth:`compress` would, scoring nothing.
 
         Args:
             texts: The texts (short ones are skipped, as in ``compress``).
 
         Returns:
-            Tokens processed (BOS included, padding excluded).
+            Tokens processed (BOS included).
         """
         tokens = 0
         with torch.inference_mode():
-            for batch in self._batches(self._rows(texts)):
-                for row, _logits in self._forward(batch):
-                    tokens += len(row.input_ids)
+            for row in self._rows(texts):
+                self._forward(row)
+                tokens += len(row.input_ids)
         return tokens
 
 
@@ -366,6 +371,12 @@ class LLMLingua2Backend:
     All texts of a call go through one llmlingua call, which batches them
     (``max_batch_size`` chunks per forward pass, every chunk padded to 512 tokens).
 
+    Deterministic per text: every chunk has the same 512-position shape whatever its batch,
+    the keep threshold is a percentile within the chunk, and the classifier runs in fp32
+    (llmlingua's CPU default; the constructor checks it). Measured with the MiniLM
+    classifier on 130 turns: batches of 1, 4 and 50 and one text per call give identical
+    text, on the AVX-512 and on the forced AVX2 kernel paths alike.
+
     Args:
         compressor: ``PromptCompressor(model_name=..., use_llmlingua2=True,
             device_map="cpu")`` (see ``lightmem.streams.causal_lm.load_llmlingua2``).
@@ -376,6 +387,11 @@ class LLMLingua2Backend:
     def __init__(self, compressor: PromptCompressor) -> None:
         if not getattr(compressor, "use_llmlingua2", False):
             raise ValueError("LLMLingua2Backend needs a PromptCompressor(use_llmlingua2=True)")
+        dtype = getattr(getattr(compressor, "model", None), "dtype", None)
+        if dtype not in (torch.float32, torch.float64):
+            # bf16/fp16 (llmlingua's "auto" on CUDA) would make the kept words depend on
+            # the kernel path, as in EntropyBackend.
+            raise ValueError(f"LLMLingua2Backend needs a float32 classifier, got {dtype}")
         self.compressor = compressor
 
     def compress(self, texts: Sequence[str], rate: float) -> list[str]:
@@ -387,8 +403,12 @@ class LLMLingua2Backend:
 
         Returns:
             One compressed string per text, in order.
+
+        Raises:
+            RuntimeError: torch is set to run fp32 matmuls at reduced precision.
         """
         rate = validate_rate(rate)
+        _check_fp32_matmuls()
         out = [" ".join(text.split()) for text in texts]
         # Tiny texts are kept whole (as in EntropyBackend); this also spares llmlingua a
         # percentile over no words for texts made only of special/unknown tokens.

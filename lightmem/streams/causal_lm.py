@@ -222,7 +222,7 @@ def smollm2_hf_dir(cache_dir: Path) -> Path:
 
 def load_causal_lm(
     path: Path | str,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.float32,
     *,
     attn_implementation: str = "eager",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -230,12 +230,15 @@ def load_causal_lm(
 
     Args:
         path: A Hugging Face model folder (e.g. from :func:`smollm2_hf_dir`).
-        dtype: Weight dtype; bf16 (the default) is about 2x fp32 on CPUs with AVX-512 bf16.
-        attn_implementation: Default ``"eager"``. Measured on CPU in bf16 with SmolLM2:
-            with ``"sdpa"`` a padded batch takes another kernel than a lone text, which
-            moves logits by up to 0.6 (word scores by ~0.1 nat), so batching could change
-            which words survive; eager gives bit-identical scores batched or not, and was
-            ~2.5x faster than sdpa on padded batches of short chat turns.
+        dtype: Weight dtype. Default float32, which the entropy backend requires: in bf16
+            the CPU's kernel path (AMX, avx512_bf16, emulated) and the batch shape move
+            word scores by up to 0.3 nat, so the same turn could keep other words on
+            another machine or in another batch. bf16 is ~2x faster on CPUs with AVX-512
+            bf16; use it only where that determinism does not matter.
+        attn_implementation: Default ``"eager"``. The entropy backend scores each window
+            alone (no padding), where eager and sdpa cost the same here; eager is also
+            what a padded bf16 batch needs to match a lone text (sdpa took another kernel
+            for padded batches and moved scores by ~0.1 nat).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (EOS when it had none).
@@ -372,7 +375,9 @@ def load_compression_backend(
         model: For ``entropy``, a local causal-LM folder (default: SmolLM2-135M-Instruct
             converted from its package). For ``llmlingua2``, the model name or folder
             (default :data:`DEFAULT_LLMLINGUA2_MODEL`).
-        batch_size: Texts per forward pass.
+        batch_size: Chunks per forward pass for ``llmlingua2`` (fixed-width 512-token
+            chunks, so a chunk's result does not depend on its batch). ``entropy``
+            scores each window alone for determinism and ignores it.
 
     Returns:
         The backend. ``llmlingua2`` falls back to ``entropy`` with SmolLM2, with a
@@ -406,5 +411,6 @@ def load_compression_backend(
             return LLMLingua2Backend(compressor)
         model = None  # the fallback uses the packaged model, not the LLMLingua-2 name
     path = Path(model) if model else smollm2_hf_dir(Path(cache_dir))
+    # float32 (load_causal_lm's default): the entropy backend refuses bf16 (see there).
     causal_lm, tokenizer = load_causal_lm(path)
-    return EntropyBackend(causal_lm, tokenizer, batch_size=batch_size)
+    return EntropyBackend(causal_lm, tokenizer)
