@@ -29,7 +29,6 @@ from lightmem.streams.logs import (
     configure_logging,
     install_redaction,
     secrets_of,
-    worker_logging_config,
 )
 from lightmem.streams.stats import usage_from_metrics
 
@@ -217,16 +216,6 @@ def test_secrets_are_redacted_from_messages_and_tracebacks() -> None:
         text = _format(log, emit, formatter)
         assert key not in text and REDACTED in text
         assert "RuntimeError: 401 for ***" in text.replace("\\n", "\n")
-
-
-def test_worker_logging_config_is_json_on_stderr_or_none_for_text() -> None:
-    assert worker_logging_config("text", "info") is None
-    config = worker_logging_config("json", "warning")
-    assert config is not None and config["root"]["level"] == logging.WARNING
-    assert config["disable_existing_loggers"] is False
-    formatter = config["formatters"]["json"]["()"]
-    module, _, cls = formatter.rpartition(".")
-    assert getattr(__import__(module, fromlist=[cls]), cls) is JsonFormatter
 
 
 def test_configure_logging_json_replaces_the_root_handlers(capsys: pytest.CaptureFixture

@@ -98,7 +98,7 @@ __all__ = [
 ]
 
 #: Kafka 3.9 is the last line with the old protocol versions that Kafka 4.0 removed (KIP-896);
-#: it speaks to both confluent-kafka (librdkafka) and aiokafka under faust-streaming.
+#: it speaks to confluent-kafka (librdkafka), the only Kafka client here.
 DEFAULT_KAFKA_VERSION = "3.9.2"
 #: Newest 8.19.x integ-test-zip on Maven Central; runs on Java 17 and matches the 8.19 client.
 DEFAULT_ES_VERSION = "8.19.21"

@@ -1,7 +1,7 @@
 """The embedded runtime: the LightMem processors driven in-process, no servers.
 
 Same processors as the Kafka deployment; the in-process loop stands in for the topics and
-:class:`~lightmem.streams.embedded_store.EmbeddedStore` for both the faust tables (buffers)
+:class:`~lightmem.streams.embedded_store.EmbeddedStore` for both the stream tables (buffers)
 and Elasticsearch (memories).
 
 Delivery semantics: turns are applied in batches, each batch in ONE SQLite transaction that

@@ -7,7 +7,7 @@ line of JSON on stderr, for log shippers::
      "message": "sensory: batches 3, applied 40, ...", "process": 4242, "thread": "MainThread"}
 
 plus ``exc_info`` (the formatted traceback) when there is one and any ``extra={...}`` fields.
-``text`` (the default) leaves the format to faust (workers) and Python (CLI).
+``text`` (the default) is the worker's and the CLI's ``[time] [pid] [LEVEL]`` layout.
 
 Secrets (the LLM key, the Elasticsearch key/password, the Kafka SASL password) are replaced
 by ``***`` in every record's message and traceback, in both formats
@@ -35,7 +35,6 @@ __all__ = [
     "install_redaction",
     "quiet_progress_bars",
     "secrets_of",
-    "worker_logging_config",
     "REDACTED",
 ]
 
@@ -123,7 +122,7 @@ def _redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
 
 def install_redaction(secrets: Iterable[str]) -> None:
     """Redact ``secrets`` from every log record created from now on, whatever the handlers
-    and formatters (faust configures its own): the record factory rewrites the message,
+    and formatters: the record factory rewrites the message,
     and the traceback text when an exception carries a secret. Calling it again adds
     secrets; it installs the factory once."""
     global _secrets, _base_factory
@@ -139,25 +138,6 @@ def install_redaction(secrets: Iterable[str]) -> None:
 # -- configuration -----------------------------------------------------------------------------
 
 
-def worker_logging_config(log_format: str, loglevel: str) -> dict[str, Any] | None:
-    """``logging.config.dictConfig`` for the faust worker: JSON on stderr, or None (faust's
-    own text format) for ``text``."""
-    if log_format != "json":
-        return None
-    level = logging.getLevelName(loglevel.upper()) if isinstance(loglevel, str) else loglevel
-    if not isinstance(level, int):
-        level = logging.INFO
-    return {
-        "version": 1,
-        # Loggers created before the worker starts (every module's `log`) must keep working.
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
-        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json",
-                                 "stream": "ext://sys.stderr", "level": level}},
-        "root": {"level": level, "handlers": ["default"]},
-    }
-
-
 def quiet_progress_bars() -> None:
     """Turn off the model libraries' tqdm bars ("Loading weights ...") on stderr: with JSON
     logs every stderr line must be one JSON object."""
@@ -168,7 +148,7 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()  # also huggingface_hub's
 
 
-#: The text format of records logged before faust takes over (faust's own layout).
+#: The text format of the workers' and the CLI's records.
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 
 

@@ -46,8 +46,8 @@ class Worker:
         return f"--- {self.name} ({self.log}) ---\n" + "\n".join(lines[-n:])
 
     def dump_stacks(self) -> None:
-        """Ask a live faust worker to log its stage state, asyncio tasks and thread stacks
-        (SIGUSR2, SIGUSR1: see lightmem.streams.app); diagnostics for a timeout."""
+        """Ask a live worker to log its stage state and every thread's stack
+        (SIGUSR2, SIGUSR1: see lightmem.streams.ingest); diagnostics for a timeout."""
         if self.proc.poll() is not None:
             return
         size = self.log.stat().st_size
