@@ -24,8 +24,11 @@ from lightmem.schemas import (
     schema_file_name,
 )
 
+# Names and texts must hold a non-whitespace character (the contract refuses blank ones):
+# no space separators (Zs, Zl, Zp) or controls in names; texts filtered.
 names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Cc")), min_size=1, max_size=20
+    alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")), min_size=1,
+    max_size=20,
 )
 aware = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
@@ -37,7 +40,8 @@ aware = st.datetimes(
         TurnEvent,
         tenant=names, user=names, conversation=names, session=names, turn_id=names,
         role=st.sampled_from(["user", "assistant"]), speaker=names,
-        text=st.text(min_size=1, max_size=200), event_time=aware,
+        text=st.text(min_size=1, max_size=200).filter(lambda t: t.strip() != ""),
+        event_time=aware,
         metadata=st.none() | st.dictionaries(names, st.integers() | names, max_size=3),
     )
 )
