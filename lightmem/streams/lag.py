@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from lightmem.settings import Settings
 
 from .topics import kafka_config
 
-__all__ = ["LagReader", "PartitionLag", "by_topic"]
+__all__ = ["LagReader", "PartitionLag", "by_topic", "committed_offsets", "group_reader"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,35 @@ class PartitionLag:
     lag: int
 
 
+def group_reader(settings: Settings, group: str) -> Any:
+    """A consumer bound to ``group`` that never subscribes: it only reads the group's committed
+    offsets (and watermarks), so it neither joins the group nor commits.
+
+    Why not ``AdminClient.list_consumer_group_offsets``: librdkafka (2.16 and earlier) can
+    crash the process with SIGSEGV in it when the group coordinator is still loading on a
+    fresh cluster (OffsetFetch answered NOT_COORDINATOR to a client without a consumer
+    group; confluent-kafka-python#1982). A consumer with the ``group.id`` takes the sound path.
+    """
+    from confluent_kafka import Consumer
+
+    return Consumer(kafka_config(settings, **{"group.id": group, "enable.auto.commit": False}))
+
+
+def committed_offsets(reader: Any, partitions: list[Any], *, timeout_s: float = 15.0
+                      ) -> dict[tuple[str, int], int]:
+    """The committed offset of each of ``partitions`` (TopicPartitions) in the group of
+    ``reader`` (:func:`group_reader`); partitions without one are left out.
+
+    Raises:
+        confluent_kafka.KafkaException: the cluster did not answer in time.
+    """
+    out: dict[tuple[str, int], int] = {}
+    for tp in reader.committed(partitions, timeout=timeout_s):
+        if tp.error is None and tp.offset >= 0:
+            out[(tp.topic, tp.partition)] = tp.offset
+    return out
+
+
 class LagReader:
     """Reads one consumer group's lag; keep it open while sampling repeatedly.
 
@@ -38,15 +68,9 @@ class LagReader:
     """
 
     def __init__(self, settings: Settings, group: str, *, timeout_s: float = 15.0) -> None:
-        from confluent_kafka import Consumer
-        from confluent_kafka.admin import AdminClient
-
         self.group = group
         self.timeout_s = timeout_s
-        self._admin = AdminClient(kafka_config(settings))
-        # A throwaway group id: this consumer only reads watermarks, never joins or commits.
-        self._consumer = Consumer(kafka_config(
-            settings, **{"group.id": f"{group}-lag-reader", "enable.auto.commit": False}))
+        self._consumer = group_reader(settings, group)
         self._partitions: dict[str, list[int]] = {}
 
     def _parts(self, topic: str) -> list[int]:
@@ -63,18 +87,12 @@ class LagReader:
         Raises:
             confluent_kafka.KafkaException: the cluster did not answer in time.
         """
-        from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+        from confluent_kafka import TopicPartition
 
         tps = [TopicPartition(t, p) for t in topics for p in self._parts(t)]
         if not tps:
             return []
-        futures = self._admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(self.group, tps)], request_timeout=self.timeout_s)
-        committed: dict[tuple[str, int], int] = {}
-        for future in futures.values():
-            for tp in future.result(timeout=self.timeout_s).topic_partitions:
-                if tp.error is None and tp.offset >= 0:
-                    committed[(tp.topic, tp.partition)] = tp.offset
+        committed = committed_offsets(self._consumer, tps, timeout_s=self.timeout_s)
         out = []
         for tp in tps:
             low, high = self._consumer.get_watermark_offsets(tp, timeout=self.timeout_s)

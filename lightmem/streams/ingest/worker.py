@@ -304,20 +304,29 @@ class IngestWorker:
     def _check_group(self, admin: Any) -> None:
         """Refuse a consumer group that already consumes another deployment's stage topics
         (same app id, other topic prefix): the two would split one group's partitions."""
-        from confluent_kafka import ConsumerGroupTopicPartitions
+        from confluent_kafka import TopicPartition
+
+        from ..lag import committed_offsets, group_reader
 
         group = self.options.app_id
+        ours = {self.topics.turns, self.topics.segments, self.topics.entries}
+        stage_bases = ("lightmem.turns.v1", "lightmem.segments.v1", "lightmem.entries.v1")
         try:
-            futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
-                                                        request_timeout=15)
-            committed = futures[group].result(timeout=20).topic_partitions or []
+            topics = admin.list_topics(timeout=15).topics
+            others = [TopicPartition(name, p) for name, meta in topics.items()
+                      if name not in ours and name.endswith(stage_bases)
+                      for p in meta.partitions]
+            if not others:
+                return
+            reader = group_reader(self.settings, group)
+            try:
+                committed = committed_offsets(reader, others, timeout_s=20)
+            finally:
+                reader.close()
         except Exception as exc:  # noqa: BLE001 - a new group has nothing to compare
             log.debug("group %s: committed offsets not readable: %r", group, exc)
             return
-        ours = {self.topics.turns, self.topics.segments, self.topics.entries}
-        stage_bases = ("lightmem.turns.v1", "lightmem.segments.v1", "lightmem.entries.v1")
-        foreign = sorted({tp.topic for tp in committed if tp.topic not in ours
-                          and tp.topic.endswith(stage_bases) and tp.offset >= 0})
+        foreign = sorted({topic for topic, _ in committed})
         if foreign:
             raise DeploymentConflictError(
                 f"consumer group {group!r} (the app id) already consumes {foreign}, topics of "
@@ -911,6 +920,8 @@ def run_worker(
     Loads the models and prepares the Elasticsearch index before joining the consumer
     group, so that a slow start never stalls the group.
     """
+    # A crash in native code (librdkafka, torch) leaves its Python stack in the log.
+    faulthandler.enable()
     configure_logging(settings.log_format, level=loglevel.upper(),
                       secrets=secrets_of(settings))
     if settings.log_format == "json":
