@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     #: sensory stage dead-letters one that arrives anyway; ``lightmem topics create`` sizes
     #: the turns topic's ``max.message.bytes`` to accept it (never under the broker's 1 MiB
     #: default) and the DLQ topic and the producers to carry its dead letter
-    #: (``lightmem.streams.topics.dead_letter_max_bytes``).
+    #: (``lightmem.streams.kafka.topics.dead_letter_max_bytes``).
     max_event_bytes: int = Field(default=256_000, ge=1024, le=16 * 1024 * 1024)
     #: A stage that fails on the same event this many times dead-letters it (poison message).
     poison_attempts: int = Field(default=3, ge=1)
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     #: Embed the queries of concurrent searches together (one encoder call per batch).
     serve_batch_queries: bool = True
 
-    # --- sleep-time stage (consumer group over the entries topic, see streams/sleep.py)
+    # --- sleep-time stage (consumer group over the entries topic, see streams/sleep/worker.py)
     #: Consumer group of the sleep workers.
     sleep_group: str = "lightmem-sleep"
     #: Targets consolidated at once inside one worker (the LLM is the bottleneck).

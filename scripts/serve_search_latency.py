@@ -90,8 +90,9 @@ def main(data: Path) -> None:
             r = local.client.post("/v1/search", json={"user": q[0], "query": q[1], "k": 10})
             r.raise_for_status()
 
+        from lightmem.streams.embedded.runtime import EmbeddedRuntime
+
         from lightmem.settings import Settings
-        from lightmem.streams.embedded import EmbeddedRuntime
 
         rt = EmbeddedRuntime(Settings(data_dir=data, compressor="none"))
         held = threading.Lock()

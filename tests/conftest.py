@@ -32,7 +32,7 @@ def locomo_path() -> Path:
 @pytest.fixture
 def stub_llm() -> Iterator:
     """An OpenAI-protocol server answering fact-extraction prompts deterministically."""
-    from lightmem.ops.llm_stub import OpenAIStubServer, fact_extraction_responder
+    from lightmem.ops.bench.llm_stub import OpenAIStubServer, fact_extraction_responder
 
     with OpenAIStubServer(fact_extraction_responder) as server:
         yield server

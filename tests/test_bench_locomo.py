@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from lightmem.ops.bench_locomo import (
+from lightmem.ops.bench.llm_stub import (
+    OpenAIStubServer,
+    StubReply,
+    fact_extraction_responder,
+    scripted_responder,
+)
+from lightmem.ops.bench.locomo import (
     BenchConfig,
     Question,
     Retrieved,
@@ -30,18 +36,12 @@ from lightmem.ops.bench_locomo import (
     top_k,
     within_budget,
 )
+from lightmem.ops.bench.locomo_data import LocomoSample, load_locomo
 from lightmem.ops.cli import app
-from lightmem.ops.llm_stub import (
-    OpenAIStubServer,
-    StubReply,
-    fact_extraction_responder,
-    scripted_responder,
-)
-from lightmem.ops.locomo import LocomoSample, load_locomo
 from lightmem.processors.llm import UsageTotals
 from lightmem.schemas import Role, TurnEvent
 from lightmem.settings import load_settings
-from lightmem.streams.openai_chat import OpenAIChatModel
+from lightmem.streams.models.openai_chat import OpenAIChatModel
 
 
 def hit(*turns: str, words: int) -> Retrieved:
@@ -198,7 +198,7 @@ def test_judge_answer_is_one_metered_call() -> None:
 
 
 def test_ratios_lightmem_over_per_turn() -> None:
-    from lightmem.ops.bench_locomo import BenchReport, QuestionStats
+    from lightmem.ops.bench.locomo import BenchReport, QuestionStats
 
     def result(spec: SystemSpec, calls: int, prompt: int, completion: int) -> SystemResult:
         return SystemResult(spec, llm=UsageTotals(calls=calls, prompt_tokens=prompt,
@@ -219,7 +219,7 @@ def test_ratios_lightmem_over_per_turn() -> None:
 
 
 def test_aims_are_checked_against_the_baselines_of_the_run() -> None:
-    from lightmem.ops.bench_locomo import BenchReport, QuestionStats
+    from lightmem.ops.bench.locomo import BenchReport, QuestionStats
 
     def result(spec: SystemSpec, calls: int, r512: float) -> SystemResult:
         return SystemResult(spec, llm=UsageTotals(calls=calls), recall_at_words={512: r512})

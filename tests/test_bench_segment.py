@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from lightmem.ops.bench_segment import (
+from lightmem.ops.bench.segment import (
     Counts,
     Signals,
     SpliceKind,

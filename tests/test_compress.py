@@ -35,8 +35,8 @@ from lightmem.processors.compress import (
     keep_count,
     validate_rate,
 )
-from lightmem.streams import causal_lm
-from lightmem.streams.causal_lm import (
+from lightmem.streams.models import causal_lm
+from lightmem.streams.models.causal_lm import (
     ModelUnavailableError,
     load_causal_lm,
     load_compression_backend,
@@ -391,7 +391,7 @@ def test_entropy_keeps_the_same_words_on_another_cpu_kernel_path(
     code = f"""
 import json, sys, torch
 from lightmem.processors.compress import EntropyBackend
-from lightmem.streams.causal_lm import load_causal_lm, smollm2_hf_dir
+from lightmem.streams.models.causal_lm import load_causal_lm, smollm2_hf_dir
 sys.path.insert(0, {str(REPO / "tests")!r})
 from test_compress import RATES, TURNS
 backend = EntropyBackend(*load_causal_lm(smollm2_hf_dir({str(model_cache_dir)!r})))
@@ -566,7 +566,7 @@ def test_llmlingua2_keeps_the_same_words_on_another_cpu_kernel_path(
     code = f"""
 import json, sys, torch
 from lightmem.processors.compress import LLMLingua2Backend
-from lightmem.streams.causal_lm import load_llmlingua2
+from lightmem.streams.models.causal_lm import load_llmlingua2
 sys.path.insert(0, {str(REPO / "tests")!r})
 from test_compress import TURNS
 backend = LLMLingua2Backend(load_llmlingua2({str(lingua_dir)!r}, batch_size=4))

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lightmem.ops.bench_sleep import consolidation_responder
-from lightmem.ops.cli import app
-from lightmem.ops.llm_stub import (
+from lightmem.ops.bench.llm_stub import (
     OpenAIStubServer,
     fact_extraction_responder,
 )
+from lightmem.ops.bench.sleep import consolidation_responder
+from lightmem.ops.cli import app
 from lightmem.schemas import DeadLetter, EntryMode
 from lightmem.settings import load_settings
-from lightmem.streams.embedded import EmbeddedRuntime
+from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
 pytestmark = pytest.mark.models
 

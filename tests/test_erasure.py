@@ -116,7 +116,7 @@ def test_forget_one_user_embedded(tmp_path: Path) -> None:
                                  str(data)], env=env)
     assert result.exit_code == 0, result.output
 
-    from lightmem.streams.embedded import EmbeddedRuntime
+    from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
     rt = EmbeddedRuntime(load_settings(data_dir=data, compressor="none"))
     db = rt.store._db

@@ -14,9 +14,8 @@ from lightmem.processors.segment import SensoryBuffer, cut_at, group_exchanges
 from lightmem.processors.summarize import Summarizer, TopicBuffer
 from lightmem.schemas import ErasureRequest, MemoryEntry, Segment, TurnEvent
 from lightmem.settings import Settings
-from lightmem.streams.control import control_kind
-from lightmem.streams.erasure import sweep_slot
-from lightmem.streams.stages import (
+from lightmem.streams.erasure.forget import sweep_slot
+from lightmem.streams.ingest.stages import (
     ORIGIN_HEADER,
     ORIGINS_HEADER,
     Inbound,
@@ -25,7 +24,8 @@ from lightmem.streams.stages import (
     SensoryStage,
     ShortTermStage,
 )
-from lightmem.streams.topics import Topics
+from lightmem.streams.kafka.flush_commands import control_kind
+from lightmem.streams.kafka.topics import Topics
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 NOW = datetime(2025, 1, 1, tzinfo=UTC)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightmem.streams.ingest_priority import IngestPriority, ingest_backlog
-from lightmem.streams.lag import PartitionLag
+from lightmem.streams.kafka.lag import PartitionLag
+from lightmem.streams.sleep.ingest_priority import IngestPriority, ingest_backlog
 
 
 def test_yields_above_the_threshold_and_resumes_under_half() -> None:

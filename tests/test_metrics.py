@@ -1,5 +1,5 @@
-"""Metrics, logs and the Grafana dashboard without servers (lightmem.streams.metrics,
-lightmem.streams.logs, lightmem/ops/grafana/lightmem.json). The HTTP endpoint test binds a
+"""Metrics, logs and the Grafana dashboard without servers (lightmem.streams.observe.metrics,
+lightmem.streams.observe.logs, lightmem/ops/grafana/lightmem.json). The HTTP endpoint test binds a
 local port; nothing else leaves the process."""
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from lightmem.ops.cli import app
 from lightmem.processors.compress import IdentityBackend, SensoryCompressor
 from lightmem.processors.llm import Completion
 from lightmem.settings import Settings
-from lightmem.streams import metrics
-from lightmem.streams.logs import (
+from lightmem.streams.observe import metrics
+from lightmem.streams.observe.logs import (
     REDACTED,
     JsonFormatter,
     configure_logging,
     install_redaction,
     secrets_of,
 )
-from lightmem.streams.stats import usage_from_metrics
+from lightmem.streams.observe.stats import usage_from_metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "lightmem/ops/grafana/lightmem.json"
 
@@ -101,8 +101,8 @@ def test_consumer_lag_drops_revoked_partitions_and_sleep_window_gauge() -> None:
 
 
 def test_sensory_step_reports_dead_letters_by_reason() -> None:
-    from lightmem.streams.stages import Inbound, SensoryStage
-    from lightmem.streams.topics import Topics
+    from lightmem.streams.ingest.stages import Inbound, SensoryStage
+    from lightmem.streams.kafka.topics import Topics
 
     parts = SimpleNamespace(compressor=SensoryCompressor(IdentityBackend(), rate=0.6),
                             idle_timeout=timedelta(hours=1))

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lightmem.ops.llm_stub import OpenAIStubServer, StubReply, count_words, scripted_responder
+from lightmem.ops.bench.llm_stub import OpenAIStubServer, StubReply, count_words, scripted_responder
 from lightmem.processors.llm import (
     ChatMessage,
     LLMConfigError,
@@ -18,7 +18,7 @@ from lightmem.processors.llm import (
     LLMTransientError,
     UsageMeter,
 )
-from lightmem.streams.openai_chat import OpenAIChatModel
+from lightmem.streams.models.openai_chat import OpenAIChatModel
 
 KEY = "sk-test-0123456789abcdef"
 MESSAGES = [

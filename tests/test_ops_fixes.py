@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from lightmem.processors.store import ScoredEntry
 from lightmem.schemas import EntryMode, MemoryEntry, TurnEvent
 from lightmem.settings import Settings, load_settings
-from lightmem.streams.topics import (
+from lightmem.streams.kafka.topics import (
     DLQ_MAX_MESSAGE_BYTES,
     Topics,
     dead_letter_max_bytes,
@@ -138,7 +138,7 @@ def _turn(turn_id: str = "t1", text: str = "hello there") -> TurnEvent:
 
 
 def test_producer_room_is_the_dead_letter_of_the_largest_turn(fake_kafka: Any) -> None:
-    from lightmem.streams.producer import TurnProducer
+    from lightmem.streams.kafka.producer import TurnProducer
 
     settings = Settings(max_event_bytes=3_000_000)
     TurnProducer(settings)
@@ -146,7 +146,7 @@ def test_producer_room_is_the_dead_letter_of_the_largest_turn(fake_kafka: Any) -
 
 
 def test_add_turns_refuses_an_oversized_turn_before_sending_it(fake_kafka: Any) -> None:
-    from lightmem.streams.producer import OversizeError, TurnProducer
+    from lightmem.streams.kafka.producer import OversizeError, TurnProducer
 
     producer = TurnProducer(Settings(max_event_bytes=2048))
     with pytest.raises(OversizeError) as info:
@@ -157,7 +157,7 @@ def test_add_turns_refuses_an_oversized_turn_before_sending_it(fake_kafka: Any) 
 
 def test_produce_file_names_the_line_of_every_size_problem(
         fake_kafka: Any, tmp_path: Path) -> None:
-    from lightmem.streams.producer import DeliveryError, produce_file
+    from lightmem.streams.kafka.producer import DeliveryError, produce_file
 
     path = tmp_path / "turns.jsonl"
     lines = [_turn("t1").to_json(), _turn("t2", "x" * 3000).to_json(), _turn("t3").to_json()]
@@ -175,7 +175,7 @@ def test_produce_file_names_the_line_of_every_size_problem(
 
 
 def test_produce_file_accepts_a_byte_order_mark(fake_kafka: Any, tmp_path: Path) -> None:
-    from lightmem.streams.producer import produce_file
+    from lightmem.streams.kafka.producer import produce_file
 
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + _turn("t1").to_bytes() + b"\n" + _turn("t2").to_bytes())
@@ -191,6 +191,7 @@ def test_produce_file_accepts_a_byte_order_mark(fake_kafka: Any, tmp_path: Path)
 
 def test_search_json_prints_one_object_per_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightmem.ops import cli
+    from lightmem.ops.commands import embedded
 
     entries = [MemoryEntry(id=f"m{i}", tenant="default", user="u1", conversation="c1",
                            topic_id="s", speaker="Ann", fact=f"fact {i}", event_time=T0,
@@ -200,7 +201,7 @@ def test_search_json_prints_one_object_per_line(monkeypatch: pytest.MonkeyPatch)
         search=lambda tenant, user, query, k=None: [ScoredEntry(e, 0.5) for e in entries],
         answer=lambda tenant, user, query, hits: SimpleNamespace(text="fact 0", mode="extractive"),
     )
-    monkeypatch.setattr(cli, "_runtime", lambda settings: runtime)
+    monkeypatch.setattr(embedded, "_runtime", lambda settings: runtime)
     result = CliRunner().invoke(cli.app, ["search", "--user", "u1", "--json", "--answer", "q"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -225,7 +226,7 @@ def test_services_status_reports_the_elasticsearch_server_pid(tmp_path: Path) ->
     """A stand-in process group shaped like `bin/elasticsearch`: a launcher (the group leader
     the state file names) that starts the server JVM. The running servers are not touched:
     the stand-in lives under its own root and port."""
-    from lightmem.ops import services
+    from lightmem.ops.services import launcher as services
 
     config = services.ServicesConfig(root=tmp_path, es_port=1)  # nothing answers on port 1
     server = services.ElasticsearchServer(config)

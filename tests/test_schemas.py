@@ -197,8 +197,8 @@ def _stage_letters(payloads: list[bytes], clock_now: datetime = NOW) -> list[Dea
     from types import SimpleNamespace
 
     from lightmem.settings import Settings
-    from lightmem.streams.stages import Inbound, SensoryStage
-    from lightmem.streams.topics import Topics
+    from lightmem.streams.ingest.stages import Inbound, SensoryStage
+    from lightmem.streams.kafka.topics import Topics
 
     topics = Topics(prefix="t.")
     key = TurnEvent.parse(_turn_json()).conversation_key.encode()
@@ -221,7 +221,7 @@ def test_every_malformed_turn_is_dead_lettered_by_the_sensory_stage() -> None:
 
 def _embedded(tmp_path: Path, clock_now: datetime = NOW, **settings: object):  # noqa: ANN202
     from lightmem.settings import load_settings
-    from lightmem.streams.embedded import EmbeddedRuntime
+    from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
     return EmbeddedRuntime(load_settings(data_dir=tmp_path, compressor="none", **settings),
                            clock=lambda: clock_now)
@@ -271,7 +271,7 @@ def test_far_future_turn_is_dead_lettered_by_the_sensory_stage() -> None:
 
 def test_far_future_turn_is_dead_lettered_by_the_embedded_ingest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightmem.streams.embedded import EmbeddedRuntime
+    from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
     applied: list[str] = []
     monkeypatch.setattr(EmbeddedRuntime, "_apply_batch",
@@ -288,7 +288,7 @@ def test_far_future_turn_is_dead_lettered_by_the_embedded_ingest(
 
 def test_embedded_ingest_accepts_a_byte_order_mark_on_the_first_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightmem.streams.embedded import EmbeddedRuntime
+    from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
     applied: list[str] = []
     monkeypatch.setattr(EmbeddedRuntime, "_apply_batch",

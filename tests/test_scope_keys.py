@@ -34,8 +34,8 @@ from lightmem.schemas import (
     scope_key,
 )
 from lightmem.settings import load_settings
-from lightmem.streams.embedded import EmbeddedRuntime
-from lightmem.streams.embedded_store import EmbeddedStore
+from lightmem.streams.embedded.runtime import EmbeddedRuntime
+from lightmem.streams.embedded.store import EmbeddedStore
 
 T0 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
 

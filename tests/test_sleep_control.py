@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from test_update import FakeChat, InMemoryStore, entry, fake_embed
 from typer.testing import CliRunner
 
-from lightmem.ops.bench_sleep import consolidation_responder
+from lightmem.ops.bench.sleep import consolidation_responder
 from lightmem.ops.cli import app as cli_app
 from lightmem.processors.consolidate import consolidate_pending, schedule_targets, unreflected
 from lightmem.processors.update import Consolidator
 from lightmem.schemas import SchemaError, SleepAction, SleepWindowCommand
-from lightmem.streams.sleep_control import (
+from lightmem.streams.sleep.windows import (
     AutoWindow,
     CommandError,
     CronError,

@@ -6,8 +6,8 @@ import pytest
 from pydantic import SecretStr
 
 from lightmem.settings import Settings
-from lightmem.streams.control import FlushCommand, control_kind, flush_headers
-from lightmem.streams.topics import (
+from lightmem.streams.kafka.flush_commands import FlushCommand, control_kind, flush_headers
+from lightmem.streams.kafka.topics import (
     Topics,
     kafka_config,
     redacted,

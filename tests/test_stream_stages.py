@@ -1,5 +1,5 @@
 """The stream stages without Kafka: parsing and dead letters, redelivery, flushes, poison
-messages, transient errors (lightmem.streams.stages). Models are replaced by small fakes."""
+messages, transient errors (lightmem.streams.ingest.stages). Models are replaced by small fakes."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from lightmem.schemas import (  # noqa: E402
     scope_key,
 )
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.control import FlushCommand, control_kind, flush_headers  # noqa: E402
-from lightmem.streams.stages import (  # noqa: E402
+from lightmem.streams.ingest.stages import (  # noqa: E402
     Inbound,
     IndexSink,
     SensorySlot,
@@ -36,7 +35,8 @@ from lightmem.streams.stages import (  # noqa: E402
     ShortTermStage,
     is_transient,
 )
-from lightmem.streams.topics import Topics  # noqa: E402
+from lightmem.streams.kafka.flush_commands import FlushCommand, control_kind, flush_headers  # noqa: E402
+from lightmem.streams.kafka.topics import Topics  # noqa: E402
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 TOPICS = Topics(prefix="t.")
@@ -290,7 +290,7 @@ def test_transient_store_errors_are_recognised() -> None:
     import elasticsearch
     from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
 
-    from lightmem.streams.es_store import BulkWriteError
+    from lightmem.streams.elastic.store import BulkWriteError
 
     def api_error(status: int) -> elasticsearch.ApiError:
         meta = ApiResponseMeta(status=status, http_version="1.1", headers=HttpHeaders(),

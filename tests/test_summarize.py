@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lightmem.ops.llm_stub import (
+from lightmem.ops.bench.llm_stub import (
     OpenAIStubServer,
     StubReply,
     count_words,
@@ -27,8 +27,8 @@ from lightmem.processors.summarize import (
 )
 from lightmem.schemas import EntryMode, Segment, SegmentTurn, stable_id
 from lightmem.settings import Settings
-from lightmem.streams.components import Components
-from lightmem.streams.openai_chat import OpenAIChatModel
+from lightmem.streams.models.components import Components
+from lightmem.streams.models.openai_chat import OpenAIChatModel
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 START = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)  # a Monday

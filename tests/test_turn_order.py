@@ -51,8 +51,8 @@ def test_summarized_memories_carry_their_turns_seq() -> None:
 
 def test_sensory_stage_stamps_the_turns_topic_offset() -> None:
     pytest.importorskip("confluent_kafka", reason="the stream extra is missing")
-    from lightmem.streams.stages import Inbound, SensorySlot, SensoryStage
-    from lightmem.streams.topics import Topics
+    from lightmem.streams.ingest.stages import Inbound, SensorySlot, SensoryStage
+    from lightmem.streams.kafka.topics import Topics
 
     topics = Topics(prefix="t.")
     comps = SimpleNamespace(
@@ -72,7 +72,7 @@ def test_sensory_stage_stamps_the_turns_topic_offset() -> None:
 
 
 def test_embedded_ingest_numbers_turns_across_runs(tmp_path: Path) -> None:
-    from lightmem.streams.embedded import EmbeddedRuntime
+    from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
     rt = EmbeddedRuntime(load_settings(data_dir=tmp_path / "data", compressor="none"),
                          clock=lambda: T0 + timedelta(days=1))

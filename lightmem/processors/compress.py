@@ -200,7 +200,7 @@ class EntropyBackend:
     own BOS), which bounds memory on very long messages.
 
     Args:
-        model: A causal LM in eval mode, **float32** (``lightmem.streams.causal_lm.
+        model: A causal LM in eval mode, **float32** (``lightmem.streams.models.causal_lm.
             load_causal_lm`` loads one).
         tokenizer: Its *fast* tokenizer (character offsets map tokens to words).
         max_tokens: Longest window, BOS included (default 512).
@@ -379,7 +379,7 @@ class LLMLingua2Backend:
 
     Args:
         compressor: ``PromptCompressor(model_name=..., use_llmlingua2=True,
-            device_map="cpu")`` (see ``lightmem.streams.causal_lm.load_llmlingua2``).
+            device_map="cpu")`` (see ``lightmem.streams.models.causal_lm.load_llmlingua2``).
     """
 
     name = "llmlingua2"

@@ -1,6 +1,6 @@
 """The LLM seen by the processors: a narrow chat protocol, usage accounting, errors.
 
-The processors never import an SDK: ``lightmem.streams.openai_chat.OpenAIChatModel`` (any
+The processors never import an SDK: ``lightmem.streams.models.openai_chat.OpenAIChatModel`` (any
 OpenAI-compatible endpoint) implements :class:`ChatModel`, and tests may pass their own.
 
 Exceptions::

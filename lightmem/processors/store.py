@@ -1,6 +1,6 @@
 """The memory store as the processors see it.
 
-Two implementations satisfy it: the embedded store (``lightmem.streams.embedded_store``,
+Two implementations satisfy it: the embedded store (``lightmem.streams.embedded.store``,
 SQLite + sqlite-vec, no server) and the Elasticsearch store. Processors only ever talk to
 this protocol, so retrieval and consolidation are the same code on both.
 """

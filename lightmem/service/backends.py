@@ -6,7 +6,7 @@
   added turns are produced to the turns topic with the idempotent producer (the workers
   apply them), deletes are recorded on the memory-changes topic.
 
-Both load the encoder once per process (:func:`lightmem.streams.models.load_encoder` is
+Both load the encoder once per process (:func:`lightmem.streams.models.encoder.load_encoder` is
 cached) and answer searches with the same :class:`~lightmem.processors.retrieve.Retriever`
 scoring: cosine similarity within the (tenant, user) scope.
 
@@ -38,7 +38,7 @@ from lightmem.schemas import (
 from lightmem.settings import Settings
 
 if TYPE_CHECKING:
-    from lightmem.streams.erasure import ErasureReport
+    from lightmem.streams.erasure.forget import ErasureReport
 
 __all__ = [
     "Backend",
@@ -146,7 +146,7 @@ class EmbeddedBackend:
     applies_turns = True
 
     def __init__(self, settings: Settings, *, runtime: Any = None) -> None:
-        from lightmem.streams.embedded import EmbeddedRuntime
+        from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
         self.settings = settings
         self.runtime = runtime or EmbeddedRuntime(settings)
@@ -284,7 +284,7 @@ class EmbeddedBackend:
             store.append_changes([change])
 
     def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
-        from lightmem.streams.erasure import forget
+        from lightmem.streams.erasure.forget import forget
 
         with self.lock:
             return forget(self.settings, tenant, user, requested_by=requested_by,
@@ -319,9 +319,9 @@ class StreamBackend:
     erase_wait_s = 10.0
 
     def __init__(self, settings: Settings, *, check: bool = True) -> None:
-        from lightmem.streams.es_store import ElasticsearchStore, es_client
-        from lightmem.streams.producer import TurnProducer
-        from lightmem.streams.topics import Topics
+        from lightmem.streams.elastic.store import ElasticsearchStore, es_client
+        from lightmem.streams.kafka.producer import TurnProducer
+        from lightmem.streams.kafka.topics import Topics
 
         self.settings = settings
         self.topics = Topics.from_settings(settings)
@@ -329,7 +329,7 @@ class StreamBackend:
         self.store = ElasticsearchStore(self.client, alias=settings.es_alias)
         if check:
             self._check()
-        from lightmem.streams.components import Components
+        from lightmem.streams.models.components import Components
 
         self.components = Components(settings)
         self.producer = TurnProducer(settings, self.topics)
@@ -341,7 +341,7 @@ class StreamBackend:
     def _missing_topics(self, timeout_s: float = 10.0) -> list[str]:
         from confluent_kafka.admin import AdminClient
 
-        from lightmem.streams.topics import kafka_config
+        from lightmem.streams.kafka.topics import kafka_config
 
         metadata = AdminClient(kafka_config(self.settings)).list_topics(timeout=timeout_s)
         return [n for n in self._needed_topics() if n not in metadata.topics]
@@ -376,7 +376,7 @@ class StreamBackend:
 
     def write_turns(self, turns: Sequence[TurnEvent], *, flush: bool,
                     wait_s: float | None = None) -> Written:
-        from lightmem.streams.control import FlushCommand
+        from lightmem.streams.kafka.flush_commands import FlushCommand
 
         # Idempotent producer, acks=all: when flush() returns, every turn is on the topic.
         with self._produce_lock:
@@ -479,7 +479,7 @@ class StreamBackend:
         return found[0] if found else None
 
     def history(self, entry_id: str) -> list[MemoryChange]:
-        from lightmem.streams.changes import memory_history
+        from lightmem.streams.kafka.changes import memory_history
 
         return memory_history(self.settings, entry_id, self.topics)
 
@@ -493,7 +493,7 @@ class StreamBackend:
         self.store.refresh()
 
     def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
-        from lightmem.streams.erasure import forget_stream, new_request
+        from lightmem.streams.erasure.forget import forget_stream, new_request
 
         request = new_request(tenant, user, reason="memory service: delete all of the user",
                               requested_by=requested_by)

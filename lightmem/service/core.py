@@ -370,7 +370,7 @@ def erase_user(service: MemoryService, tenant: str, user: str, *,
                requested_by: str = "memory service") -> DeleteAllResponse:
     """Forget ``(tenant, user)``: the one place the service erases a user.
 
-    Calls the erasure of issue 14 (:func:`lightmem.streams.erasure.forget`) on the store the
+    Calls the erasure of issue 14 (:func:`lightmem.streams.erasure.forget.forget`) on the store the
     service serves: memories, change history, open buffers, turn ledger and dead letters of
     the scope, the request kept in the erasure ledger so replays do not bring them back, and
     one content-free ``erase`` change for audit. What a store could not remove (yet) comes

@@ -10,14 +10,14 @@ lightmem_http_request_seconds           histogram   route, method
 ``route`` is the route's path template (``/v1/memories/{memory_id}``), never a concrete path,
 so label values stay bounded; requests that match no route count as ``<unmatched>``. Served
 at ``GET /metrics`` together with everything else in
-:data:`lightmem.streams.metrics.REGISTRY` (LLM calls of answers, process collectors).
+:data:`lightmem.streams.observe.metrics.REGISTRY` (LLM calls of answers, process collectors).
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from lightmem.streams.metrics import REGISTRY, scrape
+from lightmem.streams.observe.metrics import REGISTRY, scrape
 
 __all__ = ["HTTP_REQUESTS", "HTTP_SECONDS", "METRIC_NAMES", "record_request", "scrape"]
 

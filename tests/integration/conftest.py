@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from lightmem.ops import services
+from lightmem.ops.services import launcher as services
 
 
 def pytest_configure(config: pytest.Config) -> None:

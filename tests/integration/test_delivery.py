@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
 from lightmem.schemas import TurnEvent  # noqa: E402
-from lightmem.streams.producer import send_flush  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics, kafka_config  # noqa: E402
+from lightmem.streams.kafka.producer import send_flush  # noqa: E402
+from lightmem.streams.kafka.topics import Topics, create_topics, kafka_config  # noqa: E402
 
 from . import test_streaming  # noqa: E402
 from .procs import Worker  # noqa: E402

@@ -20,14 +20,14 @@ pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra
 
 from lightmem.processors.erasure import to_ms  # noqa: E402
 from lightmem.schemas import TurnEvent  # noqa: E402
-from lightmem.streams.erasure import (  # noqa: E402
+from lightmem.streams.erasure.forget import (  # noqa: E402
     ErasureReport,
     forget_stream,
     new_request,
     read_ledger,
 )
-from lightmem.streams.producer import send_flush  # noqa: E402
-from lightmem.streams.topics import kafka_config  # noqa: E402
+from lightmem.streams.kafka.producer import send_flush  # noqa: E402
+from lightmem.streams.kafka.topics import kafka_config  # noqa: E402
 
 from . import test_streaming  # noqa: E402
 from .test_streaming import (  # noqa: E402

@@ -14,8 +14,8 @@ pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra
 
 from lightmem.ops.cli import app as cli_app  # noqa: E402
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.teardown import remove_deployment  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics  # noqa: E402
+from lightmem.streams.kafka.teardown import remove_deployment  # noqa: E402
+from lightmem.streams.kafka.topics import Topics, create_topics  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def test_turns_retention_is_set_and_changed_on_existing_topics(kafka_bootstrap: 
                               topics)
         assert again.altered == {}
         # the erasure report names the day the last raw turn of the scope ages out
-        from lightmem.streams.erasure import _retention, new_request
+        from lightmem.streams.erasure.forget import _retention, new_request
 
         when = new_request("acme", "alice").requested_at
         text = _retention(hour, topics.turns, when)

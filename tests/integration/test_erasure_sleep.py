@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
-from lightmem.ops.bench_sleep import synthetic_pairs  # noqa: E402
-from lightmem.streams.erasure import forget_stream, new_request  # noqa: E402
-from lightmem.streams.producer import TurnProducer  # noqa: E402
+from lightmem.ops.bench.sleep import synthetic_pairs  # noqa: E402
+from lightmem.streams.erasure.forget import forget_stream, new_request  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
 
 from . import test_sleep  # noqa: E402
 from .test_sleep import SleepEnv, wait_for  # noqa: E402

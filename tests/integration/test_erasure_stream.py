@@ -24,9 +24,7 @@ pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra
 
 from lightmem.ops.cli import app as cli_app  # noqa: E402
 from lightmem.schemas import ChangeOp, conversation_key  # noqa: E402
-from lightmem.streams.changes import read_changes  # noqa: E402
-from lightmem.streams.dlq import read_dead_letters  # noqa: E402
-from lightmem.streams.erasure import (  # noqa: E402
+from lightmem.streams.erasure.forget import (  # noqa: E402
     ErasureReport,
     _changelog_slots,
     forget_stream,
@@ -34,7 +32,9 @@ from lightmem.streams.erasure import (  # noqa: E402
     read_ledger,
 )
 from lightmem.streams.ingest import changelog_topic  # noqa: E402
-from lightmem.streams.producer import TurnProducer, add_turns, send_flush  # noqa: E402
+from lightmem.streams.kafka.changes import read_changes  # noqa: E402
+from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer, add_turns, send_flush  # noqa: E402
 
 from . import test_streaming  # noqa: E402
 from .test_streaming import (  # noqa: E402

@@ -29,19 +29,19 @@ from typer.testing import CliRunner
 from lightmem.processors.store import MemoryStore, ScoredEntry, VersionConflict
 from lightmem.schemas import MemoryEntry
 from lightmem.settings import Settings
-from lightmem.streams.embedded_store import EmbeddedStore
+from lightmem.streams.embedded.store import EmbeddedStore
 
 es = pytest.importorskip("elasticsearch", reason="elasticsearch (the stream extra) is missing")
 
-from lightmem.ops import index_cli  # noqa: E402 - needs the elasticsearch client
-from lightmem.streams.es_store import (  # noqa: E402
+from lightmem.ops.commands import index as index_cli  # noqa: E402 - needs the elasticsearch client
+from lightmem.streams.elastic.store import (  # noqa: E402
     BulkWriteError,
     ElasticsearchStore,
     IncompatibleIndex,
     IndexExists,
     IndexNotFound,
 )
-from lightmem.streams.es_store import es_client as make_es_client  # noqa: E402
+from lightmem.streams.elastic.store import es_client as make_es_client  # noqa: E402
 
 DIM = 8
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)

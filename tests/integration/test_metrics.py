@@ -4,7 +4,7 @@ and tokens the OpenAI stub served), the lag gauges reach zero, the JSON logs par
 carry no secret, and ``lightmem stats --stream`` reports the same per tenant.
 
 The deployment (topic prefix, app id, alias, worker subprocess) is the one of
-``test_streaming.py``; the LLM is :class:`~lightmem.ops.llm_stub.OpenAIStubServer` with the
+``test_streaming.py``; the LLM is :class:`~lightmem.ops.bench.llm_stub.OpenAIStubServer` with the
 rule-based fact extractor, so the short-term stage makes real HTTP calls.
 """
 
@@ -23,14 +23,14 @@ pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra
 import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from lightmem.ops.cli import app as cli_app  # noqa: E402
-from lightmem.ops.llm_stub import (  # noqa: E402
+from lightmem.ops.bench.llm_stub import (  # noqa: E402
     OpenAIStubServer,
     count_words,
     fact_extraction_responder,
 )
-from lightmem.streams.control import FlushCommand  # noqa: E402
-from lightmem.streams.producer import TurnProducer  # noqa: E402
+from lightmem.ops.cli import app as cli_app  # noqa: E402
+from lightmem.streams.kafka.flush_commands import FlushCommand  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
 
 from . import test_streaming  # noqa: E402
 from .test_streaming import StreamEnv, bad_event, make_conversation, wait_for  # noqa: E402
@@ -71,7 +71,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 def topic_ends(senv: StreamEnv, topic: str) -> int:
     """Committed records ever written to ``topic`` (a fresh topic). Not the high watermarks:
     the workers write in transactions, whose commit markers take offsets too."""
-    from lightmem.streams.topic_reader import read_to_end
+    from lightmem.streams.kafka.topic_reader import read_to_end
 
     return sum(1 for _ in read_to_end(senv.settings, topic, purpose="test-ends"))
 

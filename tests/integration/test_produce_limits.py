@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 
-from lightmem.ops import services  # noqa: E402
+from lightmem.ops.services import launcher as services  # noqa: E402
 from lightmem.schemas import DeadLetter, TurnEvent  # noqa: E402
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.producer import DeliveryError, produce_file  # noqa: E402
-from lightmem.streams.topics import (  # noqa: E402
+from lightmem.streams.kafka.producer import DeliveryError, produce_file  # noqa: E402
+from lightmem.streams.kafka.topics import (  # noqa: E402
     Topics,
     create_topics,
     delete_topics,

@@ -1,8 +1,9 @@
 """Issue 11, defect 2 on the real Kafka broker and Elasticsearch node: "/" in tenant, user and
 conversation names, and two users in one conversation.
 
-The stages run as their plain steps (lightmem.streams.stages) over records read back from real
-topics, not inside a worker, so the test does not depend on how the worker drives them. What
+The stages run as their plain steps (lightmem.streams.ingest.stages) over records read back
+from real topics, not inside a worker, so the test does not depend on how the worker drives
+them. What
 it checks is what the broker and the index do with the keys: every record of a conversation
 (turns, segments, flush markers) carries the same key bytes and lands in one partition, every
 entry is keyed by its own scope, and a search in one (tenant, user) scope never returns
@@ -34,17 +35,17 @@ from lightmem.schemas import (  # noqa: E402
     scope_key,
 )
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.control import FlushCommand, control_kind  # noqa: E402
-from lightmem.streams.es_store import ElasticsearchStore  # noqa: E402
-from lightmem.streams.producer import TurnProducer  # noqa: E402
-from lightmem.streams.stages import (  # noqa: E402
+from lightmem.streams.elastic.store import ElasticsearchStore  # noqa: E402
+from lightmem.streams.ingest.stages import (  # noqa: E402
     Inbound,
     IndexSink,
     SensoryStage,
     ShortTermStage,
     StepResult,
 )
-from lightmem.streams.topics import Topics, create_topics, delete_topics, kafka_config  # noqa: E402
+from lightmem.streams.kafka.flush_commands import FlushCommand, control_kind  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.topics import Topics, create_topics, delete_topics, kafka_config  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -27,9 +27,9 @@ from lightmem.settings import Settings
 pytest.importorskip("confluent_kafka")
 pytest.importorskip("elasticsearch")
 
-from lightmem.streams.es_store import ElasticsearchStore  # noqa: E402
-from lightmem.streams.topic_reader import read_to_end  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics, delete_topics  # noqa: E402
+from lightmem.streams.elastic.store import ElasticsearchStore  # noqa: E402
+from lightmem.streams.kafka.topic_reader import read_to_end  # noqa: E402
+from lightmem.streams.kafka.topics import Topics, create_topics, delete_topics  # noqa: E402
 
 from .test_streaming import StreamEnv, stream_env  # noqa: E402, F401 - the worker fixture
 
@@ -49,7 +49,7 @@ def deployment(kafka_bootstrap: str, es_url: str, es_client, unique_id: Callable
                tmp_path: Path) -> Iterator[tuple[Settings, Topics, ElasticsearchStore]]:
     """Private topics and alias, seeded with two tenants' memories; removed after."""
     from lightmem.processors.embed import Embedder
-    from lightmem.streams.models import load_encoder
+    from lightmem.streams.models.encoder import load_encoder
 
     prefix = unique_id("lmtest-serve") + "."
     alias = unique_id("lightmem-test-serve")

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from typer.testing import CliRunner
 
-from lightmem.ops import services, services_cli
+from lightmem.ops.commands import services as services_cli
+from lightmem.ops.services import launcher as services
 
 N_MESSAGES = 40
 PARTITIONS = 4

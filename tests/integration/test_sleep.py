@@ -1,12 +1,12 @@
 """The sleep-time consumer group on the real Kafka and Elasticsearch.
 
 Workers run as subprocesses (``python -m lightmem sleep-worker``), exactly as deployed, so a
-test can ``kill -9`` one. The LLM is the HTTP stub (:mod:`lightmem.ops.llm_stub`) with the
-deterministic rule of :func:`lightmem.ops.bench_sleep.consolidation_responder`: "moved"
+test can ``kill -9`` one. The LLM is the HTTP stub (:mod:`lightmem.ops.bench.llm_stub`) with the
+deterministic rule of :func:`lightmem.ops.bench.sleep.consolidation_responder`: "moved"
 deletes the target, "also" updates it, anything else is ignored. The index is seeded with
 synthetic vectors (pairs at cosine ~0.95, unrelated memories at ~0) and the entries topic
 with the same entries, so the expected final index is known exactly
-(:func:`~lightmem.ops.bench_sleep.expected_facts`). Nothing sleeps to synchronise: every wait
+(:func:`~lightmem.ops.bench.sleep.expected_facts`). Nothing sleeps to synchronise: every wait
 polls a condition against a deadline.
 """
 
@@ -31,22 +31,22 @@ from typer.testing import CliRunner
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 pytest.importorskip("elasticsearch", reason="elasticsearch (the stream extra) is missing")
 
-from lightmem.ops.bench_sleep import (  # noqa: E402
+from lightmem.ops.bench.llm_stub import OpenAIStubServer  # noqa: E402
+from lightmem.ops.bench.sleep import (  # noqa: E402
     Pair,
     consolidation_responder,
     expected_facts,
     synthetic_pairs,
 )
 from lightmem.ops.cli import app as cli_app  # noqa: E402
-from lightmem.ops.llm_stub import OpenAIStubServer  # noqa: E402
 from lightmem.schemas import ChangeOp, MemoryChange  # noqa: E402
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.changes import read_changes  # noqa: E402
-from lightmem.streams.dlq import read_dead_letters  # noqa: E402
-from lightmem.streams.es_store import ElasticsearchStore  # noqa: E402
-from lightmem.streams.producer import TurnProducer  # noqa: E402
-from lightmem.streams.teardown import remove_deployment  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics  # noqa: E402
+from lightmem.streams.elastic.store import ElasticsearchStore  # noqa: E402
+from lightmem.streams.kafka.changes import read_changes  # noqa: E402
+from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.teardown import remove_deployment  # noqa: E402
+from lightmem.streams.kafka.topics import Topics, create_topics  # noqa: E402
 
 from .procs import Worker  # noqa: E402
 
@@ -141,7 +141,7 @@ class SleepEnv:
     def committed(self) -> dict[int, int]:
         from confluent_kafka import Consumer, TopicPartition
 
-        from lightmem.streams.topics import kafka_config
+        from lightmem.streams.kafka.topics import kafka_config
 
         c = Consumer(kafka_config(self.settings, **{"group.id": self.settings.sleep_group,
                                                     "enable.auto.commit": False}))
@@ -156,7 +156,7 @@ class SleepEnv:
         """Non-empty partitions of ``topic`` (default: the entries topic) -> end offset."""
         from confluent_kafka import Consumer, TopicPartition
 
-        from lightmem.streams.topics import kafka_config
+        from lightmem.streams.kafka.topics import kafka_config
 
         c = Consumer(kafka_config(self.settings, **{"group.id": "ends",
                                                     "enable.auto.commit": False}))
@@ -374,8 +374,8 @@ def test_change_in_index_but_not_on_topic_is_recovered(sleep_env: SleepEnv) -> N
     the partition settles the outbox and publishes the change, without applying it again."""
     from lightmem.processors.consolidate import consolidate_pending
     from lightmem.processors.update import Consolidator
-    from lightmem.streams.openai_chat import OpenAIChatModel
-    from lightmem.streams.sleep import Outbox, OutboxStore
+    from lightmem.streams.models.openai_chat import OpenAIChatModel
+    from lightmem.streams.sleep.worker import Outbox, OutboxStore
 
     senv = sleep_env
     pairs = synthetic_pairs(1, 1, outcomes=("delete",))
@@ -494,7 +494,7 @@ def _commit_group(settings: Settings, group: str, topic: str, offsets: dict[int,
     commits: a real group on the real broker, without a member)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from lightmem.streams.topics import kafka_config
+    from lightmem.streams.kafka.topics import kafka_config
 
     c = Consumer(kafka_config(settings, **{"group.id": group, "enable.auto.commit": False}))
     try:

@@ -3,7 +3,7 @@ Elasticsearch.
 
 Same harness as :mod:`tests.integration.test_sleep`: the sleep worker runs as a
 ``python -m lightmem sleep-worker`` subprocess, the LLM is the HTTP stub answering with
-:func:`~lightmem.ops.bench_sleep.consolidation_responder` ("moved" deletes the target, "also"
+:func:`~lightmem.ops.bench.sleep.consolidation_responder` ("moved" deletes the target, "also"
 updates it, anything else is ignored), and the index and entries topic are seeded with
 synthetic pairs whose final index is known exactly. Windows are opened the way an operator
 does: the ``lightmem sleep`` CLI, the worker's LIGHTMEM_SLEEP_AUTO settings, a cron schedule.
@@ -28,12 +28,12 @@ import pytest
 pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra) is missing")
 pytest.importorskip("elasticsearch", reason="elasticsearch (the stream extra) is missing")
 
-from lightmem.ops.bench_sleep import (  # noqa: E402
+from lightmem.ops.bench.sleep import (  # noqa: E402
     Pair,
     synthetic_pairs,
 )
 from lightmem.schemas import TurnEvent  # noqa: E402
-from lightmem.streams.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
 
 from .test_sleep import (  # noqa: E402
     SleepEnv,

@@ -35,12 +35,12 @@ pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra
 from lightmem.ops.cli import app as cli_app  # noqa: E402
 from lightmem.schemas import Segment, TurnEvent, conversation_key  # noqa: E402
 from lightmem.settings import Settings  # noqa: E402
-from lightmem.streams.control import FlushCommand, control_kind  # noqa: E402
-from lightmem.streams.dlq import read_dead_letters  # noqa: E402
 from lightmem.streams.ingest import changelog_topic  # noqa: E402
-from lightmem.streams.producer import TurnProducer, add_turns, send_flush  # noqa: E402
-from lightmem.streams.teardown import remove_deployment  # noqa: E402
-from lightmem.streams.topics import Topics, create_topics  # noqa: E402
+from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
+from lightmem.streams.kafka.flush_commands import FlushCommand, control_kind  # noqa: E402
+from lightmem.streams.kafka.producer import TurnProducer, add_turns, send_flush  # noqa: E402
+from lightmem.streams.kafka.teardown import remove_deployment  # noqa: E402
+from lightmem.streams.kafka.topics import Topics, create_topics  # noqa: E402
 
 from .procs import Worker  # noqa: E402
 
@@ -164,7 +164,7 @@ class StreamEnv:
         return worker
 
     def store(self, index: str | None = None) -> Any:
-        from lightmem.streams.es_store import ElasticsearchStore
+        from lightmem.streams.elastic.store import ElasticsearchStore
 
         return ElasticsearchStore(self.es, alias=self.alias, index=index)
 
@@ -197,7 +197,7 @@ def consume_all(settings: Settings, topic: str, timeout_s: float = 60.0
                 ) -> list[tuple[int, int, bytes | None, bytes | None, bool]]:
     """Every committed record of ``topic`` up to its current end: (partition, offset, key,
     value, is a control record)."""
-    from lightmem.streams.topic_reader import read_to_end
+    from lightmem.streams.kafka.topic_reader import read_to_end
 
     return sorted((m.partition(), m.offset(), m.key(), m.value(),
                    control_kind(m.headers()) is not None)
@@ -278,7 +278,7 @@ def turns_assignment(senv: StreamEnv) -> list[list[int]] | None:
 
 
 def search(senv: StreamEnv, tenant: str, user: str, query: str, k: int = 5) -> list[Any]:
-    from lightmem.streams.models import load_encoder
+    from lightmem.streams.models.encoder import load_encoder
 
     vector = load_encoder().sentence_model.encode([query], normalize_embeddings=True)[0]
     return senv.store().search(tenant, user, vector.tolist(), k)

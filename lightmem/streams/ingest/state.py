@@ -21,8 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from lightmem.settings import Settings
-
-from ..topics import Topics, kafka_config
+from lightmem.streams.kafka.topics import Topics, kafka_config
 
 __all__ = ["ChangelogTable", "changelog_topic", "RecoveryError"]
 

@@ -10,7 +10,7 @@
 
 Delivery chain (consume-transform-produce, exactly once on Kafka): the worker polls a batch
 from the turns, segments and entries topics, runs each stage's step
-(:mod:`lightmem.streams.stages`) on its records, then in ONE transaction produces the steps'
+(:mod:`lightmem.streams.ingest.stages`) on its records, then in ONE transaction produces the steps'
 output (segments, entries, memory changes, dead letters), the new table slots (changelog
 records, :mod:`.state`) and the batch's input offsets (``send_offsets_to_transaction`` with
 the consumer's group metadata, so a worker that lost its partitions is fenced). The offsets
@@ -34,7 +34,7 @@ fenced, or the idempotent producer failed) stops it with exit 75 so that a super
 restarts it.
 
 Erasure: the worker reads the erasures topic to its end before it joins the group and keeps
-following it between batches (:class:`~lightmem.streams.erasure.ErasureFollower`); the stage
+following it between batches (:class:`~lightmem.streams.erasure.forget.ErasureFollower`); the stage
 steps share its ledger and drop the records of a scope produced before the scope's erasure.
 When the ledger changes, and when partitions are assigned, the table slots of the erased
 scopes are deleted (tombstones on the changelog) or rewritten without their turns, in a
@@ -63,13 +63,7 @@ from typing import Any
 
 from lightmem.processors.erasure import ErasureLedger
 from lightmem.settings import Settings
-
-from .. import metrics
-from ..components import Components
-from ..control import FlushCommand, flush_headers
-from ..logs import configure_logging, quiet_progress_bars, secrets_of
-from ..producer import produce_when_room
-from ..stages import (
+from lightmem.streams.ingest.stages import (
     Inbound,
     IndexSink,
     Outbound,
@@ -79,7 +73,13 @@ from ..stages import (
     StepResult,
     is_transient,
 )
-from ..topics import Topics, dead_letter_max_bytes, kafka_config
+from lightmem.streams.kafka.flush_commands import FlushCommand, flush_headers
+from lightmem.streams.kafka.producer import produce_when_room
+from lightmem.streams.kafka.topics import Topics, dead_letter_max_bytes, kafka_config
+from lightmem.streams.models.components import Components
+from lightmem.streams.observe.logs import configure_logging, quiet_progress_bars, secrets_of
+
+from ..observe import metrics
 from .state import ChangelogTable, changelog_topic
 
 __all__ = ["WorkerOptions", "IngestWorker", "run_worker", "EXIT_BUG", "EXIT_KAFKA_FATAL",
@@ -242,7 +242,7 @@ class IngestWorker:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from ..es_store import ElasticsearchStore, es_client
+            from lightmem.streams.elastic.store import ElasticsearchStore, es_client
 
             self._store = ElasticsearchStore(es_client(self.settings), alias=self.settings.es_alias,
                                              index=self.options.index)
@@ -281,7 +281,7 @@ class IngestWorker:
                         config={"cleanup.policy": "compact"}) for t in self.tables.values()]
         from confluent_kafka import KafkaError, KafkaException
 
-        from ..topics import TopicAdminError, _wait_for_leaders
+        from lightmem.streams.kafka.topics import TopicAdminError, _wait_for_leaders
 
         failures = {}
         for name, future in admin.create_topics(new, request_timeout=30).items():
@@ -306,7 +306,7 @@ class IngestWorker:
         (same app id, other topic prefix): the two would split one group's partitions."""
         from confluent_kafka import TopicPartition
 
-        from ..lag import committed_offsets, group_reader
+        from lightmem.streams.kafka.lag import committed_offsets, group_reader
 
         group = self.options.app_id
         ours = {self.topics.turns, self.topics.segments, self.topics.entries}
@@ -361,7 +361,7 @@ class IngestWorker:
             log.error("could not initialise the transactional producer %s: %s",
                       self.transactional_id, exc)
             return EXIT_KAFKA_FATAL
-        from ..erasure import ErasureFollower
+        from lightmem.streams.erasure.forget import ErasureFollower
 
         self._erasure_follower = ErasureFollower(self.settings, self.topics,
                                                  ledger=self.erasures)
@@ -747,7 +747,7 @@ class IngestWorker:
         ids = self._sink.erased_writes()
         if not ids:
             return True
-        from ..erasure import delete_documents
+        from lightmem.streams.erasure.forget import delete_documents
 
         try:
             delete_documents(self.store, ids)
@@ -764,7 +764,7 @@ class IngestWorker:
         """Delete (tombstone) or rewrite the table slots that hold erased turns, in one
         transaction; ``partitions``: table -> source partitions (None: every loaded one).
         Returns False when the transaction failed (tried again later)."""
-        from ..erasure import sweep_slot
+        from lightmem.streams.erasure.forget import sweep_slot
 
         changelog: list[tuple[str, bytes, int, bytes | None]] = []
         writes: dict[str, dict[bytes, tuple[int, bytes | None]]] = {}
@@ -849,7 +849,7 @@ class IngestWorker:
 
         def sample() -> None:
             if self._lag_reader is None:
-                from ..lag import LagReader
+                from lightmem.streams.kafka.lag import LagReader
 
                 self._lag_reader = LagReader(self.settings, self.options.app_id, timeout_s=10.0)
             try:

@@ -1,0 +1,3 @@
+"""Observability: Prometheus metrics, logging configuration, and ``lightmem stats``."""
+
+__all__ = ["logs", "metrics", "stats"]

@@ -1,0 +1,691 @@
+"""Sleep windows: when the sleep-time workers may consume, and the control topic behind it.
+
+Three sources open a window; one command closes it::
+
+    manual    `lightmem sleep open [--for 30m] [--tenant T]`  open now (until a time or a close)
+    schedule  a cron expression + length, from the config (LIGHTMEM_SLEEP_CRON) or a
+              `schedule` command on the control topic
+    auto      ingest below LIGHTMEM_SLEEP_AUTO_MAX_RATE turns/s for LIGHTMEM_SLEEP_AUTO_QUIET_S
+              opens; traffic above the threshold closes
+    close     `lightmem sleep close [--tenant T]` ends whatever window is open now: a manual
+              one, and the scheduled or automatic one in progress (the next occurrence opens
+              again)
+
+A window (of any source) is an interval ``[start, end)``; a tenant's window is open at
+``now`` when some interval for it (or for all tenants) contains ``now`` and started after the
+last close for it (or for all tenants). Tenant-limited commands override all-tenant ones
+issued before them; an all-tenant command resets every tenant.
+
+The control topic ``lightmem.sleep-control.v1`` is compacted, with the key
+``window/<tenant or *>`` (open/close) or ``schedule/<tenant or *>``: the latest command per
+key is all the fold above needs, so compaction never changes the state. Every worker reads
+the topic from the beginning (no consumer group) and follows it. A record that does not
+parse, or parses but makes no sense (a close with a cron, a schedule with a bad cron), is
+rejected with every reason and dead-lettered (stage ``sleep-control``) once: the workers share
+a dead-letter bookmark (the committed offset of group ``<sleep_group>.control``).
+
+Everything above the Kafka section is pure (times come in as arguments).
+
+Exceptions::
+
+    ValueError
+     ├── SchemaError         (lightmem.schemas) the record does not validate
+     ├── CommandError        a valid record that is not a meaningful command; lists all reasons
+     └── CronError           a cron expression that does not parse
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from lightmem.schemas import DeadLetter, SchemaError, SleepAction, SleepWindowCommand
+from lightmem.settings import Settings
+from lightmem.streams.kafka.topics import Topics, kafka_config
+
+__all__ = [
+    "CronError",
+    "CronSchedule",
+    "CommandError",
+    "validate_command",
+    "parse_command",
+    "command_key",
+    "parse_duration",
+    "AutoWindow",
+    "WindowScope",
+    "WindowState",
+    "ControlFollower",
+    "send_command",
+    "read_commands",
+    "ALL_TENANTS",
+    "new_command",
+    "ControlRecord",
+    "describe_records",
+]
+
+log = logging.getLogger(__name__)
+
+#: The key part standing for "every tenant".
+ALL_TENANTS = "*"
+
+
+# --------------------------------------------------------------------------- cron
+
+
+class CronError(ValueError):
+    """A cron expression that does not parse (the message names the field and the value)."""
+
+
+_CRON_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 7),
+)
+
+
+def _cron_field(text: str, name: str, low: int, high: int) -> frozenset[int]:
+    values: set[int] = set()
+    for part in text.split(","):
+        body, _, step_text = part.partition("/")
+        try:
+            step = int(step_text) if step_text else 1
+            if body == "*":
+                start, stop = low, high
+            elif "-" in body:
+                a, b = body.split("-", 1)
+                start, stop = int(a), int(b)
+            else:
+                start = stop = int(body)
+                if step_text:
+                    stop = high
+        except ValueError:
+            raise CronError(f"cron {name}: not a number, range, list or step: {part!r}"
+                            ) from None
+        if step < 1 or not low <= start <= stop <= high:
+            raise CronError(f"cron {name}: {part!r} is outside {low}-{high} (or a bad step)")
+        values.update(range(start, stop + 1, step))
+    return frozenset(values)
+
+
+@dataclass(frozen=True)
+class CronSchedule:
+    """A five-field cron expression: ``minute hour day-of-month month day-of-week``.
+
+    Supports ``*``, numbers, ranges ``a-b``, lists ``a,b`` and steps ``*/n``, ``a-b/n``;
+    day-of-week 0 and 7 are Sunday. As in cron, when both day fields are restricted a day
+    matches if either does. Times are evaluated in UTC.
+    """
+
+    expression: str
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]
+    days_any: bool
+    weekdays_any: bool
+
+    @classmethod
+    def parse(cls, expression: str) -> CronSchedule:
+        """Parse ``expression``.
+
+        Raises:
+            CronError: not five fields, or a field out of range (named in the message).
+        """
+        parts = expression.split()
+        if len(parts) != 5:
+            raise CronError(f"cron: needs 5 fields (minute hour day-of-month month "
+                            f"day-of-week), got {len(parts)} in {expression!r}")
+        sets = [_cron_field(p, *spec) for p, spec in zip(parts, _CRON_FIELDS, strict=True)]
+        weekdays = frozenset(d % 7 for d in sets[4])
+        return cls(expression, sets[0], sets[1], sets[2], sets[3], weekdays,
+                   days_any=parts[2] == "*", weekdays_any=parts[4] == "*")
+
+    def matches(self, at: datetime) -> bool:
+        """Whether the schedule fires at ``at``'s minute."""
+        at = at.astimezone(UTC)
+        if at.minute not in self.minutes or at.hour not in self.hours:
+            return False
+        if at.month not in self.months:
+            return False
+        day_ok = at.day in self.days
+        weekday_ok = (at.isoweekday() % 7) in self.weekdays
+        if self.days_any or self.weekdays_any:
+            return day_ok and weekday_ok
+        return day_ok or weekday_ok
+
+    def last_fire(self, now: datetime, within: timedelta) -> datetime | None:
+        """The latest firing time in ``(now - within, now]``, or None."""
+        at = now.astimezone(UTC).replace(second=0, microsecond=0)
+        earliest = now - within
+        while at > earliest:
+            if self.matches(at):
+                return at
+            at -= timedelta(minutes=1)
+        return None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class CommandError(ValueError):
+    """A command that validates as a record but is not meaningful; lists every reason."""
+
+    def __init__(self, errors: list[tuple[str, str, str]]) -> None:
+        self.errors = errors
+        lines = "; ".join(f"{f}: {reason} (got {value})" for f, reason, value in errors)
+        super().__init__(f"invalid SleepWindowCommand: {lines}")
+
+
+def validate_command(cmd: SleepWindowCommand) -> None:
+    """Check what the schema cannot: which fields go with which action.
+
+    Raises:
+        CommandError: every problem, as ``(field, reason, value repr)``.
+    """
+    errors: list[tuple[str, str, str]] = []
+    if cmd.action is SleepAction.open:
+        if cmd.cron is not None:
+            errors.append(("cron", "only for action 'schedule'", repr(cmd.cron)))
+        if cmd.duration_s is not None:
+            errors.append(("duration_s", "only for action 'schedule' (an open uses until)",
+                           repr(cmd.duration_s)))
+        if cmd.until is not None and cmd.until <= cmd.issued_at:
+            errors.append(("until", f"must be after issued_at {cmd.issued_at.isoformat()}",
+                           repr(cmd.until.isoformat())))
+    elif cmd.action is SleepAction.close:
+        for name in ("until", "cron", "duration_s"):
+            value = getattr(cmd, name)
+            if value is not None:
+                errors.append((name, "a close takes no " + name, repr(value)))
+    else:
+        if cmd.until is not None:
+            errors.append(("until", "only for action 'open'", repr(cmd.until)))
+        if cmd.cron is None and cmd.duration_s is not None:
+            errors.append(("cron", "required with duration_s (no cron clears the schedule)",
+                           "nothing"))
+        if cmd.cron is not None:
+            try:
+                CronSchedule.parse(cmd.cron)
+            except CronError as exc:
+                errors.append(("cron", str(exc), repr(cmd.cron)))
+            if cmd.duration_s is None:
+                errors.append(("duration_s", "required with cron (the window length)",
+                               "nothing"))
+    if errors:
+        raise CommandError(errors)
+
+
+def parse_command(raw: bytes | str) -> SleepWindowCommand:
+    """Decode, validate and check a control record.
+
+    Raises:
+        SchemaError: the record does not validate (every field named).
+        CommandError: the record validates but is not a meaningful command.
+    """
+    cmd = SleepWindowCommand.parse(raw)
+    validate_command(cmd)
+    return cmd
+
+
+def command_key(cmd: SleepWindowCommand) -> str:
+    """The compaction key: ``window/<tenant or *>`` or ``schedule/<tenant or *>``."""
+    kind = "schedule" if cmd.action is SleepAction.schedule else "window"
+    return f"{kind}/{cmd.tenant or ALL_TENANTS}"
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"1d"``, ``"1h30m"``, or plain seconds ``"600"``.
+
+    Raises:
+        ValueError: anything else, or zero.
+    """
+    body = text.strip().lower()
+    if body.isdigit():
+        seconds = int(body)
+    else:
+        pos, seconds = 0, 0
+        for m in _DURATION.finditer(body):
+            if m.start() != pos:
+                break
+            seconds += int(m.group(1)) * _UNIT_S[m.group(2)]
+            pos = m.end()
+        if pos != len(body) or not body:
+            raise ValueError(f"duration: expected e.g. 90s, 30m, 2h, 1h30m (got {text!r})")
+    if seconds <= 0:
+        raise ValueError(f"duration: must be positive (got {text!r})")
+    return timedelta(seconds=seconds)
+
+
+# --------------------------------------------------------------------------- auto mode
+
+
+class AutoWindow:
+    """Automatic windows from ingest traffic: open after ``quiet`` below ``max_rate``.
+
+    Feed it the turns topic's total end offset now and then (:meth:`observe`); the rate is
+    the offset difference over the time difference between samples.
+
+    Args:
+        max_rate: Turns per second at or below which ingest counts as quiet.
+        quiet: How long it must stay quiet before the window opens.
+    """
+
+    def __init__(self, max_rate: float, quiet: timedelta) -> None:
+        self.max_rate = max_rate
+        self.quiet = quiet
+        self._last: tuple[datetime, int] | None = None
+        #: Since when traffic has been quiet (None: busy, or no rate known yet).
+        self.quiet_since: datetime | None = None
+        self.rate: float | None = None
+
+    def observe(self, now: datetime, end_offset: int) -> None:
+        """Record the turns topic's total end offset at ``now``."""
+        if self._last is not None:
+            then, before = self._last
+            seconds = (now - then).total_seconds()
+            if seconds > 0:
+                self.rate = max(0, end_offset - before) / seconds
+                if self.rate > self.max_rate:
+                    self.quiet_since = None
+                elif self.quiet_since is None:
+                    # Quiet since the previous sample: the whole interval was below.
+                    self.quiet_since = then
+        self._last = (now, end_offset)
+
+    def window_start(self) -> datetime | None:
+        """Start of the automatic window (quiet for long enough), or None."""
+        if self.quiet_since is None:
+            return None
+        return self.quiet_since + self.quiet
+
+    def describe(self, now: datetime) -> str:
+        rate = "unknown" if self.rate is None else f"{self.rate:.2f}/s"
+        start = self.window_start()
+        if start is not None and start <= now:
+            state = f"open since {start.isoformat()}"
+        elif start is not None:
+            state = f"quiet, opens at {start.isoformat()}"
+        else:
+            state = "busy" if self.rate is not None else "measuring"
+        return (f"auto: ingest {rate} (threshold {self.max_rate}/s for "
+                f"{self.quiet.total_seconds():.0f}s): {state}")
+
+
+# --------------------------------------------------------------------------- window state
+
+
+@dataclass(frozen=True)
+class WindowScope:
+    """Which tenants may be consumed now: ``default`` for all, flipped for ``exceptions``."""
+
+    default: bool
+    exceptions: frozenset[str] = frozenset()
+
+    def allows(self, tenant: str) -> bool:
+        return self.default != (tenant in self.exceptions)
+
+    @property
+    def anything(self) -> bool:
+        """True when at least one tenant may be consumed."""
+        return self.default or bool(self.exceptions)
+
+    def describe(self) -> str:
+        if self.default:
+            return "open" + (f" except {', '.join(sorted(self.exceptions))}"
+                             if self.exceptions else "")
+        return f"open for {', '.join(sorted(self.exceptions))}" if self.exceptions else "closed"
+
+
+_FOREVER = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclass
+class WindowState:
+    """The fold of the control commands, plus the configured schedule and auto mode.
+
+    Args:
+        config_cron: The configured schedule (all tenants), if any.
+        config_duration: Length of each configured window.
+        auto: Automatic mode, if on (all tenants).
+    """
+
+    config_cron: CronSchedule | None = None
+    config_duration: timedelta = timedelta(hours=1)
+    auto: AutoWindow | None = None
+    #: Latest open/close per tenant (None = all tenants).
+    manual: dict[str | None, SleepWindowCommand] = field(default_factory=dict)
+    #: Latest schedule per tenant (None = all tenants); cron None = cleared.
+    schedules: dict[str | None, SleepWindowCommand] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WindowState:
+        """The configured schedule and auto mode (LIGHTMEM_SLEEP_*)."""
+        cron = CronSchedule.parse(settings.sleep_cron) if settings.sleep_cron else None
+        auto = (AutoWindow(settings.sleep_auto_max_rate,
+                           timedelta(seconds=settings.sleep_auto_quiet_s))
+                if settings.sleep_auto else None)
+        return cls(config_cron=cron, config_duration=timedelta(
+            seconds=settings.sleep_cron_duration_s), auto=auto)
+
+    def apply(self, cmd: SleepWindowCommand) -> None:
+        """Fold one (valid) command in, in topic order."""
+        table = self.schedules if cmd.action is SleepAction.schedule else self.manual
+        if cmd.tenant is None:
+            # An all-tenant command resets the tenant-specific ones of its kind.
+            table.clear()
+        table[cmd.tenant] = cmd
+
+    def _last_close(self, tenant: str | None) -> datetime | None:
+        closes = [c.issued_at for key in {None, tenant} if (c := self.manual.get(key))
+                  is not None and c.action is SleepAction.close]
+        return max(closes, default=None)
+
+    def _intervals(self, tenant: str | None, now: datetime) -> list[tuple[datetime, datetime]]:
+        out = []
+        for key in {None, tenant}:
+            cmd = self.manual.get(key)
+            if cmd is not None and cmd.action is SleepAction.open:
+                out.append((cmd.issued_at, cmd.until or _FOREVER))
+            sched = self.schedules.get(key)
+            if sched is not None and sched.cron is not None and sched.duration_s is not None:
+                length = timedelta(seconds=sched.duration_s)
+                fired = CronSchedule.parse(sched.cron).last_fire(now, length)
+                if fired is not None:
+                    out.append((fired, fired + length))
+        if self.config_cron is not None:
+            fired = self.config_cron.last_fire(now, self.config_duration)
+            if fired is not None:
+                out.append((fired, fired + self.config_duration))
+        if self.auto is not None:
+            start = self.auto.window_start()
+            if start is not None and start <= now:
+                out.append((start, _FOREVER))
+        return out
+
+    def is_open(self, tenant: str | None, now: datetime) -> bool:
+        """Whether ``tenant``'s entries (None: a tenant with no commands of its own) may be
+        consumed at ``now``."""
+        closed_at = self._last_close(tenant)
+        for start, end in self._intervals(tenant, now):
+            # A manual open counts from when it was issued even if that clock is a bit ahead.
+            if now < end and (closed_at is None or start > closed_at):
+                return True
+        return False
+
+    def scope(self, now: datetime) -> WindowScope:
+        """Which tenants may be consumed at ``now``."""
+        default = self.is_open(None, now)
+        named = {t for t in (*self.manual, *self.schedules) if t is not None}
+        return WindowScope(default, frozenset(t for t in named if self.is_open(t, now) != default))
+
+    def describe(self, now: datetime) -> list[str]:
+        """Human-readable lines: the scope, then each source."""
+        lines = [f"window: {self.scope(now).describe()}"]
+        for key, cmd in sorted(self.manual.items(), key=lambda kv: kv[0] or ""):
+            who = key or "all tenants"
+            if cmd.action is SleepAction.open:
+                until = f" until {cmd.until.isoformat()}" if cmd.until else ""
+                lines.append(f"manual {who}: opened {cmd.issued_at.isoformat()}{until} "
+                             f"by {cmd.issued_by}")
+            else:
+                lines.append(f"manual {who}: closed {cmd.issued_at.isoformat()} "
+                             f"by {cmd.issued_by}")
+        for key, cmd in sorted(self.schedules.items(), key=lambda kv: kv[0] or ""):
+            if cmd.cron is not None:
+                lines.append(f"schedule {key or 'all tenants'}: '{cmd.cron}' for "
+                             f"{cmd.duration_s}s")
+        if self.config_cron is not None:
+            lines.append(f"schedule (config): '{self.config_cron.expression}' for "
+                         f"{self.config_duration.total_seconds():.0f}s")
+        if self.auto is not None:
+            lines.append(self.auto.describe(now))
+        return lines
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_command(action: SleepAction | str, *, tenant: str | None = None,
+                until: datetime | None = None, cron: str | None = None,
+                duration_s: int | None = None, issued_by: str = "ops",
+                now: datetime | None = None) -> SleepWindowCommand:
+    """Build and check a command.
+
+    Raises:
+        SchemaError: a field does not validate.
+        CommandError: the fields do not go together.
+    """
+    payload: dict[str, Any] = {
+        "command_id": uuid.uuid4().hex, "action": str(action), "tenant": tenant,
+        "until": until, "cron": cron, "duration_s": duration_s,
+        "issued_at": now or _utcnow(), "issued_by": issued_by,
+    }
+    cmd = SleepWindowCommand.parse(payload)
+    validate_command(cmd)
+    return cmd
+
+
+def send_command(settings: Settings, cmd: SleepWindowCommand, topics: Topics | None = None
+                 ) -> None:
+    """Produce ``cmd`` on the control topic (keyed for compaction) and wait for delivery.
+
+    Raises:
+        CommandError: the command is not meaningful (nothing is sent).
+        DeliveryError: the broker did not acknowledge it.
+    """
+    from lightmem.streams.kafka.producer import TurnProducer
+
+    validate_command(cmd)
+    with TurnProducer(settings, topics) as producer:
+        producer.produce(producer.topics.sleep_control, cmd.to_bytes(),
+                         key=command_key(cmd).encode())
+
+
+@dataclass(frozen=True)
+class ControlRecord:
+    offset: int
+    key: bytes | None
+    command: SleepWindowCommand | None
+    error: str | None = None
+
+
+def read_commands(settings: Settings, topics: Topics | None = None, *,
+                  timeout_s: float = 30.0) -> list[ControlRecord]:
+    """Every record of the control topic, in order (nothing joined, nothing committed).
+
+    Raises:
+        LookupError: the control topic does not exist.
+        TimeoutError: its end was not reached within ``timeout_s``.
+    """
+    follower = ControlFollower(settings, topics, dead_letters=False)
+    try:
+        return follower.read_to_end(timeout_s)
+    finally:
+        follower.close()
+
+
+class ControlFollower:
+    """Follows the control topic from the beginning into a :class:`WindowState`.
+
+    Args:
+        settings: Kafka connection; the configured schedule and auto mode.
+        topics: Topic names (default: the deployment's).
+        dead_letters: Dead-letter bad records not dead-lettered yet (default True; the
+            workers do, ``lightmem sleep status`` does not).
+        clock: Time stamped on dead letters.
+    """
+
+    def __init__(self, settings: Settings, topics: Topics | None = None, *,
+                 dead_letters: bool = True, clock: Any = _utcnow) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.settings = settings
+        self.topics = topics or Topics.from_settings(settings)
+        self.state = WindowState.from_settings(settings)
+        self.clock = clock
+        self.rejected: list[ControlRecord] = []
+        self._dead_letters = dead_letters
+        # The group only holds the dead-letter bookmark: it is never joined (assign()).
+        self._consumer = Consumer(kafka_config(settings, **{
+            "group.id": f"{settings.sleep_group}.control",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }))
+        self._tp = TopicPartition(self.topics.sleep_control, 0, OFFSET_BEGINNING)
+        self._dl_from: int | None = None
+        self._producer: Any = None
+        self._turn_partitions: list[int] | None = None
+        self._admin: Any = None
+        self.at_end = False
+
+    def _bookmark(self) -> int:
+        from confluent_kafka import TopicPartition
+
+        if self._dl_from is None:
+            [tp] = self._consumer.committed([TopicPartition(self._tp.topic, 0)], timeout=30)
+            self._dl_from = max(tp.offset, 0)
+        return self._dl_from
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Check the topic exists and start reading it from the beginning.
+
+        Raises:
+            LookupError: the control topic does not exist.
+        """
+        topic = self._tp.topic
+        meta = self._consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise LookupError(f"topic {topic!r} does not exist: run `lightmem topics create`")
+        self._consumer.assign([self._tp])
+
+    def poll(self, timeout_s: float = 0.0, max_records: int = 500) -> list[ControlRecord]:
+        """Apply the records available now (waiting up to ``timeout_s`` for the first)."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        out: list[ControlRecord] = []
+        msgs = self._consumer.consume(max_records, timeout=timeout_s)
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.at_end = True
+                    continue
+                raise KafkaException(err)
+            raw = msg.value() or b""
+            try:
+                cmd = parse_command(raw)
+            except (SchemaError, CommandError) as exc:
+                rec = ControlRecord(msg.offset(), msg.key(), None, str(exc))
+                self.rejected.append(rec)
+                log.error("sleep-control offset %d rejected: %s", msg.offset(), exc)
+                if self._dead_letters:
+                    self._dead_letter(msg, exc)
+            else:
+                rec = ControlRecord(msg.offset(), msg.key(), cmd)
+                self.state.apply(cmd)
+            out.append(rec)
+        return out
+
+    def _dead_letter(self, msg: Any, exc: Exception) -> None:
+        from confluent_kafka import TopicPartition
+
+        from lightmem.streams.kafka.producer import TurnProducer
+
+        if msg.offset() < self._bookmark():
+            return  # dead-lettered before (by this or another worker)
+        if self._producer is None:
+            self._producer = TurnProducer(self.settings, self.topics)
+        letter = DeadLetter.from_raw(msg.value() or b"", stage="sleep-control", error=exc,
+                                     source=msg.topic(), partition=msg.partition(),
+                                     offset=msg.offset(), at=self.clock())
+        self._producer.dead_letter(letter, key=msg.key())
+        self._producer.flush()
+        # Only after the dead letter is durable: at least once, never zero times.
+        self._consumer.commit(offsets=[TopicPartition(msg.topic(), 0, msg.offset() + 1)],
+                              asynchronous=False)
+        self._dl_from = msg.offset() + 1
+
+    def read_to_end(self, timeout_s: float = 30.0) -> list[ControlRecord]:
+        """Start, then apply every record up to the current end of the topic.
+
+        Raises:
+            LookupError: no control topic.
+            TimeoutError: the end was not reached in time.
+        """
+        import time
+
+        from confluent_kafka import TopicPartition
+
+        self.start(timeout_s)
+        low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._tp.topic, 0), timeout=timeout_s)
+        out: list[ControlRecord] = []
+        if high <= low:
+            return out
+        deadline = time.monotonic() + timeout_s
+        while not self.at_end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._tp.topic}: end not reached in {timeout_s:.0f}s")
+            out += self.poll(0.5)
+        return out
+
+    def turns_end_offset(self, timeout_s: float = 10.0) -> int:
+        """Sum of the turns topic's end offsets (for automatic mode).
+
+        One ListOffsets request through an admin client: the follower's consumer has a long
+        poll outstanding on the control topic, and its watermark queries would wait behind it
+        (about 0.5 s per partition), holding up the worker loop that samples.
+        """
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
+
+        topic = self.topics.turns
+        if self._admin is None:
+            self._admin = AdminClient(kafka_config(self.settings))
+        if self._turn_partitions is None:
+            meta = self._admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise LookupError(f"topic {topic!r} does not exist")
+            self._turn_partitions = sorted(meta.partitions)
+        futures = self._admin.list_offsets(
+            {TopicPartition(topic, p): OffsetSpec.latest() for p in self._turn_partitions},
+            request_timeout=timeout_s)
+        return sum(f.result(timeout=timeout_s).offset for f in futures.values())
+
+    def close(self) -> None:
+        """Close the consumer (and flush a dead-letter producer)."""
+        try:
+            if self._producer is not None:
+                self._producer.flush()
+        finally:
+            self._consumer.close()
+
+
+def describe_records(records: Sequence[ControlRecord]) -> Iterable[str]:
+    """One line per control record, for ``lightmem sleep status --log``."""
+    for r in records:
+        if r.command is None:
+            yield f"{r.offset}: REJECTED {r.error}"
+        else:
+            c = r.command
+            extra = " ".join(f"{k}={v}" for k, v in (("tenant", c.tenant), ("until", c.until),
+                                                     ("cron", c.cron),
+                                                     ("duration_s", c.duration_s)) if v)
+            yield f"{r.offset}: {c.action.value} {extra} at {c.issued_at.isoformat()} " \
+                  f"by {c.issued_by}".replace("  ", " ")
