@@ -28,6 +28,7 @@ from .records import (
     check_event_time,
     parse_turn,
     stable_id,
+    utc_now,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "SleepWindowCommand",
     "TurnEvent",
     "stable_id",
+    "utc_now",
     "check_event_time",
     "parse_turn",
     "RECORDS",

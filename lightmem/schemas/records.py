@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -59,6 +59,7 @@ __all__ = [
     "ErasureRequest",
     "stable_id",
     "Timestamp",
+    "utc_now",
     "RFC3339_PATTERN",
     "check_event_time",
     "parse_turn",
@@ -109,6 +110,12 @@ Timestamp = Annotated[
     BeforeValidator(_rfc3339),
     Field(json_schema_extra={"pattern": RFC3339_PATTERN}),
 ]
+
+def utc_now() -> datetime:
+    """The wall clock in UTC: the default ``clock`` of everything that stamps a record (a test
+    passes its own clock instead of patching this)."""
+    return datetime.now(UTC)
+
 
 #: Text that says something: a whitespace-only message would make no memory, no dead letter
 #: and no log line downstream, so the contract refuses it.

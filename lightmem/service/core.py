@@ -30,7 +30,14 @@ from pydantic import ValidationError
 
 from lightmem.processors.retrieve import Retriever
 from lightmem.processors.store import ScoredEntry, VersionConflict
-from lightmem.schemas import MemoryEntry, SchemaError, TurnEvent, check_event_time, stable_id
+from lightmem.schemas import (
+    MemoryEntry,
+    SchemaError,
+    TurnEvent,
+    check_event_time,
+    stable_id,
+    utc_now,
+)
 from lightmem.settings import Settings
 
 from .backends import Backend, PageKey, delete_change
@@ -64,9 +71,6 @@ __all__ = ["MemoryService", "RequestLedger", "erase_user", "MAX_PAGE"]
 
 #: Largest page of ``GET /v1/memories``.
 MAX_PAGE = 1000
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _digest(payload: object) -> str:
@@ -140,7 +144,7 @@ class MemoryService:
     """
 
     def __init__(self, backend: Backend, settings: Settings, *,
-                 clock: Callable[[], datetime] = _utcnow) -> None:
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.backend = backend
         self.settings = settings
         self.clock = clock

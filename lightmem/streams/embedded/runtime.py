@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from lightmem.schemas import (
     TurnEvent,
     parse_turn,
     stable_id,
+    utc_now,
 )
 from lightmem.settings import Settings
 from lightmem.streams.embedded.store import EmbeddedStore, dead_letter_id
@@ -142,9 +143,6 @@ class RuntimeStats:
         }
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 class EmbeddedRuntime(Components):
     """LightMem in one process over one SQLite file under ``settings.data_dir``.
@@ -163,7 +161,7 @@ class EmbeddedRuntime(Components):
         settings: Settings,
         *,
         chat: ChatModel | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         super().__init__(settings, chat=chat)
         self.clock = clock

@@ -50,6 +50,7 @@ from lightmem.schemas import (
     SegmentTurn,
     scope_key,
     stable_id,
+    utc_now,
 )
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import SensorySlot, TopicSlot
@@ -75,9 +76,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 # -- the request and the report -----------------------------------------------------------------
 
@@ -91,7 +89,7 @@ def new_request(tenant: str, user: str | None = None, *, reason: str = "",
     """
     try:
         return ErasureRequest(erasure_id=uuid.uuid4().hex, tenant=tenant, user=user,
-                              requested_at=now or _utcnow(), requested_by=requested_by,
+                              requested_at=now or utc_now(), requested_by=requested_by,
                               reason=reason)
     except ValidationError as exc:
         raise SchemaError("ErasureRequest", [
@@ -580,7 +578,7 @@ def forget_stream(
     app_id: str | None = None,
     store: Any = None,
     wait_s: float = 120.0,
-    clock: Callable[[], datetime] = _utcnow,
+    clock: Callable[[], datetime] = utc_now,
 ) -> ErasureReport:
     """Erase ``request``'s scope from the streaming deployment (see the module docstring).
 

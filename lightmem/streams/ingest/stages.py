@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +62,7 @@ from lightmem.schemas import (
     TurnEvent,
     parse_turn,
     stable_id,
+    utc_now,
 )
 from lightmem.settings import Settings
 from lightmem.streams.kafka.flush_commands import (
@@ -112,9 +113,6 @@ ORIGIN_HEADER = "lightmem-origin-ms"
 #: to the last committed offset, a few batches: a few hundred ids per conversation is plenty.
 RECENT_IDS = 256
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- records in and out ----------------------------------------------------------------------
@@ -251,7 +249,7 @@ class _Stage:
         components: Components,
         topics: Topics,
         *,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utc_now,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings

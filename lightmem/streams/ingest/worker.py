@@ -58,10 +58,11 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from lightmem.processors.erasure import ErasureLedger
+from lightmem.schemas import utc_now
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import (
     Inbound,
@@ -109,9 +110,6 @@ TRANSACTION_TIMEOUT_MS = 10_000
 #: Tables: name -> the stage that owns it.
 TABLES = ("sensory", "topic-buffers")
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -196,7 +194,7 @@ class IngestWorker:
         *,
         components: Components | None = None,
         store: Any = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.settings = settings
         self.options = options

@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lightmem.schemas import DeadLetter, SchemaError, TurnEvent, parse_turn
+from lightmem.schemas import DeadLetter, SchemaError, TurnEvent, parse_turn, utc_now
 from lightmem.settings import Settings
 from lightmem.streams.kafka.flush_commands import FlushCommand, flush_headers
 from lightmem.streams.kafka.topics import Topics, dead_letter_max_bytes, kafka_config
@@ -110,9 +110,6 @@ def _delivery_reason(err: Any, settings: Settings) -> str:
         )
     return reason
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class TurnProducer:
@@ -307,7 +304,7 @@ def send_flush(
         raise ValueError("conversation: needs a tenant too (a conversation key holds both)")
     with TurnProducer(settings, topics) as producer:
         return producer.send_flush(
-            FlushCommand(tenant=tenant, conversation=conversation, issued_at=_utcnow())
+            FlushCommand(tenant=tenant, conversation=conversation, issued_at=utc_now())
         )
 
 
@@ -355,7 +352,7 @@ def produce_file(
     *,
     topics: Topics | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
-    clock: Callable[[], datetime] = _utcnow,
+    clock: Callable[[], datetime] = utc_now,
 ) -> FileReport:
     """Produce a JSONL file of turn events (``lightmem produce FILE.jsonl``).
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lightmem.schemas import DeadLetter, SchemaError, SleepAction, SleepWindowCommand
+from lightmem.schemas import DeadLetter, SchemaError, SleepAction, SleepWindowCommand, utc_now
 from lightmem.settings import Settings
 from lightmem.streams.kafka.topics import Topics, kafka_config
 
@@ -457,9 +457,6 @@ class WindowState:
 # --------------------------------------------------------------------------- Kafka
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 def new_command(action: SleepAction | str, *, tenant: str | None = None,
                 until: datetime | None = None, cron: str | None = None,
@@ -474,7 +471,7 @@ def new_command(action: SleepAction | str, *, tenant: str | None = None,
     payload: dict[str, Any] = {
         "command_id": uuid.uuid4().hex, "action": str(action), "tenant": tenant,
         "until": until, "cron": cron, "duration_s": duration_s,
-        "issued_at": now or _utcnow(), "issued_by": issued_by,
+        "issued_at": now or utc_now(), "issued_by": issued_by,
     }
     cmd = SleepWindowCommand.parse(payload)
     validate_command(cmd)
@@ -532,7 +529,7 @@ class ControlFollower:
     """
 
     def __init__(self, settings: Settings, topics: Topics | None = None, *,
-                 dead_letters: bool = True, clock: Any = _utcnow) -> None:
+                 dead_letters: bool = True, clock: Any = utc_now) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         self.settings = settings

@@ -67,7 +67,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -95,6 +95,7 @@ from lightmem.schemas import (
     SchemaError,
     scope_key,
     stable_id,
+    utc_now,
 )
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import ORIGIN_HEADER
@@ -113,9 +114,6 @@ STAGE = "sleep"
 #: Seconds between two samples of the ``lightmem_consumer_lag`` gauge (when metrics are on).
 LAG_SAMPLE_S = 5.0
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --------------------------------------------------------------------------- outbox
@@ -338,7 +336,7 @@ class SleepWorker:
 
     def __init__(self, settings: Settings, *, topics: Topics | None = None,
                  components: Components | None = None, store: Any = None,
-                 clock: Callable[[], datetime] = _utcnow, name: str = "sleep") -> None:
+                 clock: Callable[[], datetime] = utc_now, name: str = "sleep") -> None:
         self.settings = settings
         self.topics = topics or Topics.from_settings(settings)
         self.components = components or Components(settings)
