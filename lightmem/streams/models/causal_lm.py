@@ -60,7 +60,7 @@ SMOLLM2_HF_DIRNAME = "smollm2-135m-instruct-hf"
 #: The LLMLingua-2 checkpoint tried when ``llmlingua2`` is asked for without a model.
 DEFAULT_LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 #: Names accepted by :func:`load_compression_backend`.
-COMPRESSION_BACKENDS = ("entropy", "llmlingua2", "none")
+COMPRESSION_BACKENDS = ("entropy", "minilm", "llmlingua2", "none")
 
 # Written last into a converted folder: its presence means the conversion finished, and
 # its content says which GGUF it came from (a package upgrade triggers a new conversion).
@@ -369,12 +369,14 @@ def load_compression_backend(
     """Build the sensory pre-compression backend by name.
 
     Args:
-        name: ``"entropy"`` (causal-LM self-information), ``"llmlingua2"`` (token
-            classifier) or ``"none"`` (no compression).
+        name: ``"entropy"`` (causal-LM self-information), ``"minilm"`` (a retention
+            head on the segmenter's MiniLM, trained from entropy's choices),
+            ``"llmlingua2"`` (token classifier) or ``"none"`` (no compression).
         cache_dir: Where converted models and the tiktoken cache live.
         model: For ``entropy``, a local causal-LM folder (default: SmolLM2-135M-Instruct
             converted from its package). For ``llmlingua2``, the model name or folder
-            (default :data:`DEFAULT_LLMLINGUA2_MODEL`).
+            (default :data:`DEFAULT_LLMLINGUA2_MODEL`). For ``minilm``, a retention head
+            file (default: the one shipped with the package).
         batch_size: Chunks per forward pass for ``llmlingua2`` (fixed-width 512-token
             chunks, so a chunk's result does not depend on its batch). ``entropy``
             scores each window alone for determinism and ignores it.
@@ -386,7 +388,8 @@ def load_compression_backend(
 
     Raises:
         ValueError: unknown backend name or unsupported LLMLingua-2 model name.
-        ModelUnavailableError: the entropy model cannot be loaded.
+        ModelUnavailableError: the entropy model cannot be loaded, or the minilm head
+            is missing or does not match the encoder (``RetentionHeadError``).
     """
     if name not in COMPRESSION_BACKENDS:
         raise ValueError(
@@ -394,6 +397,13 @@ def load_compression_backend(
         )
     if name == "none":
         return IdentityBackend()
+    if name == "minilm":
+        # The retention head shipped with the package (or ``model``: another head file)
+        # on the process's shared MiniLM; fails with one line when the head is missing
+        # or was trained on another encoder.
+        from .retention import load_minilm_backend
+
+        return load_minilm_backend(Path(model) if model else None)
     if name == "llmlingua2":
         wanted = model or DEFAULT_LLMLINGUA2_MODEL
         try:
