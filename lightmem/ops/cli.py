@@ -11,7 +11,7 @@ from rich.console import Console
 
 from lightmem.settings import load_settings
 
-from .commands import bench, embedded, forget, schemas, serve, sleep, stream
+from .commands import bench, embedded, forget, memories, schemas, serve, sleep, stream, train
 
 app = typer.Typer(
     name="lightmem",
@@ -22,11 +22,13 @@ app = typer.Typer(
 # A sub-app added without a name puts its commands at the top level (`lightmem worker`).
 app.add_typer(stream.app)  # the streaming deployment: produce, flush, worker, replay, topics, dlq
 app.add_typer(forget.app)  # erasure on request, embedded or --stream
+app.add_typer(memories.app)  # memories list | get | delete: operator housekeeping
 app.add_typer(sleep.app)  # sleep windows and the sleep-time worker
 app.add_typer(serve.app)  # the HTTP memory service, its keys and OpenAPI document
 app.add_typer(embedded.app)  # ingest, search, consolidate, stats, history, demo
 app.add_typer(schemas.app, name="schemas")
 app.add_typer(bench.app, name="bench")
+app.add_typer(train.app, name="train")  # the small models the pipeline ships
 try:  # the services launcher and index admin need the streaming extras; embedded does not
     from .commands import index, services
 
