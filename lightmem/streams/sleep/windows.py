@@ -81,95 +81,54 @@ class CronError(ValueError):
     """A cron expression that does not parse (the message names the field and the value)."""
 
 
-_CRON_FIELDS = (
-    ("minute", 0, 59),
-    ("hour", 0, 23),
-    ("day-of-month", 1, 31),
-    ("month", 1, 12),
-    ("day-of-week", 0, 7),
-)
-
-
-def _cron_field(text: str, name: str, low: int, high: int) -> frozenset[int]:
-    values: set[int] = set()
-    for part in text.split(","):
-        body, _, step_text = part.partition("/")
-        try:
-            step = int(step_text) if step_text else 1
-            if body == "*":
-                start, stop = low, high
-            elif "-" in body:
-                a, b = body.split("-", 1)
-                start, stop = int(a), int(b)
-            else:
-                start = stop = int(body)
-                if step_text:
-                    stop = high
-        except ValueError:
-            raise CronError(f"cron {name}: not a number, range, list or step: {part!r}"
-                            ) from None
-        if step < 1 or not low <= start <= stop <= high:
-            raise CronError(f"cron {name}: {part!r} is outside {low}-{high} (or a bad step)")
-        values.update(range(start, stop + 1, step))
-    return frozenset(values)
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
 
 @dataclass(frozen=True)
 class CronSchedule:
-    """A five-field cron expression: ``minute hour day-of-month month day-of-week``.
-
-    Supports ``*``, numbers, ranges ``a-b``, lists ``a,b`` and steps ``*/n``, ``a-b/n``;
-    day-of-week 0 and 7 are Sunday. As in cron, when both day fields are restricted a day
-    matches if either does. Times are evaluated in UTC.
+    """A five-field cron expression, ``minute hour day-of-month month day-of-week``, read by
+    croniter (numbers, names, ranges, lists, steps; day-of-week 0 and 7 are Sunday; when both
+    day fields are restricted a day matches if either does). Times are evaluated in UTC.
     """
 
     expression: str
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]
-    days_any: bool
-    weekdays_any: bool
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
         """Parse ``expression``.
 
         Raises:
-            CronError: not five fields, or a field out of range (named in the message).
+            CronError: not five fields, or a field croniter refuses (named in the message).
         """
+        from croniter import croniter
+
         parts = expression.split()
         if len(parts) != 5:
             raise CronError(f"cron: needs 5 fields (minute hour day-of-month month "
                             f"day-of-week), got {len(parts)} in {expression!r}")
-        sets = [_cron_field(p, *spec) for p, spec in zip(parts, _CRON_FIELDS, strict=True)]
-        weekdays = frozenset(d % 7 for d in sets[4])
-        return cls(expression, sets[0], sets[1], sets[2], sets[3], weekdays,
-                   days_any=parts[2] == "*", weekdays_any=parts[4] == "*")
+        if not croniter.is_valid(expression):
+            # Name the first field croniter refuses on its own (the others left as '*').
+            for i, name in enumerate(_CRON_FIELDS):
+                alone = " ".join(p if j == i else "*" for j, p in enumerate(parts))
+                if not croniter.is_valid(alone):
+                    raise CronError(f"cron {name}: {parts[i]!r} is not valid")
+            raise CronError(f"cron: {expression!r} does not parse")
+        return cls(expression)
 
     def matches(self, at: datetime) -> bool:
         """Whether the schedule fires at ``at``'s minute."""
-        at = at.astimezone(UTC)
-        if at.minute not in self.minutes or at.hour not in self.hours:
-            return False
-        if at.month not in self.months:
-            return False
-        day_ok = at.day in self.days
-        weekday_ok = (at.isoweekday() % 7) in self.weekdays
-        if self.days_any or self.weekdays_any:
-            return day_ok and weekday_ok
-        return day_ok or weekday_ok
+        from croniter import croniter
+
+        return bool(croniter.match(self.expression, at.astimezone(UTC)))
 
     def last_fire(self, now: datetime, within: timedelta) -> datetime | None:
         """The latest firing time in ``(now - within, now]``, or None."""
-        at = now.astimezone(UTC).replace(second=0, microsecond=0)
-        earliest = now - within
-        while at > earliest:
-            if self.matches(at):
-                return at
-            at -= timedelta(minutes=1)
-        return None
+        from croniter import croniter
+
+        # croniter's previous firing is strictly before its start: start one minute past now's.
+        start = now.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        fire = croniter(self.expression, start).get_prev(datetime)
+        return fire if fire > now - within else None
 
 
 # --------------------------------------------------------------------------- commands
