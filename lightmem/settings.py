@@ -6,6 +6,7 @@ runtime reads a :class:`Settings` and passes plain values down.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,15 @@ __all__ = ["Settings", "ServicesSettings", "load_settings"]
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _default_cache_dir() -> Path:
+    # A source checkout keeps its cache next to the code (git-ignored); an installed wheel
+    # would put it inside site-packages, so it uses the user's cache folder instead.
+    if (_REPO_ROOT / "pyproject.toml").is_file():
+        return _REPO_ROOT / ".cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lightmem"
+
+
 class Settings(BaseSettings):
     """LightMem configuration. Every field is also ``LIGHTMEM_<FIELD>`` in the environment."""
 
@@ -25,7 +35,7 @@ class Settings(BaseSettings):
     #: Where the embedded runtime keeps its database (buffers, memories, usage).
     data_dir: Path = Path(".lightmem")
     #: Where converted models and downloads are cached (git-ignored).
-    cache_dir: Path = _REPO_ROOT / ".cache"
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     # --- sensory stage
     #: Pre-compression backend: entropy (small causal LM), minilm (a retention head on the
