@@ -14,9 +14,7 @@ from typer.testing import CliRunner
 from lightmem.ops.bench.sleep import consolidation_responder
 from lightmem.ops.cli import app as cli_app
 from lightmem.processors.consolidate import consolidate_pending, schedule_targets, unreflected
-from lightmem.processors.update import Consolidator
-from lightmem.schemas import SchemaError, SleepAction, SleepWindowCommand
-from lightmem.streams.sleep.windows import (
+from lightmem.processors.sleep_windows import (
     AutoWindow,
     CommandError,
     CronError,
@@ -24,10 +22,12 @@ from lightmem.streams.sleep.windows import (
     WindowScope,
     WindowState,
     command_key,
-    new_command,
     parse_command,
     parse_duration,
 )
+from lightmem.processors.update import Consolidator
+from lightmem.schemas import SchemaError, SleepAction, SleepWindowCommand
+from lightmem.streams.sleep.windows import new_command
 
 T = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)  # a Monday
 

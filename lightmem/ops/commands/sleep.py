@@ -49,14 +49,10 @@ ByOpt = Annotated[str, typer.Option("--by", help="Who issues the command (audit)
 def _send(action: str, *, tenant: str | None, topic_prefix: str | None, by: str,
           until: datetime | None = None, cron: str | None = None,
           duration_s: int | None = None) -> None:
+    from lightmem.processors.sleep_windows import CommandError, command_key
     from lightmem.schemas import SchemaError
     from lightmem.streams.kafka.producer import DeliveryError
-    from lightmem.streams.sleep.windows import (
-        CommandError,
-        command_key,
-        new_command,
-        send_command,
-    )
+    from lightmem.streams.sleep.windows import new_command, send_command
 
     settings = _settings()
     try:
@@ -75,7 +71,7 @@ def _send(action: str, *, tenant: str | None, topic_prefix: str | None, by: str,
 
 
 def _duration(text: str | None) -> int | None:
-    from lightmem.streams.sleep.windows import parse_duration
+    from lightmem.processors.sleep_windows import parse_duration
 
     if text is None:
         return None

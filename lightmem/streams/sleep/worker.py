@@ -78,8 +78,9 @@ from lightmem.processors.consolidate import (
     consolidate_pending,
     schedule_targets,
 )
-from lightmem.processors.erasure import ErasureLedger
+from lightmem.processors.erasure import ErasureLedger, to_ms
 from lightmem.processors.llm import LLMConfigError, LLMError, LLMPermanentError
+from lightmem.processors.sleep_windows import WindowScope
 from lightmem.processors.store import ScoredEntry, VersionConflict
 from lightmem.processors.update import (
     Consolidator,
@@ -104,9 +105,10 @@ from lightmem.streams.kafka.topics import Topics, kafka_config
 from lightmem.streams.models.components import Components
 from lightmem.streams.observe import metrics
 from lightmem.streams.sleep.ingest_priority import IngestBacklogMonitor
-from lightmem.streams.sleep.windows import ControlFollower, WindowScope
+from lightmem.streams.sleep.windows import ControlFollower
 
-__all__ = ["SleepWorker", "BatchReport", "Outbox", "OutboxStore", "WorkerStats"]
+__all__ = ["SleepWorker", "BatchReport", "Outbox", "OutboxStore", "WorkerStats",
+           "outbox_index"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,11 @@ LAG_SAMPLE_S = 5.0
 
 
 # --------------------------------------------------------------------------- outbox
+
+
+def outbox_index(alias: str) -> str:
+    """The sleep workers' outbox index of the deployment whose memory alias is ``alias``."""
+    return f"{alias}.sleep-outbox"
 
 
 class Outbox:
@@ -163,6 +170,41 @@ class Outbox:
 
         bulk(self.client, ({"_op_type": "delete", "_index": self.name, "_id": i}
                            for i in memory_ids), raise_on_error=False)
+
+    def of_scope(self, tenant: str, user: str | None, before: datetime | None = None
+                 ) -> list[str]:
+        """Ids of the pending changes of a scope (``user`` None: the whole tenant) made at or
+        before ``before``: their records hold the memory's text (erasure, issue 14)."""
+        from elasticsearch import NotFoundError
+        from elasticsearch.helpers import scan
+
+        try:
+            self.client.indices.refresh(index=self.name)
+        except NotFoundError:
+            return []
+        # The outbox is small (the changes of the batches in flight, or left by a dead
+        # worker), and its only mapped fields are the memory id and the partition: the scope
+        # is read from each change.
+        ids = []
+        for hit in scan(self.client, index=self.name, query={"query": {"match_all": {}}}):
+            c = MemoryChange.model_validate(hit["_source"]["change"])
+            if (c.tenant == tenant and (user is None or c.user == user)
+                    and (before is None or c.at <= before)):
+                ids.append(hit["_id"])
+        return ids
+
+    def erase(self, tenant: str, user: str | None, before: datetime | None = None) -> int:
+        """Delete the scope's pending changes made at or before ``before``, then refresh;
+        returns how many were deleted (a dead worker's successor never produces them)."""
+        from elasticsearch.helpers import bulk
+
+        ids = self.of_scope(tenant, user, before)
+        if not ids:
+            return 0
+        ok, _ = bulk(self.client, ({"_op_type": "delete", "_index": self.name, "_id": i}
+                                   for i in ids), raise_on_error=False)
+        self.client.indices.refresh(index=self.name)
+        return ok
 
     def pending(self, topic: str, partitions: Sequence[int]) -> list[MemoryChange]:
         """Changes left pending for these partitions (by a worker that died)."""
@@ -229,12 +271,16 @@ class OutboxStore:
         self.store.delete(entry_id, expected_version=expected_version)
 
 
-def settle(store: Any, pending: Sequence[MemoryChange]) -> list[MemoryChange]:
+def settle(store: Any, pending: Sequence[MemoryChange],
+           erasures: ErasureLedger | None = None) -> list[MemoryChange]:
     """The pending changes that reached the index (to be produced); the others never
-    happened."""
+    happened. A change of a scope ``erasures`` erased after it was made is never produced
+    (its record holds the erased memory's text)."""
     current = {e.id: e for e in store.get([c.memory_id for c in pending])}
     applied = []
     for c in pending:
+        if erasures is not None and erasures.drops(c.tenant, c.user, to_ms(c.at)):
+            continue
         now = current.get(c.memory_id)
         if c.op is ChangeOp.delete and now is None:
             applied.append(c)
@@ -347,7 +393,7 @@ class SleepWorker:
 
             store = ElasticsearchStore(es_client(settings), alias=settings.es_alias)
         self.store = store
-        self.outbox = Outbox(store.client, f"{settings.es_alias}.sleep-outbox")
+        self.outbox = Outbox(store.client, outbox_index(settings.es_alias))
         self.stats = WorkerStats()
         self.scope = WindowScope(False)
         self.stop_event = threading.Event()
@@ -515,7 +561,7 @@ class SleepWorker:
         pending = self.outbox.pending(self.topics.entries, partitions)
         if not pending:
             return
-        applied = settle(self.store, pending)
+        applied = settle(self.store, pending, self.erasures)
         assert self._producer is not None
         for change in applied:
             self._producer.produce(self.topics.memory_changes, change.to_bytes(),
