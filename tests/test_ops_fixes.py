@@ -227,6 +227,7 @@ def test_services_status_reports_the_elasticsearch_server_pid(tmp_path: Path) ->
     the state file names) that starts the server JVM. The running servers are not touched:
     the stand-in lives under its own root and port."""
     from lightmem.ops.services import launcher as services
+    from lightmem.ops.services.process import _started_at
 
     config = services.ServicesConfig(root=tmp_path, es_port=1)  # nothing answers on port 1
     server = services.ElasticsearchServer(config)
@@ -238,7 +239,7 @@ def test_services_status_reports_the_elasticsearch_server_pid(tmp_path: Path) ->
         server.run_dir.mkdir(parents=True, exist_ok=True)
         started = None
         for _ in range(50):  # until /proc shows the process
-            started = services._started_at(launcher.pid)
+            started = _started_at(launcher.pid)
             if started is not None:
                 break
             time.sleep(0.05)
