@@ -25,6 +25,8 @@ from lightmem.ops.bench.locomo import (
     SystemResult,
     SystemSpec,
     _unit_segments,
+    content_recall,
+    content_recall_at_budget,
     evidence_recall,
     judge_answer,
     parse_evidence,
@@ -33,13 +35,18 @@ from lightmem.ops.bench.locomo import (
     recall_at_k,
     run_locomo_bench,
     select_questions,
+    session_of,
+    session_recall,
+    session_recall_at_k,
     top_k,
     within_budget,
 )
 from lightmem.ops.bench.locomo_data import LocomoSample, load_locomo
 from lightmem.ops.cli import app
+from lightmem.processors.lexical import content_words
 from lightmem.processors.llm import UsageTotals
-from lightmem.schemas import Role, TurnEvent
+from lightmem.processors.store import ScoredEntry
+from lightmem.schemas import MemoryEntry, Role, TurnEvent
 from lightmem.settings import load_settings
 from lightmem.streams.models.openai_chat import OpenAIChatModel
 
@@ -109,6 +116,87 @@ def test_bad_k_and_budget_are_rejected() -> None:
         within_budget(HITS, 0)
 
 
+def test_topic_context_lines_earn_nothing_at_k() -> None:
+    context = Retrieved(frozenset({"D2:5"}), 10, context=True)
+    hits = [HITS[0], context, HITS[1]]
+    assert top_k(hits, 2) == [HITS[0], HITS[1]]
+    assert recall_at_k(EVIDENCE, hits, 3) == pytest.approx(1 / 3)
+    # At a budget the context line is charged and credited like any line it takes.
+    assert recall_at_budget(EVIDENCE, hits, 110) == pytest.approx(2 / 3)
+
+
+def test_session_recall_counts_a_hit_for_its_session() -> None:
+    assert session_of("D12:7") == "D12"
+    evidence = ("D1:1", "D1:2", "D3:7")  # sessions D1 and D3
+    near_miss = [hit("D1:9", words=5)]  # same session as two evidence turns, not them
+    assert evidence_recall(evidence, near_miss) == 0.0
+    assert session_recall(evidence, near_miss) == 0.5
+    assert session_recall(evidence, near_miss + [hit("D3:1", words=5)]) == 1.0
+    assert session_recall_at_k(evidence, near_miss + [hit("D3:1", words=5)], 1) == 0.5
+    with pytest.raises(ValueError, match="evidence"):
+        session_recall((), near_miss)
+
+
+TURN = "I adopted a beagle puppy called Biscuit from the shelter in Porto last week"
+
+
+def _line(turn_id: str, fact: str) -> Retrieved:
+    entry = MemoryEntry(
+        id=f"m-{turn_id}-{len(fact)}", tenant="t", user="u", conversation="c", topic_id="s",
+        speaker="Ann", fact=fact, event_time=datetime(2023, 5, 8, 13, 56, tzinfo=UTC),
+        ingest_time=datetime(2023, 5, 9, tzinfo=UTC), source_turn_ids=[turn_id],
+        original_text=TURN, compressed_text=fact, mode="extractive")
+    return Retrieved.from_hit(ScoredEntry(entry, 1.0))
+
+
+def test_content_credit_a_compressed_line_that_lost_the_answer_earns_less() -> None:
+    words = content_words(TURN)
+    assert words == {"adopted", "beagle", "puppy", "called", "biscuit", "shelter", "porto",
+                     "last", "week"}
+    evidence, evidence_words = ("D1:3",), (frozenset(words),)
+    full = _line("D1:3", f"Ann: {TURN}")
+    kept = _line("D1:3", "Ann: adopted beagle puppy called Biscuit shelter Porto")
+    lost = _line("D1:3", "Ann: adopted puppy from shelter last week")  # the name is gone
+    # The rendered line is charged, date prefix included: "[2023-05-08, Monday] Ann: ...".
+    assert full.words == len(TURN.split()) + 3
+    # Whole-turn credit cannot tell them apart; content-aware credit can.
+    for line in (full, kept, lost):
+        assert evidence_recall(evidence, [line]) == 1.0
+    assert content_recall(evidence, evidence_words, [full]) == 1.0
+    assert content_recall(evidence, evidence_words, [kept]) == pytest.approx(7 / 9)
+    assert content_recall(evidence, evidence_words, [lost]) == pytest.approx(5 / 9)
+    assert "biscuit" not in lost.content
+    # Words said by a line citing ANOTHER turn earn nothing for this one.
+    other = _line("D1:4", f"Ann: {TURN}")
+    assert content_recall(evidence, evidence_words, [lost, other]) == pytest.approx(5 / 9)
+    # Two lines citing the turn pool what they say.
+    rest = _line("D1:3", "Ann: Biscuit beagle called Porto")
+    assert content_recall(evidence, evidence_words, [lost, rest]) == 1.0
+
+
+def test_content_credit_averages_over_evidence_turns_and_falls_back() -> None:
+    a, b = _line("D1:1", f"Ann: {TURN}"), _line("D2:2", "Ann: beagle")
+    words = frozenset(content_words(TURN))
+    assert content_recall(("D1:1", "D2:2"), (words, words), [a, b]) == pytest.approx(
+        (1 + 1 / 9) / 2)
+    assert content_recall(("D1:1", "D3:3"), (words, words), [a]) == 0.5
+    # A turn with no content words ("ok!") earns 1 when cited, 0 when not.
+    assert content_recall(("D2:2",), (frozenset(),), [b]) == 1.0
+    assert content_recall(("D2:9",), (frozenset(),), [b]) == 0.0
+    # Without evidence words: whole-turn credit.
+    assert content_recall(("D2:2",), (), [b]) == 1.0
+    with pytest.raises(ValueError, match="evidence_words"):
+        content_recall(("D1:1", "D2:2"), (words,), [a])
+
+
+def test_content_recall_at_budget_charges_rendered_lines() -> None:
+    q = Question("c", "Who is Biscuit?", "a beagle", 4, ("D1:3",),
+                 (frozenset(content_words(TURN)),))
+    full = _line("D1:3", f"Ann: {TURN}")
+    assert content_recall_at_budget(q, [full], full.words) == 1.0
+    assert content_recall_at_budget(q, [full], full.words - 1) == 0.0
+
+
 # -- evidence and question selection ----------------------------------------------------------
 
 
@@ -156,6 +244,8 @@ def test_select_questions_drops_unknown_ids_and_limits() -> None:
     assert stats.no_evidence == 2  # c? (only an unknown id) and f?
     assert stats.beyond_turn_limit == 1  # e? needs D1:5, beyond the first 4 turns
     assert stats.selected == 2
+    # Each evidence turn's content words, for the content-aware credit.
+    assert qs[1].evidence_words == (frozenset({"turn", "number", "1"}),)
     limited, _ = select_questions(sample, all_turn_ids=ids, limit=1)
     assert [q.question for q in limited] == ["a?"]
 
@@ -173,6 +263,18 @@ def test_unit_segments_one_call_per_user_turn_or_per_turn() -> None:
     assert len({s.segment_id for s in singles}) == 8
     # Not compressed: the prompt carries the original text.
     assert all(t.compressed_text == t.original_text for s in singles for t in s.turns)
+
+
+def test_exchanges_make_one_call_per_user_turn_when_a_session_opens_with_the_other() -> None:
+    turns = _turns(8, sessions=2)
+    # Session 2 opens with Bob: a a u a (its first turn's role flipped).
+    flipped = [t.model_copy(update={"role": Role.assistant, "speaker": "Bob"})
+               if t.turn_id == "D2:1" else t for t in turns]
+    sample = LocomoSample("c1", flipped, [])
+    exchanges = _unit_segments(sample, "exchange", tag="t")
+    assert len(exchanges) == sum(t.role is Role.user for t in flipped) == 3
+    assert [[t.turn_id for t in s.turns] for s in exchanges] == [
+        ["D1:1", "D1:2"], ["D1:3", "D1:4"], ["D2:1", "D2:2", "D2:3", "D2:4"]]
 
 
 # -- answer mode ----------------------------------------------------------------------------
@@ -257,13 +359,9 @@ def test_answer_mode_refuses_without_a_real_endpoint(tmp_path: Path,
 
 
 def _user_exchanges(turns: list[TurnEvent]) -> int:
-    """Calls the per-turn baseline should make: one per user turn, plus one per session
-    that opens with the assistant (those turns have no user turn to ride with)."""
-    calls = sum(t.role is Role.user for t in turns)
-    firsts = {}
-    for t in turns:
-        firsts.setdefault(t.session, t)
-    return calls + sum(t.role is Role.assistant for t in firsts.values())
+    """Calls the per-turn baseline should make: exactly one per user turn (a session that
+    opens with the assistant adds none)."""
+    return sum(t.role is Role.user for t in turns)
 
 
 @pytest.mark.models
@@ -282,8 +380,16 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     assert "STUB LLM" in (out / "locomo.md").read_text()
     assert report["llm"]["source"] == "stub" and report["turns"] == 40
     assert report["questions"]["selected"] > 0
-    systems = {s["kind"]: s for s in report["systems"]}
-    assert list(systems) == ["naive", "extractive", "lightmem", "per-turn"]
+    # Every system searched both ways (memory built once): kNN and hybrid side by side.
+    assert [(s["kind"], s["retrieval"]) for s in report["systems"]] == [
+        (kind, mode) for kind in ("naive", "extractive", "lightmem", "per-turn")
+        for mode in ("knn", "hybrid")]
+    both = {(s["kind"], s["retrieval"]): s for s in report["systems"]}
+    for kind in ("naive", "extractive", "lightmem", "per-turn"):
+        knn, hybrid = both[(kind, "knn")], both[(kind, "hybrid")]
+        assert knn["entries"] == hybrid["entries"] and knn["llm_calls"] == hybrid["llm_calls"]
+        assert knn["search_ms"]["p50"] > 0 and hybrid["search_ms"]["p95"] > 0
+    systems = {s["kind"]: s for s in report["systems"] if s["retrieval"] == "knn"}
 
     # Expected counts from the data itself.
     turns = load_locomo(locomo_path, limit=1)[0].turns[:40]
@@ -299,24 +405,39 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     # The stub restates every turn: one fact per turn, no dead letters.
     assert systems["lightmem"]["entries"] == systems["per-turn"]["entries"] == 40
     assert all(s["dead_letters"] == 0 for s in systems.values())
-    [ratio] = report["ratios_lightmem_over_per_turn"]
+    [ratio] = report["ratios_lightmem_over_per_turn"]  # one per system, not per mode
     assert ratio["calls"] == pytest.approx(
         systems["lightmem"]["llm_calls"] / systems["per-turn"]["llm_calls"], abs=1e-4)
     assert systems["lightmem"]["shared_stages"] == ["compress", "segment"]
-    [aim] = report["aims"]
+    aim = next(a for a in report["aims"] if a["retrieval"] == "knn")
+    assert len(report["aims"]) == 2
     assert aim["calls_over_per_turn"] == ratio["calls"]
     assert aim["calls_met"] is (ratio["calls"] <= 1 / 20)
     assert aim["recall_met"] is (systems["lightmem"]["recall_at_words"]["512"]
                                  >= systems["naive"]["recall_at_words"]["512"])
-    assert "## Aims" in (out / "locomo.md").read_text()
-    for s in systems.values():
+    markdown = (out / "locomo.md").read_text()
+    assert "## Aims" in markdown and "## Retrieval aims (issue 15)" in markdown
+    assert {(a["system"], a["retrieval"]) for a in report["retrieval_aims"]} == {
+        ("LightMem extractive r=0.6", "knn"), ("LightMem extractive r=0.6", "hybrid")}
+    for s in report["systems"]:
         at_k = [s["recall_at_k"][k] for k in ("5", "10", "20")]
+        at_s = [s["session_recall_at_k"][k] for k in ("5", "10", "20")]
         at_w = [s["recall_at_words"][w] for w in ("256", "512", "1024", "2048")]
-        assert all(0.0 <= v <= 1.0 for v in at_k + at_w)
-        assert at_k == sorted(at_k) and at_w == sorted(at_w)  # more context, more recall
+        at_c = [s["content_recall_at_words"][w] for w in ("256", "512", "1024", "2048")]
+        assert all(0.0 <= v <= 1.0 for v in at_k + at_s + at_w + at_c)
+        # More context, more recall; a session hit is implied by a turn hit; content
+        # credit never exceeds whole-turn credit.
+        assert at_k == sorted(at_k) and at_w == sorted(at_w) and at_c == sorted(at_c)
+        assert all(s_ >= k_ for s_, k_ in zip(at_s, at_k, strict=True))
+        assert all(c <= w + 1e-9 for c, w in zip(at_c, at_w, strict=True))
         assert all(words <= int(w) for w, words in s["context_words"].items())
-    # 40 turns hold fewer than 2048 words: the largest budget retrieves everything.
+    # NaiveRAG's lines are whole turns: content credit equals whole-turn credit.
+    assert (systems["naive"]["content_recall_at_words"]
+            == systems["naive"]["recall_at_words"])
+    # 40 turns hold fewer than 2048 words: the largest budget retrieves everything, and
+    # compressed lines then earn less than whole turns.
     assert systems["extractive"]["recall_at_words"]["2048"] == 1.0
+    assert systems["extractive"]["content_recall_at_words"]["2048"] < 1.0
 
 
 def _routing_responder(request: dict[str, Any]) -> str | StubReply:
@@ -336,7 +457,8 @@ def test_answer_mode_with_an_endpoint(locomo_path: Path, tmp_path: Path) -> None
         settings = load_settings(llm_base_url=server.base_url, llm_model="stub",
                                  data_dir=tmp_path / "unused")
         config = BenchConfig(data=locomo_path, limit_conversations=1, limit_turns=30,
-                             limit_questions=3, systems=("naive",), answer=True)
+                             limit_questions=3, systems=("naive",), answer=True,
+                             retrieval=("knn",))
         report = run_locomo_bench(config, settings=settings)
         answer_prompts = [r for r in server.chat_requests
                           if "Question:" in r["messages"][-1]["content"]

@@ -10,16 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from lightmem.schemas import MemoryEntry
 
-__all__ = ["ScoredEntry", "MemoryStore", "VersionConflict"]
+__all__ = ["ScoredEntry", "MemoryStore", "LexicalStore", "VersionConflict"]
 
 
 @dataclass(frozen=True)
 class ScoredEntry:
-    """A search hit: the entry and its cosine similarity to the query (1 = identical)."""
+    """A search hit: the entry and its score: the cosine similarity to the query (1 =
+    identical) for kNN, the BM25 score for lexical search, the fused score for hybrid."""
 
     entry: MemoryEntry
     score: float
@@ -58,4 +59,31 @@ class MemoryStore(Protocol):
     def delete(self, entry_id: str, *, expected_version: int) -> None:
         """Delete only if the stored version is ``expected_version``, else raise
         :class:`VersionConflict`."""
+        ...
+
+
+@runtime_checkable
+class LexicalStore(Protocol):
+    """A store that also ranks by words (BM25), scoped exactly like its kNN.
+
+    Both stores implement it (SQLite FTS5 in the embedded store, a ``match`` query in
+    Elasticsearch); :class:`~lightmem.processors.retrieve.Retriever` fuses it with kNN.
+    """
+
+    def lexical_search(
+        self,
+        tenant: str,
+        user: str,
+        terms: Sequence[str],
+        k: int,
+        *,
+        not_after: datetime | None = None,
+        not_before: datetime | None = None,
+    ) -> list[ScoredEntry]:
+        """BM25 over the memories' text within the (tenant, user) scope, best first.
+
+        ``terms`` are words (:func:`lightmem.processors.lexical.query_terms`), matched with
+        OR; ``not_after``/``not_before`` bound event time inclusively, as in kNN. No terms,
+        no hits.
+        """
         ...

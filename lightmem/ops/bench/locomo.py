@@ -27,13 +27,27 @@ depends on the compression rate, so its results are computed once per rate and r
 every system with that rate; the reused stage is charged the time it took when computed
 (reported as ``shared_stages``).
 
-Metrics, per system:
+Each system's memory is searched with every retrieval mode asked for (``--retrieval``,
+default both): ``knn`` (vector only) and ``hybrid`` (kNN + BM25 fused, see
+:mod:`lightmem.processors.retrieve`); memory is built once per system and searched per mode.
 
-- *evidence recall*: for a question with evidence turns E (LoCoMo ``dia_id`` values) and
-  retrieved entries R, ``|E ∩ ∪ source_turn_ids(R)| / |E|``, averaged over questions;
-- at ``k`` = 5/10/20 entries, and at equal retrieved-context budgets of 256/512/1024/2048
-  words: hits are taken best first while the words of their text (``fact``) fit the
-  budget; the first hit that would cross it is excluded and the scan stops there;
+Metrics, per system and retrieval mode:
+
+- *evidence recall at k entries* (the headline): for a question with evidence turns E
+  (LoCoMo ``dia_id`` values) and the best ``k`` retrieved entries R,
+  ``|E ∩ ∪ source_turn_ids(R)| / |E|``, averaged over questions; a hit earns only its own
+  source turns (topic-context lines earn nothing here); k = 5/10/20;
+- *session recall at k*: the same with a hit counting for its session (``D3:7`` -> session
+  3), the granularity of most published LoCoMo retrieval figures;
+- at equal retrieved-context budgets of 256/512/1024/2048 words: hits are taken best first
+  while the words of their rendered line (``[date, weekday] fact``, what a prompt carries)
+  fit the budget; the first hit that would cross it is excluded and the scan stops there.
+  Two credits: *content-aware* (the headline at a budget: for each evidence turn, the share
+  of its content words, :func:`lightmem.processors.lexical.content_words`, one tokenizer
+  for every system, that the taken lines citing that turn contain) and the old *whole-turn*
+  credit (a line citing the turn earns all of it, however much it lost; kept beside the new
+  one for one release);
+- search latency per query (the store and the fusion; queries embedded beforehand);
 - entries and words stored; LLM calls and prompt/completion tokens to build memory; wall
   time per stage (compress, segment, summarize/extract, embed+index, retrieve);
 - the ratios LightMem / per-turn for calls and tokens.
@@ -49,6 +63,7 @@ skipped (both counted in the report).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -68,12 +83,13 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lightmem.ops.bench.locomo_data import DEFAULT_LOCOMO, LocomoSample, load_locomo
+from lightmem.processors.lexical import content_words
 from lightmem.processors.llm import ChatMessage, ChatModel, UsageTotals
-from lightmem.processors.retrieve import Retriever
+from lightmem.processors.retrieve import RetrievalMode, Retriever, render
 from lightmem.processors.segment import group_exchanges, to_segment_turn
 from lightmem.processors.store import ScoredEntry
 from lightmem.processors.summarize import SummaryResult
-from lightmem.schemas import MemoryEntry, Segment, TurnEvent, stable_id
+from lightmem.schemas import MemoryEntry, Role, Segment, TurnEvent, stable_id
 from lightmem.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -96,10 +112,15 @@ __all__ = [
     "parse_evidence",
     "select_questions",
     "evidence_recall",
+    "session_of",
+    "session_recall",
+    "content_recall",
     "top_k",
     "within_budget",
     "recall_at_k",
+    "session_recall_at_k",
     "recall_at_budget",
+    "content_recall_at_budget",
     "parse_verdict",
     "judge_answer",
     "run_locomo_bench",
@@ -112,10 +133,19 @@ __all__ = [
 CATEGORIES: dict[int, str] = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
 DEFAULT_BUDGETS: tuple[int, ...] = (256, 512, 1024, 2048)
+#: Retrieval modes searched, side by side, by default.
+DEFAULT_RETRIEVAL: tuple[RetrievalMode, ...] = ("knn", "hybrid")
 #: How a word budget is filled (written into every report).
 BUDGET_RULE = (
-    "hits are taken best first while the words of their text (the entry's fact) fit the "
-    "budget; the first hit that would cross it is excluded and the scan stops there"
+    "hits are taken best first while the words of their rendered line ('[date, weekday] "
+    "fact', date prefix included) fit the budget; the first hit that would cross it is "
+    "excluded and the scan stops there"
+)
+#: How the content-aware budget credit is computed (written into every report).
+CONTENT_RULE = (
+    "per evidence turn, the share of its content words (lower-cased [a-z0-9]+ words minus "
+    "English stop words, one tokenizer for every system) found in the taken lines that cite "
+    "that turn; mean over the question's evidence turns, then over questions"
 )
 STUB_NOTE = (
     "no LLM endpoint configured (LIGHTMEM_LLM_BASE_URL): the LLM systems ran against the "
@@ -128,6 +158,10 @@ SYSTEM_KINDS = ("naive", "extractive", "lightmem", "per-turn")
 #: The issue's aims: LightMem calls / per-turn calls, and the budget of the recall check.
 AIM_CALLS_RATIO = 1 / 20
 AIM_BUDGET = 512
+#: Retrieval aims (issue 15): LightMem extractive R@10, and its content-aware recall at
+#: :data:`AIM_BUDGET` words over NaiveRAG kNN's.
+AIM_EXTRACTIVE_R10 = 0.62
+AIM_CONTENT_MARGIN = 0.10
 
 SystemKind = Literal["naive", "extractive", "lightmem", "per-turn"]
 PerTurnUnit = Literal["exchange", "turn"]
@@ -149,6 +183,9 @@ class Question:
     category: int
     #: Evidence turn ids (``dia_id``), each a turn of the conversation; never empty.
     evidence: tuple[str, ...]
+    #: Content words of each evidence turn's text, in ``evidence`` order (empty: unknown,
+    #: the content-aware credit then falls back to whole-turn credit).
+    evidence_words: tuple[frozenset[str], ...] = ()
 
 
 def parse_evidence(raw: Iterable[Any]) -> list[str]:
@@ -208,6 +245,7 @@ def select_questions(
     stats = QuestionStats()
     kept = set(all_turn_ids if kept_turn_ids is None else kept_turn_ids)
     known = set(all_turn_ids)
+    text_of = {t.turn_id: t.text for t in sample.turns}
     out: list[Question] = []
     for qa in sample.qa:
         stats.total += 1
@@ -232,6 +270,8 @@ def select_questions(
                 answer=str(qa.get("answer", "")),
                 category=int(qa["category"]),
                 evidence=tuple(valid),
+                evidence_words=tuple(frozenset(content_words(text_of.get(t, "")))
+                                     for t in valid),
             )
         )
     stats.selected = len(out)
@@ -248,14 +288,22 @@ def word_count(text: str) -> int:
 
 @dataclass(frozen=True)
 class Retrieved:
-    """A search hit as the recall metrics see it: the turns it comes from and its length."""
+    """A search hit as the recall metrics see it: the turns it comes from, the words its
+    rendered line is charged, and the content words that line says."""
 
     turn_ids: frozenset[str]
     words: int
+    #: Content words of the rendered line (:func:`~lightmem.processors.lexical.content_words`).
+    content: frozenset[str] = frozenset()
+    #: A topic-context line brought by a hit: charged at a budget, no credit at k.
+    context: bool = False
 
     @classmethod
-    def from_hit(cls, hit: ScoredEntry) -> Retrieved:
-        return cls(frozenset(hit.entry.source_turn_ids), word_count(hit.entry.fact))
+    def from_hit(cls, hit: ScoredEntry, *, context: bool = False) -> Retrieved:
+        """The hit's rendered line (``[date, weekday] fact``): charged and credited."""
+        line = render(hit.entry)
+        return cls(frozenset(hit.entry.source_turn_ids), word_count(line),
+                   frozenset(content_words(line)), context)
 
 
 def evidence_recall(evidence: Collection[str], hits: Iterable[Retrieved]) -> float:
@@ -273,11 +321,70 @@ def evidence_recall(evidence: Collection[str], hits: Iterable[Retrieved]) -> flo
     return len(wanted & covered) / len(wanted)
 
 
+def session_of(turn_id: str) -> str:
+    """The session of a LoCoMo turn id: ``D3:7`` -> ``D3``."""
+    return turn_id.split(":", 1)[0]
+
+
+def session_recall(evidence: Collection[str], hits: Iterable[Retrieved]) -> float:
+    """Fraction of the evidence turns' sessions that some hit's source turn falls in.
+
+    Raises:
+        ValueError: ``evidence`` is empty.
+    """
+    wanted = {session_of(t) for t in evidence}
+    if not wanted:
+        raise ValueError("evidence: a question needs at least one evidence turn")
+    covered = {session_of(t) for hit in hits for t in hit.turn_ids}
+    return len(wanted & covered) / len(wanted)
+
+
+def content_recall(
+    evidence: Sequence[str],
+    evidence_words: Sequence[Collection[str]],
+    hits: Iterable[Retrieved],
+) -> float:
+    """Content-aware evidence recall: credit only for what the retrieved lines still say.
+
+    For each evidence turn, the share of its content words found in the lines that cite it
+    (a line cites its source turns); a turn without content words earns 1 when cited. The
+    mean over evidence turns. A compressed line that lost the answer earns less than the
+    whole turn; a line citing another turn earns nothing for this one.
+
+    Args:
+        evidence: Evidence turn ids.
+        evidence_words: Content words of each evidence turn, in ``evidence`` order; empty
+            falls back to whole-turn credit (:func:`evidence_recall`).
+        hits: The retrieved lines.
+
+    Raises:
+        ValueError: ``evidence`` is empty, or ``evidence_words`` has another length.
+    """
+    if not evidence:
+        raise ValueError("evidence: a question needs at least one evidence turn")
+    hits = list(hits)
+    if not evidence_words:
+        return evidence_recall(evidence, hits)
+    if len(evidence_words) != len(evidence):
+        raise ValueError(f"evidence_words: one per evidence turn ({len(evidence)}), "
+                         f"got {len(evidence_words)}")
+    said: dict[str, set[str]] = {}
+    for hit in hits:
+        for turn_id in hit.turn_ids:
+            said.setdefault(turn_id, set()).update(hit.content)
+    credit = 0.0
+    for turn_id, words in zip(evidence, evidence_words, strict=True):
+        if turn_id not in said:
+            continue
+        credit += len(set(words) & said[turn_id]) / len(words) if words else 1.0
+    return credit / len(evidence)
+
+
 def top_k(hits: Sequence[Retrieved], k: int) -> list[Retrieved]:
-    """The best ``k`` hits (hits come best first)."""
+    """The best ``k`` hits (hits come best first); topic-context lines are not hits."""
     if k < 1:
         raise ValueError(f"k: must be >= 1 (got {k!r})")
-    return list(hits[:k])
+    return [h for h in hits if not h.context][:k]
 
 
 def within_budget(hits: Iterable[Retrieved], words: int) -> list[Retrieved]:
@@ -300,9 +407,21 @@ def recall_at_k(evidence: Collection[str], hits: Sequence[Retrieved], k: int) ->
     return evidence_recall(evidence, top_k(hits, k))
 
 
+def session_recall_at_k(evidence: Collection[str], hits: Sequence[Retrieved], k: int) -> float:
+    """Session recall of the best ``k`` hits."""
+    return session_recall(evidence, top_k(hits, k))
+
+
 def recall_at_budget(evidence: Collection[str], hits: Sequence[Retrieved], words: int) -> float:
-    """Evidence recall of the hits within a ``words`` budget (see :func:`within_budget`)."""
+    """Whole-turn evidence recall of the lines within a ``words`` budget (see
+    :func:`within_budget`)."""
     return evidence_recall(evidence, within_budget(hits, words))
+
+
+def content_recall_at_budget(question: Question, hits: Sequence[Retrieved], words: int) -> float:
+    """Content-aware recall (:func:`content_recall`) of the lines within a ``words`` budget."""
+    return content_recall(question.evidence, question.evidence_words,
+                          within_budget(hits, words))
 
 
 # -- answer mode ----------------------------------------------------------------------------
@@ -433,9 +552,12 @@ class StageClock:
 
 @dataclass
 class SystemResult:
-    """Everything measured for one system."""
+    """Everything measured for one system searched one way (memory is built once per
+    system; each retrieval mode gets its own result with the same build figures)."""
 
     spec: SystemSpec
+    #: Retrieval mode the quality figures were measured with.
+    retrieval: RetrievalMode = "knn"
     entries: int = 0
     words_stored: int = 0
     llm: UsageTotals = field(default_factory=UsageTotals)
@@ -446,7 +568,13 @@ class SystemResult:
     build_wall_s: float = 0.0
     questions: int = 0
     recall_at_k: dict[int, float] = field(default_factory=dict)
+    session_recall_at_k: dict[int, float] = field(default_factory=dict)
+    #: Whole-turn credit at each budget (the old view, kept for one release).
     recall_at_words: dict[int, float] = field(default_factory=dict)
+    #: Content-aware credit at each budget (the headline at a budget).
+    content_recall_at_words: dict[int, float] = field(default_factory=dict)
+    #: Search latency per query in milliseconds: p50, p95, mean (store + fusion).
+    search_ms: dict[str, float] = field(default_factory=dict)
     #: category -> {"k@10": ..., "w@512": ...} style breakdown.
     by_category: dict[str, dict[str, float]] = field(default_factory=dict)
     by_conversation: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -454,9 +582,15 @@ class SystemResult:
     context_words: dict[int, float] = field(default_factory=dict)
     answer: AnswerScore | None = None
 
+    @property
+    def name(self) -> str:
+        """The system and its retrieval mode, e.g. ``NaiveRAG [hybrid]``."""
+        return f"{self.spec.name} [{self.retrieval}]"
+
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.spec.name,
+            "retrieval": self.retrieval,
             "kind": self.spec.kind,
             "rate": self.spec.rate,
             "th": self.spec.th,
@@ -473,7 +607,12 @@ class SystemResult:
             "build_wall_s": round(self.build_wall_s, 3),
             "questions": self.questions,
             "recall_at_k": {str(k): round(v, 4) for k, v in self.recall_at_k.items()},
+            "session_recall_at_k": {str(k): round(v, 4)
+                                    for k, v in self.session_recall_at_k.items()},
+            "content_recall_at_words": {str(w): round(v, 4)
+                                        for w, v in self.content_recall_at_words.items()},
             "recall_at_words": {str(w): round(v, 4) for w, v in self.recall_at_words.items()},
+            "search_ms": {k: round(v, 3) for k, v in self.search_ms.items()},
             "context_words": {str(w): round(v, 1) for w, v in self.context_words.items()},
             "by_category": self.by_category,
             "by_conversation": self.by_conversation,
@@ -491,9 +630,11 @@ class _RecallAccumulator:
 
     def add(self, question: Question, hits: Sequence[Retrieved]) -> None:
         values = {f"k@{k}": recall_at_k(question.evidence, hits, k) for k in self.ks}
+        values |= {f"s@{k}": session_recall_at_k(question.evidence, hits, k) for k in self.ks}
         for w in self.budgets:
             taken = within_budget(hits, w)
             values[f"w@{w}"] = evidence_recall(question.evidence, taken)
+            values[f"c@{w}"] = content_recall(question.evidence, question.evidence_words, taken)
             values[f"words@{w}"] = float(sum(h.words for h in taken))
         self.rows.append((question, values))
 
@@ -504,9 +645,12 @@ class _RecallAccumulator:
     def fill(self, result: SystemResult) -> None:
         result.questions = len(self.rows)
         result.recall_at_k = {k: self.mean(f"k@{k}") for k in self.ks}
+        result.session_recall_at_k = {k: self.mean(f"s@{k}") for k in self.ks}
         result.recall_at_words = {w: self.mean(f"w@{w}") for w in self.budgets}
+        result.content_recall_at_words = {w: self.mean(f"c@{w}") for w in self.budgets}
         result.context_words = {w: self.mean(f"words@{w}") for w in self.budgets}
-        keys = [f"k@{k}" for k in self.ks] + [f"w@{w}" for w in self.budgets]
+        keys = ([f"k@{k}" for k in self.ks] + [f"s@{k}" for k in self.ks]
+                + [f"c@{w}" for w in self.budgets] + [f"w@{w}" for w in self.budgets])
         for cat, label in CATEGORIES.items():
             n = sum(q.category == cat for q, _ in self.rows)
             if n:
@@ -678,6 +822,8 @@ class BenchConfig:
     per_turn_unit: PerTurnUnit = "exchange"
     ks: tuple[int, ...] = DEFAULT_KS
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    #: Retrieval modes, each system searched with every one (memory built once).
+    retrieval: tuple[RetrievalMode, ...] = DEFAULT_RETRIEVAL
     answer: bool = False
     answer_words: int = 512
     threads: int | None = None
@@ -712,14 +858,17 @@ class BenchReport:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def ratios(self) -> list[dict[str, Any]]:
-        """LightMem / per-turn, for calls and tokens, one row per LightMem LLM system."""
+        """LightMem / per-turn, for calls and tokens, one row per LightMem LLM system (its
+        build is shared by its retrieval modes: the first mode's result stands for it)."""
         base = next((s for s in self.systems if s.spec.kind == "per-turn"), None)
         if base is None:
             return []
         rows = []
+        seen: set[SystemSpec] = set()
         for s in self.systems:
-            if s.spec.kind != "lightmem":
+            if s.spec.kind != "lightmem" or s.spec in seen:
                 continue
+            seen.add(s.spec)
             b, m = base.llm, s.llm
             rows.append({
                 "system": s.spec.name,
@@ -736,24 +885,50 @@ class BenchReport:
     def aims(self) -> list[dict[str, Any]]:
         """The issue's aims, checked per LightMem LLM system against the baselines of this
         run: calls <= 1/20 of the per-turn extractor's, and recall at a 512-word budget >=
-        NaiveRAG's. A check needs its baseline in the run (else None)."""
+        NaiveRAG's (searched the same way). A check needs its baseline in the run (else
+        None)."""
         base = next((s for s in self.systems if s.spec.kind == "per-turn"), None)
-        naive = next((s for s in self.systems if s.spec.kind == "naive"), None)
         rows = []
         for s in self.systems:
             if s.spec.kind != "lightmem":
                 continue
+            naive = next((n for n in self.systems
+                          if n.spec.kind == "naive" and n.retrieval == s.retrieval), None)
             calls = _ratio(s.llm.calls, base.llm.calls) if base else None
             recall, naive_recall = (s.recall_at_words.get(AIM_BUDGET),
                                     naive.recall_at_words.get(AIM_BUDGET) if naive else None)
             rows.append({
-                "system": s.spec.name, "th": s.spec.th, "rate": s.spec.rate,
+                "system": s.spec.name, "retrieval": s.retrieval, "th": s.spec.th,
+                "rate": s.spec.rate,
                 "calls_over_per_turn": calls,
                 "calls_met": None if calls is None else calls <= AIM_CALLS_RATIO,
                 f"recall_at_{AIM_BUDGET}w": recall,
                 f"naive_recall_at_{AIM_BUDGET}w": naive_recall,
                 "recall_met": (None if recall is None or naive_recall is None
                                else recall >= naive_recall),
+            })
+        return rows
+
+    def retrieval_aims(self) -> list[dict[str, Any]]:
+        """Issue 15's aims, per LightMem extractive result: R@10 >= 0.62, and content-aware
+        recall at 512 words >= NaiveRAG kNN's + 0.10 (None without NaiveRAG kNN in the run)."""
+        naive = next((n for n in self.systems
+                      if n.spec.kind == "naive" and n.retrieval == "knn"), None)
+        base = None if naive is None else naive.content_recall_at_words.get(AIM_BUDGET)
+        rows = []
+        for s in self.systems:
+            if s.spec.kind != "extractive":
+                continue
+            r10 = s.recall_at_k.get(10)
+            content = s.content_recall_at_words.get(AIM_BUDGET)
+            rows.append({
+                "system": s.spec.name, "retrieval": s.retrieval,
+                "recall_at_10": r10,
+                "recall_at_10_met": None if r10 is None else r10 >= AIM_EXTRACTIVE_R10,
+                f"content_recall_at_{AIM_BUDGET}w": content,
+                f"naive_knn_content_recall_at_{AIM_BUDGET}w": base,
+                "content_met": (None if content is None or base is None
+                                else content >= base + AIM_CONTENT_MARGIN),
             })
         return rows
 
@@ -772,13 +947,17 @@ class BenchReport:
             "ks": list(c.ks),
             "budgets_words": list(c.budgets),
             "budget_rule": BUDGET_RULE,
+            "content_rule": CONTENT_RULE,
+            "retrieval": list(c.retrieval),
             "recall": (
                 "evidence recall: |evidence turns ∩ source turns of the retrieved entries| / "
-                "|evidence turns|, averaged over questions"
+                "|evidence turns|, averaged over questions (turn level); session recall: the "
+                "same over the evidence turns' sessions"
             ),
             "systems": [s.as_json() for s in self.systems],
             "ratios_lightmem_over_per_turn": self.ratios(),
             "aims": self.aims(),
+            "retrieval_aims": self.retrieval_aims(),
             "eval_llm_usage": None if self.eval_llm is None else vars(self.eval_llm),
             "wall_s": round(self.wall_s, 2),
         }
@@ -836,6 +1015,10 @@ def _unit_segments(
         groups = (
             [(t,) for t in turns] if unit == "turn" else [x.turns for x in group_exchanges(turns)]
         )
+        if unit == "exchange" and len(groups) > 1 and groups[0][0].role != Role.user:
+            # A session that opens with the other speaker: those turns ride with the first
+            # user turn's call, so the baseline makes exactly one call per user turn.
+            groups = [tuple(groups[0]) + tuple(groups[1]), *groups[2:]]
         first = events[0]
         for group in groups:
             segments.append(
@@ -992,15 +1175,19 @@ class _Bench:
         progress: Progress,
         eval_chat: ChatModel | None,
     ) -> None:
-        """Retrieval metrics (and answers, in answer mode) over every question."""
+        """Retrieval metrics (and answers, in answer mode) over every question, searched
+        with ``result.retrieval``."""
         cfg = self.config
         acc = _RecallAccumulator(cfg.ks, cfg.budgets)
         queries = _QueryEncoder(rt.embedder)
-        retriever = Retriever(rt.store, queries, k=max(cfg.ks))
-        counts = rt.store.count_entries()
+        # The bare store (not the timing probe): retrieval is timed here, per query.
+        store = getattr(rt.store, "inner", rt.store)
+        retriever = Retriever(store, queries, k=max(cfg.ks), mode=result.retrieval)
+        counts = store.count_entries()
         total = sum(len(q) for q in questions)
-        task = progress.add_task(f"{result.spec.name}: retrieve", total=total)
+        task = progress.add_task(f"{result.name}: retrieve", total=total)
         retrieve_s = 0.0
+        latencies: list[float] = []
         score = AnswerScore() if eval_chat is not None else None
         for sample, qs in zip(samples, questions, strict=True):
             tenant, user = sample.turns[0].tenant, sample.turns[0].user
@@ -1011,6 +1198,10 @@ class _Bench:
             queries.prime([q.question for q in qs])
             retrieve_s += time.perf_counter() - t0
             for q in qs:
+                # Latency of one search as a caller makes it (k = the largest k).
+                t0 = time.perf_counter()
+                retriever.search(tenant, user, q.question, max(cfg.ks))
+                latencies.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 hits = _deep_search(retriever, tenant, user, q.question,
                                     min_k=max(cfg.ks), words=max(cfg.budgets),
@@ -1028,6 +1219,11 @@ class _Bench:
         progress.remove_task(task)
         acc.fill(result)
         result.stages_s["retrieve"] = retrieve_s
+        if latencies:
+            ms = np.asarray(latencies) * 1000.0
+            result.search_ms = {"p50": float(np.percentile(ms, 50)),
+                                "p95": float(np.percentile(ms, 95)),
+                                "mean": float(ms.mean())}
         result.answer = score
 
 
@@ -1145,18 +1341,24 @@ def run_locomo_bench(
         results: list[SystemResult] = []
         with _progress(console) as progress:
             for spec in specs:
-                rt, result = bench.build(spec, samples, progress)
+                rt, built = bench.build(spec, samples, progress)
                 try:
-                    bench.evaluate(rt, result, samples, questions, progress, eval_chat)
+                    for mode in config.retrieval:
+                        # Same memory, searched another way: the build figures are shared.
+                        result = dataclasses.replace(built, retrieval=mode,
+                                                     stages_s=dict(built.stages_s))
+                        bench.evaluate(rt, result, samples, questions, progress, eval_chat)
+                        results.append(result)
+                        console.print(
+                            f"{result.name}: {result.entries} entries, "
+                            f"{result.llm.calls} LLM calls, "
+                            f"R@10 {result.recall_at_k.get(10, float('nan')):.3f}, "
+                            f"C@512w {result.content_recall_at_words.get(512, float('nan')):.3f}"
+                            f" ({result.build_wall_s:.1f} s build, search p50 "
+                            f"{result.search_ms.get('p50', float('nan')):.1f} ms)"
+                        )
                 finally:
                     rt.store.close()
-                results.append(result)
-                console.print(
-                    f"{spec.name}: {result.entries} entries, {result.llm.calls} LLM calls, "
-                    f"R@10 {result.recall_at_k.get(10, float('nan')):.3f}, "
-                    f"R@512w {result.recall_at_words.get(512, float('nan')):.3f} "
-                    f"({result.build_wall_s:.1f} s build)"
-                )
     return BenchReport(
         config=config,
         settings=_settings_summary(settings, config, backend_names),
@@ -1218,29 +1420,66 @@ def render_markdown(report: BenchReport) -> str:
         f"{', '.join(s['compressor_backend_loaded']) or 'not used'}); "
         f"embedder: {s['embedder']}; store: {s['store']}",
         f"- per-turn baseline: {s['per_turn_unit_meaning']}; turns not pre-compressed",
-        "- recall: evidence recall (fraction of a question's evidence turns that the "
-        "retrieved entries' source turns cover), mean over questions",
+        "- R@k: evidence recall at k entries, turn level (fraction of a question's evidence "
+        "turns that the best k entries' own source turns cover), mean over questions; "
+        "sR@k: the same at session level (a hit counts for its session)",
         f"- word budgets: {BUDGET_RULE}",
+        f"- C@Nw: content-aware credit at N words: {CONTENT_RULE}; R@Nw: the old whole-turn "
+        "credit (a line citing a turn earns all of it), kept beside it for one release",
+        f"- retrieval: {', '.join(c.retrieval)} (knn: vector only; hybrid: kNN + BM25, "
+        "reciprocal rank fusion); memory is built once per system and searched each way",
+        "- search ms: one search per question at the largest k, store + fusion (queries "
+        "embedded beforehand, one batch per conversation), single caller",
         f"- run wall time: {report.wall_s:.1f} s",
         "",
         "## Retrieval quality",
         "",
     ]
-    head = ["system"] + [f"R@{k}" for k in c.ks] + [f"R@{w}w" for w in c.budgets]
+    big = max(c.ks)
+    head = (["system", "retrieval"] + [f"R@{k}" for k in c.ks] + [f"sR@{k}" for k in c.ks]
+            + [f"C@{AIM_BUDGET}w", f"R@{AIM_BUDGET}w", "search ms p50", "p95"])
     if c.answer:
         head.append("answer acc.")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.systems:
-        row = [r.spec.name] + [_f(r.recall_at_k.get(k)) for k in c.ks]
-        row += [_f(r.recall_at_words.get(w)) for w in c.budgets]
+        row = [r.spec.name, r.retrieval] + [_f(r.recall_at_k.get(k)) for k in c.ks]
+        row += [_f(r.session_recall_at_k.get(k)) for k in c.ks]
+        row += [_f(r.content_recall_at_words.get(AIM_BUDGET)),
+                _f(r.recall_at_words.get(AIM_BUDGET)),
+                _f(r.search_ms.get("p50"), 1), _f(r.search_ms.get("p95"), 1)]
         if c.answer:
             row.append(_f(r.answer.as_json()["accuracy"]) if r.answer else "–")
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"(search latency measured at k = {big})", "",
+              "## Recall at word budgets: content-aware (C) beside whole-turn (R)", ""]
+    head = (["system", "retrieval"] + [f"C@{w}w" for w in c.budgets]
+            + [f"R@{w}w" for w in c.budgets])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.systems:
+        row = [r.spec.name, r.retrieval]
+        row += [_f(r.content_recall_at_words.get(w)) for w in c.budgets]
+        row += [_f(r.recall_at_words.get(w)) for w in c.budgets]
+        lines.append("| " + " | ".join(row) + " |")
+    raims = report.retrieval_aims()
+    if raims:
+        lines += ["", "## Retrieval aims (issue 15)", "",
+                  f"LightMem extractive R@10 >= {AIM_EXTRACTIVE_R10}, and its content-aware "
+                  f"recall at {AIM_BUDGET} words >= NaiveRAG kNN's + {AIM_CONTENT_MARGIN}:", ""]
+        head = ["system", "retrieval", "R@10", "R@10 aim", f"C@{AIM_BUDGET}w",
+                f"NaiveRAG kNN C@{AIM_BUDGET}w", "content aim"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a in raims:
+            lines.append(
+                f"| {a['system']} | {a['retrieval']} | {_f(a['recall_at_10'])} | "
+                f"{_met(a['recall_at_10_met'])} | {_f(a[f'content_recall_at_{AIM_BUDGET}w'])} | "
+                f"{_f(a[f'naive_knn_content_recall_at_{AIM_BUDGET}w'])} | "
+                f"{_met(a['content_met'])} |")
     lines += ["", "## Memory-building cost", ""]
     head = ["system", "entries", "words stored", "LLM calls", "prompt tok", "completion tok",
             "dead letters"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report.systems:
+    built = list({r.spec: r for r in reversed(report.systems)}.values())[::-1]
+    for r in built:
         lines.append(
             f"| {r.spec.name} | {r.entries} | {r.words_stored} | {r.llm.calls} | "
             f"{r.llm.prompt_tokens} | {r.llm.completion_tokens} | {r.dead_letters} |"
@@ -1257,7 +1496,7 @@ def render_markdown(report: BenchReport) -> str:
             return f"{st.get(stage, 0.0):.2f}{mark}"
 
         lines.append(
-            f"| {r.spec.name} | {cell('compress')} | {cell('segment')} | {cell('summarize')} | "
+            f"| {r.name} | {cell('compress')} | {cell('segment')} | {cell('summarize')} | "
             f"{cell('embed_index')} | {cell('ingest_other')} | {r.build_wall_s:.2f} | "
             f"{cell('retrieve')} |"
         )
@@ -1291,18 +1530,20 @@ def render_markdown(report: BenchReport) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for a in aims:
             lines.append(
-                f"| {a['system']} | {_f(a['calls_over_per_turn'], 4)} | {_met(a['calls_met'])} "
+                f"| {a['system']} [{a['retrieval']}] | {_f(a['calls_over_per_turn'], 4)} | "
+                f"{_met(a['calls_met'])} "
                 f"| {_f(a[f'recall_at_{AIM_BUDGET}w'])} | "
                 f"{_f(a[f'naive_recall_at_{AIM_BUDGET}w'])} | {_met(a['recall_met'])} |")
     sweep = [r for r in report.systems if r.spec.kind == "lightmem"]
     if sweep:
         lines += ["", "## LightMem sweep (paper's table shape)", ""]
-        head = ["r", "th", "R@10", "R@512w", "LLM calls", "prompt tok", "completion tok",
-                "summarize s", "build s"]
+        head = ["r", "th", "retrieval", "R@10", "C@512w", "R@512w", "LLM calls", "prompt tok",
+                "completion tok", "summarize s", "build s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in sweep:
             lines.append(
-                f"| {r.spec.rate:g} | {r.spec.th} | {_f(r.recall_at_k.get(10))} | "
+                f"| {r.spec.rate:g} | {r.spec.th} | {r.retrieval} | {_f(r.recall_at_k.get(10))} | "
+                f"{_f(r.content_recall_at_words.get(512))} | "
                 f"{_f(r.recall_at_words.get(512))} | {r.llm.calls} | {r.llm.prompt_tokens} | "
                 f"{r.llm.completion_tokens} | {r.stages_s.get('summarize', 0.0):.2f} | "
                 f"{r.build_wall_s:.2f} |"
@@ -1311,15 +1552,15 @@ def render_markdown(report: BenchReport) -> str:
             if any(label in r.by_category for r in report.systems)]
     if cats:
         w = 512 if 512 in c.budgets else c.budgets[0]
-        lines += ["", f"## Recall at {w} words by category", ""]
+        lines += ["", f"## Content-aware recall at {w} words by category", ""]
         head = ["system"] + [
             f"{label} ({report.systems[0].by_category.get(label, {}).get('questions', 0):.0f})"
             for label in cats
         ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in report.systems:
-            row = [r.spec.name] + [_f(r.by_category.get(label, {}).get(f"w@{w}"))
-                                   for label in cats]
+            row = [r.name] + [_f(r.by_category.get(label, {}).get(f"c@{w}"))
+                              for label in cats]
             lines.append("| " + " | ".join(row) + " |")
     if report.eval_llm is not None:
         u = report.eval_llm
@@ -1341,13 +1582,13 @@ def plot_recall(report: BenchReport, path: Path) -> bool:
     c = report.config
     fig, (ax_k, ax_w) = plt.subplots(1, 2, figsize=(11, 4.5))
     for r in report.systems:
-        ax_k.plot(c.ks, [r.recall_at_k[k] for k in c.ks], marker="o", label=r.spec.name)
-        ax_w.plot(c.budgets, [r.recall_at_words[w] for w in c.budgets], marker="o",
-                  label=r.spec.name)
+        ax_k.plot(c.ks, [r.recall_at_k[k] for k in c.ks], marker="o", label=r.name)
+        ax_w.plot(c.budgets, [r.content_recall_at_words[w] for w in c.budgets], marker="o",
+                  label=r.name)
     ax_k.set(xlabel="k (entries retrieved)", ylabel="evidence recall", title="recall@k",
              xticks=list(c.ks), ylim=(0, 1))
-    ax_w.set(xlabel="retrieved-context budget (words)", ylabel="evidence recall",
-             title="recall at equal context budget", xscale="log", ylim=(0, 1))
+    ax_w.set(xlabel="retrieved-context budget (words)", ylabel="content-aware recall",
+             title="content-aware recall at equal context budget", xscale="log", ylim=(0, 1))
     ax_w.set_xticks(list(c.budgets), [str(w) for w in c.budgets])
     ax_w.minorticks_off()
     for ax in (ax_k, ax_w):
@@ -1439,6 +1680,9 @@ def locomo_command(
         int, typer.Option(min=16, help="Memory context for --answer, in words")
     ] = 512,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads")] = None,
+    retrieval: Annotated[
+        str, typer.Option(help="Retrieval modes searched side by side: knn,hybrid")
+    ] = ",".join(DEFAULT_RETRIEVAL),
 ) -> None:
     """Evidence recall and build cost on LoCoMo: NaiveRAG, LightMem, per-turn extraction."""
     err = Console(stderr=True)
@@ -1453,6 +1697,10 @@ def locomo_command(
     if compressor is not None and compressor not in ("entropy", "llmlingua2", "none"):
         raise typer.BadParameter("expected entropy, llmlingua2 or none",
                                  param_hint="--compressor")
+    modes = tuple(dict.fromkeys(m.strip() for m in retrieval.split(",") if m.strip()))
+    if not modes or any(m not in ("knn", "hybrid") for m in modes):
+        raise typer.BadParameter(f"expected knn and/or hybrid, got {retrieval!r}",
+                                 param_hint="--retrieval")
     rates = _floats(rate, "--rate") if rate else (base.compression_rate,)
     if any(not 0 < r <= 1 for r in rates):
         raise typer.BadParameter(f"rates must be in (0, 1], got {rate!r}", param_hint="--rate")
@@ -1470,6 +1718,7 @@ def locomo_command(
         answer=answer,
         answer_words=answer_words,
         threads=threads,
+        retrieval=tuple(m for m in modes if m in ("knn", "hybrid")),  # type: ignore[misc]
     )
     try:
         report = run_locomo_bench(config, settings=base, console=err)

@@ -783,6 +783,50 @@ class ElasticsearchStore:
             for h in resp["hits"]["hits"]
         ]
 
+    def lexical_search(
+        self,
+        tenant: str,
+        user: str,
+        terms: Sequence[str],
+        k: int,
+        *,
+        not_after: datetime | None = None,
+        not_before: datetime | None = None,
+    ) -> list[ScoredEntry]:
+        """BM25 on ``fact`` within the scope, best first (the lexical side of hybrid search).
+
+        The scope and time bounds are the same ``filter`` clauses as the kNN's, so a word
+        can never bring up another tenant's or user's memory. The terms go to one ``match``
+        query (OR), analysed like the field (standard analyzer).
+
+        Args:
+            tenant: scope tenant.
+            user: scope user.
+            terms: query words (:func:`lightmem.processors.lexical.query_terms`).
+            k: number of hits (1..10000).
+            not_after: inclusive upper bound on event time.
+            not_before: inclusive lower bound on event time.
+
+        Returns:
+            Hits with ``score`` = BM25 ``_score``; none without terms.
+        """
+        text = " ".join(t for t in terms if t.strip())
+        if k < 1 or not text:
+            return []
+        if k > _MAX_KNN:
+            raise ValueError(f"k: must be between 1 and {_MAX_KNN} (got {k!r})")
+        filters = self._scope_filter(tenant, user, not_after, not_before)
+        resp = self.client.search(
+            index=self.target,
+            query={"bool": {"must": [{"match": {"fact": {"query": text}}}], "filter": filters}},
+            size=k,
+            source_excludes=["embedding"],
+        )
+        return [
+            ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]), score=float(h["_score"]))
+            for h in resp["hits"]["hits"]
+        ]
+
     def hybrid_search(
         self,
         tenant: str,

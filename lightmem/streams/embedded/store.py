@@ -8,6 +8,12 @@ sqlite-vec's ``vec0`` table gives exact (brute-force) cosine kNN with the scope 
 partition key and the event time as a filterable column, which is the update-queue query
 (same scope, event time <= the entry's) as well as retrieval. apsw is used because CPython
 builds (pyenv's included) often ship ``sqlite3`` without extension loading.
+
+Lexical search (hybrid retrieval) is an FTS5 table ``entry_fts`` over each memory's fact,
+BM25-ranked, Porter-stemmed. Its rows are the ``entries`` rows (same rowid) and triggers on
+``entries`` write them, so every path that inserts, updates or deletes a memory (this class,
+erasure, migrations) keeps the words in step: a deleted or rewritten memory's old words no
+longer match. A database from before FTS is indexed when first opened.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ __all__ = ["EmbeddedStore", "StoreMismatch", "KEY_FORMAT", "dead_letter_id"]
 #: :mod:`lightmem.schemas.keys`. A database without it was written with ``tenant/name``
 #: strings, which are ambiguous when a name holds ``/``; it is re-keyed when opened.
 KEY_FORMAT = "json-array-v1"
+#: Version of the lexical index (``meta.fts``); a database without it is indexed on open.
+FTS_VERSION = "fts5-porter-v1"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,6 +63,17 @@ CREATE TABLE IF NOT EXISTS entries (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_scope ON entries (tenant, user, event_time_us);
+CREATE VIRTUAL TABLE IF NOT EXISTS entry_fts USING fts5(fact, tokenize='porter unicode61');
+CREATE TRIGGER IF NOT EXISTS entries_fts_insert AFTER INSERT ON entries BEGIN
+    INSERT INTO entry_fts(rowid, fact) VALUES (new.rowid, json_extract(new.body, '$.fact'));
+END;
+CREATE TRIGGER IF NOT EXISTS entries_fts_delete AFTER DELETE ON entries BEGIN
+    DELETE FROM entry_fts WHERE rowid = old.rowid;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_fts_update AFTER UPDATE ON entries BEGIN
+    DELETE FROM entry_fts WHERE rowid = old.rowid;
+    INSERT INTO entry_fts(rowid, fact) VALUES (new.rowid, json_extract(new.body, '$.fact'));
+END;
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     change_id TEXT UNIQUE NOT NULL,
@@ -140,6 +159,12 @@ class EmbeddedStore:
             if self._meta("key_format") != KEY_FORMAT:
                 self._migrate_keys()
                 self._set_meta("key_format", KEY_FORMAT)
+            if self._meta("fts") != FTS_VERSION:
+                # Entries written before the FTS table existed (or by another version).
+                self._db.execute("DELETE FROM entry_fts")
+                self._db.execute("INSERT INTO entry_fts(rowid, fact) "
+                                 "SELECT rowid, json_extract(body, '$.fact') FROM entries")
+                self._set_meta("fts", FTS_VERSION)
 
     # -- plumbing
 
@@ -277,6 +302,52 @@ class EmbeddedStore:
         return [
             ScoredEntry(entry=MemoryEntry.model_validate_json(body), score=1.0 - float(dist))
             for _id, dist, body in rows
+        ]
+
+    def lexical_search(
+        self,
+        tenant: str,
+        user: str,
+        terms: Sequence[str],
+        k: int,
+        *,
+        not_after: datetime | None = None,
+        not_before: datetime | None = None,
+    ) -> list[ScoredEntry]:
+        """BM25 (FTS5) over the facts within the (tenant, user) scope, best first.
+
+        Args:
+            tenant: Scope tenant (exact).
+            user: Scope user (exact).
+            terms: Words matched with OR (each quoted: no FTS5 syntax gets through).
+            k: Number of hits.
+            not_after: Only memories with event time <= this (inclusive).
+            not_before: Only memories with event time >= this (inclusive).
+
+        Returns:
+            Hits with ``score`` = BM25 (higher is better; FTS5's ``bm25()`` negated). The
+            statistics (IDF) are the whole file's, as in one Elasticsearch index.
+        """
+        quoted = [f'"{t.replace(chr(34), "")}"' for t in terms if t.replace('"', "").strip()]
+        if k < 1 or not quoted:
+            return []
+        sql = (
+            "SELECT e.body, bm25(entry_fts) AS rank FROM entry_fts "
+            "JOIN entries e ON e.rowid = entry_fts.rowid "
+            "WHERE entry_fts MATCH ? AND e.tenant = ? AND e.user = ?"
+        )
+        args: list[Any] = [" OR ".join(quoted), tenant, user]
+        if not_after is not None:
+            sql += " AND e.event_time_us <= ?"
+            args.append(_us(not_after))
+        if not_before is not None:
+            sql += " AND e.event_time_us >= ?"
+            args.append(_us(not_before))
+        sql += " ORDER BY rank, e.id LIMIT ?"
+        args.append(k)
+        return [
+            ScoredEntry(entry=MemoryEntry.model_validate_json(body), score=-float(rank))
+            for body, rank in self._db.execute(sql, args).fetchall()
         ]
 
     def get(self, ids: Sequence[str], *, with_embedding: bool = False) -> list[MemoryEntry]:
