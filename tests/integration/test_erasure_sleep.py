@@ -56,3 +56,61 @@ def test_a_sleep_window_after_an_erasure_never_asks_about_the_scope(sleep_env: S
     assert not list(senv.store.iter_entries("acme", "user000"))
     assert list(senv.store.iter_entries("acme", "user001"))
     w.stop()
+
+
+def test_the_sleep_outbox_keeps_nothing_of_an_erased_scope(sleep_env: SleepEnv) -> None:
+    """Pending changes in the sleep workers' outbox hold the memory's text: a successor
+    worker never produces those of an erased scope, and ``forget`` deletes them."""
+    from datetime import timedelta
+
+    from lightmem.processors.erasure import ErasureLedger
+    from lightmem.schemas import ChangeOp, MemoryChange, MemoryEntry, stable_id, utc_now
+    from lightmem.streams.erasure.forget import erasure_status
+    from lightmem.streams.kafka.changes import read_changes
+    from lightmem.streams.sleep.worker import Outbox, outbox_index
+
+    senv = sleep_env
+    outbox = Outbox(senv.es, outbox_index(senv.settings.es_alias))
+    outbox.ensure()
+
+    def pending_delete(entry: MemoryEntry, at: Any) -> MemoryChange:
+        before = entry.model_copy(update={"embedding": None})
+        return MemoryChange(change_id=stable_id(entry.id, "delete", entry.version + 1),
+                            op=ChangeOp.delete, memory_id=entry.id, tenant=entry.tenant,
+                            user=entry.user, before=before, reason="test", at=at)
+
+    def raw_changes() -> list[Any]:  # the topic as it is, not filtered by the ledger
+        return [r.change for r in read_changes(senv.settings, senv.topics,
+                                               erasures=ErasureLedger())]
+
+    # As if a worker died after deleting three targets in the index, before producing their
+    # change records (the targets are not in the index: the deletes "reached" it).
+    targets = [p.target for p in synthetic_pairs(3, 1)]  # user000, user001, user002
+    for t in targets:
+        outbox.put(pending_delete(t, utc_now()), topic=senv.topics.entries, partition=0)
+    request = new_request("acme", "user000")  # the ledger record only: the outbox stays
+    with TurnProducer(senv.settings, senv.topics) as producer:
+        producer.produce(senv.topics.erasures, request.to_bytes(), key=request.key.encode())
+    w = senv.start_worker("w1")
+    wait_for(lambda: {c.user for c in raw_changes()} == {"user001", "user002"},
+             what="the other scopes' pending changes produced", workers=[w])
+    wait_for(lambda: not outbox.pending(senv.topics.entries, [0]), what="the outbox settled",
+             workers=[w])
+    assert w.stop() == 0
+    assert not [c for c in raw_changes() if c.user == "user000"]
+
+    # forget deletes the scope's pending changes from before it, and only those
+    later = utc_now() + timedelta(hours=1)  # a change of a memory made after the erasure
+    outbox.put(pending_delete(targets[0], utc_now()), topic=senv.topics.entries, partition=1)
+    outbox.put(pending_delete(targets[1], utc_now()), topic=senv.topics.entries, partition=1)
+    after = pending_delete(targets[0].model_copy(update={"id": "fresh"}), later)
+    outbox.put(after, topic=senv.topics.entries, partition=1)
+    report = forget_stream(senv.settings, new_request("acme", "user000"), topics=senv.topics,
+                           store=senv.store, wait_s=2.0)
+    es = report.sink("elasticsearch")
+    assert es.confirmed and es.removed["sleep outbox changes"] == 1, report.as_json()
+    assert outbox.of_scope("acme", "user000") == ["fresh"]
+    assert outbox.of_scope("acme", "user001") == [targets[1].id]
+    status = erasure_status(senv.settings, "acme", "user000", stream=True, topics=senv.topics,
+                            store=senv.store)
+    assert status is not None and status.sink("elasticsearch").confirmed

@@ -17,7 +17,9 @@ delete-all route: on the embedded store it erases in one SQLite transaction
    worker deletes the slots (tombstones) or rewrites them without the scope's turns, inside
    its own transaction (:func:`sweep_slot`);
 4. deletes by query again (a batch in flight when the request was recorded may have
-   written after step 2), and checks that nothing of the scope is left;
+   written after step 2), and checks that nothing of the scope is left; both passes also
+   delete the scope's pending changes in the sleep workers' outbox index
+   (``<alias>.sleep-outbox``: they hold the memories' text until produced);
 5. produces a content-free ``erase`` change (scope, counts, time) for audit.
 
 What remains until compaction or retention is reported, not hidden: the memory-changes and
@@ -493,6 +495,14 @@ def delete_documents(store: Any, ids: Sequence[str]) -> int:
     return ok
 
 
+def _outbox(store: Any) -> Any:
+    """The sleep workers' outbox beside the store's alias (pending changes hold memories'
+    text until the worker that wrote them produced them)."""
+    from lightmem.streams.sleep.worker import Outbox, outbox_index
+
+    return Outbox(store.client, outbox_index(store.alias))
+
+
 def _es_remaining(store: Any, tenant: str, user: str | None,
                   before: datetime | None = None) -> int:
     names = _memory_indices(store)
@@ -623,6 +633,8 @@ def forget_stream(
     users = {user} if user is not None else _es_users(store, tenant)
     erased_at = request.requested_at
     deleted = erase_elasticsearch(store, tenant, user, erased_at)
+    outbox = _outbox(store)
+    boxed = outbox.erase(tenant, user, erased_at)
 
     # 3. the workers' buffers and the group's progress
     held = _held_slots(settings, topics, app_id, ledger)
@@ -645,14 +657,21 @@ def forget_stream(
             time.sleep(1.0)  # polling interval: the workers sweep between batches
     # 4. Elasticsearch, second pass (a batch in flight at step 1 may have written since)
     again = erase_elasticsearch(store, tenant, user, erased_at)
+    boxed += outbox.erase(tenant, user, erased_at)
     remaining = _es_remaining(store, tenant, user, erased_at)
-    es = SinkReport("elasticsearch", found=sum(deleted.values()) + sum(again.values()))
-    es.removed = {"memories": es.found}
+    boxed_left = len(outbox.of_scope(tenant, user, erased_at))
+    memories = sum(deleted.values()) + sum(again.values())
+    es = SinkReport("elasticsearch", found=memories + boxed)
+    es.removed = {"memories": memories, "sleep outbox changes": boxed}
     for name in sorted(set(deleted) | set(again)):
         es.removed[f"index {name}"] = deleted.get(name, 0) + again.get(name, 0)
     if remaining:
         es.confirmed = False
         es.pending.append(f"{remaining} document(s) of the scope still searchable")
+    if boxed_left:
+        es.confirmed = False
+        es.pending.append(f"{boxed_left} pending sleep change(s) of the scope still in "
+                          f"{outbox.name}")
     report.sinks.append(es)
 
     buffers = SinkReport("buffers", found=held_before,
@@ -696,7 +715,7 @@ def forget_stream(
     # 5. the audit record (content-free)
     if report.found:
         now = clock()
-        counts = {"memories": es.found, "changes_hidden": len(changes),
+        counts = {"memories": memories, "changes_hidden": len(changes),
                   "dead_letters_hidden": len(letters)}
         with TurnProducer(settings, topics) as producer:
             for u in sorted(users):
@@ -787,9 +806,13 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
     request = _request_of(erased)
     report = ErasureReport(request)
     left = _es_remaining(store, tenant, user, request.requested_at)
-    es = SinkReport("elasticsearch", found=left, confirmed=not left)
+    outbox = _outbox(store)
+    boxed = len(outbox.of_scope(tenant, user, request.requested_at))
+    es = SinkReport("elasticsearch", found=left + boxed, confirmed=not left and not boxed)
     if left:
         es.pending.append(f"{left} document(s) of the scope from before the erasure")
+    if boxed:
+        es.pending.append(f"{boxed} pending sleep change(s) of the scope in {outbox.name}")
     held = sum(_held_slots(settings, topics, app_id, ledger).values())
     buffers = SinkReport("buffers", found=held, confirmed=not held)
     if held:
