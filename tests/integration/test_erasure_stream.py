@@ -176,6 +176,17 @@ def test_forget_a_user_on_the_stream(stream_env: StreamEnv) -> None:
     assert not [r for r in read_dead_letters(senv.settings, senv.topics.for_replay("r1"),
                                              skip_erased=False)
                 if r.letter and "c-alice-bad" in r.letter.raw]
+    # promoted: every read through the alias sees the replayed index, still without her
+    promoted = CliRunner().invoke(cli_app, ["index", "promote", new_index], env=senv.env)
+    assert promoted.exit_code == 0, promoted.output
+    assert list(senv.es.indices.get_alias(name=senv.alias)) == [new_index]
+    assert scope_turns(senv, "acme", "alice") == ids(after)
+    listed = CliRunner().invoke(cli_app, ["memories", "list", "--stream", "--tenant", "acme",
+                                          "--user", "alice", "--json", "--topic-prefix",
+                                          senv.topics.prefix], env=senv.env)
+    assert listed.exit_code == 0, listed.output
+    assert {t for line in listed.stdout.splitlines() if line.strip()
+            for t in json.loads(line)["source_turn_ids"]} == ids(after)
 
     # the CLI: an unknown scope has nothing to do; malformed names are refused
     runner = CliRunner()
