@@ -254,6 +254,16 @@ class IngestWorker:
             self._sink.erasures = self.erasures
         return self._sink
 
+    def enable_events(self) -> None:
+        """Write provisional events (turns searchable before their memories) to the
+        deployment's events index (created when missing): the live worker does, a backfill
+        into another index does not (its turns were searchable long ago)."""
+        from lightmem.streams.elastic.events import EventIndex
+
+        events = EventIndex(self.store.client, self.settings.es_alias)
+        events.ensure()
+        self.sensory.events = self.short_term.events = self.sink.events = events
+
     @property
     def transactional_id(self) -> str:
         return f"{self.options.app_id}-{self.instance}"
@@ -948,6 +958,8 @@ def run_worker(
     try:
         worker.components.warm_up()
         worker.store.ensure_index()
+        if options.index is None and options.stop_offsets is None:
+            worker.enable_events()
         # `kill -USR1 <pid>` writes every thread's stack to stderr (diagnosing a stuck worker).
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         signal.signal(signal.SIGUSR2, worker.dump_state)
