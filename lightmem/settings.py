@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     update_keep: int = Field(default=10, ge=1)
     update_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     retrieve_k: int = Field(default=20, ge=1)
+    #: How memories are searched (``lightmem search``, the memory service): ``knn`` (vector
+    #: only) or ``hybrid`` (kNN + BM25 in the same scope, reciprocal rank fusion). hybrid is
+    #: the default because it won on the LoCoMo dev file (``lightmem bench locomo``).
+    retrieval: Literal["knn", "hybrid"] = "hybrid"
 
     # --- Kafka (streaming deployment). Security settings pass through to every client.
     kafka_bootstrap: str = "127.0.0.1:9092"

@@ -50,7 +50,7 @@ RetrievalMode = Literal["knn", "hybrid"]
 #: Weight of the kNN list in the fusion (1 - it is BM25's). Measured on the dev file.
 DEFAULT_VECTOR_WEIGHT = 0.5
 #: The rank constant ``c`` of reciprocal rank fusion. Measured on the dev file.
-DEFAULT_RRF_K = 10
+DEFAULT_RRF_K = 5
 #: Memories each side ranks before fusion (at least the ``k`` asked for).
 DEFAULT_CANDIDATES = 100
 

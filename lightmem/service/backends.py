@@ -109,6 +109,13 @@ class Backend(Protocol):
                conversation: str | None, not_before: datetime | None,
                not_after: datetime | None, text: str | None = None) -> list[ScoredEntry]: ...
 
+    def lexical_search(self, tenant: str, user: str, terms: Sequence[str], k: int, *,
+                       conversation: str | None, not_before: datetime | None,
+                       not_after: datetime | None) -> list[ScoredEntry]:
+        """BM25 over the scope's memories (the lexical side of hybrid search), best first,
+        filtered exactly like :meth:`search`."""
+        ...
+
     def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
              ) -> list[tuple[MemoryEntry, PageKey]]: ...
 
@@ -198,6 +205,17 @@ class EmbeddedBackend:
                 if (conversation is None or h.entry.conversation == conversation)
                 and (not_before is None or h.entry.event_time >= not_before)]
         return hits[:k]
+
+    def lexical_search(self, tenant: str, user: str, terms: Sequence[str], k: int, *,
+                       conversation: str | None, not_before: datetime | None,
+                       not_after: datetime | None) -> list[ScoredEntry]:
+        with self.lock:
+            # FTS5 filters scope and time; the conversation on the best _VEC_MAX_K.
+            hits = self.runtime.store.lexical_search(
+                tenant, user, terms, _VEC_MAX_K if conversation is not None else k,
+                not_after=not_after, not_before=not_before)
+        return [h for h in hits
+                if conversation is None or h.entry.conversation == conversation][:k]
 
     def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
              ) -> list[tuple[MemoryEntry, PageKey]]:
@@ -456,6 +474,20 @@ class StreamBackend:
                             else 2.0 * float(h["_score"]) - 1.0)
                 for h in resp["hits"]["hits"]]
 
+    def lexical_search(self, tenant: str, user: str, terms: Sequence[str], k: int, *,
+                       conversation: str | None, not_before: datetime | None,
+                       not_after: datetime | None) -> list[ScoredEntry]:
+        text = " ".join(t for t in terms if t.strip())
+        if not text:
+            return []
+        filters = self._filters(tenant, user, conversation, not_before, not_after)
+        resp = self.client.search(
+            index=self.store.target, size=k, source_excludes=["embedding"],
+            query={"bool": {"must": [{"match": {"fact": {"query": text}}}],
+                            "filter": filters}})
+        return [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
+                            score=float(h["_score"])) for h in resp["hits"]["hits"]]
+
     def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
              ) -> list[tuple[MemoryEntry, PageKey]]:
         resp = self.client.search(
@@ -470,9 +502,36 @@ class StreamBackend:
     def search_events(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                       conversation: str | None, not_before: datetime | None,
                       not_after: datetime | None) -> list[ScoredEntry]:
-        # Events on the stream need their own index, written by the sensory stage (issue 13,
-        # freshness): not there yet, so a turn is searchable once its memories are indexed.
-        return []
+        # Turns the ingest worker holds in its buffers: the events index its sensory stage
+        # writes and its index sink retires (lightmem.streams.elastic.events).
+        from elasticsearch import NotFoundError
+
+        from lightmem.streams.elastic.events import events_index
+
+        filters = self._filters(tenant, user, conversation, not_before, not_after)
+        try:
+            resp = self.client.search(
+                index=events_index(self.settings.es_alias),
+                knn={"field": "embedding", "query_vector": [float(x) for x in vector], "k": k,
+                     "num_candidates": min(10_000, max(4 * k, 100)), "filter": filters},
+                size=k, source_excludes=["embedding"])
+        except NotFoundError:
+            return []  # workers from before events: memories only
+        events = [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
+                              score=2.0 * float(h["_score"]) - 1.0)
+                  for h in resp["hits"]["hits"]]
+        if not events:
+            return []
+        # The index sink indexes memories just before it retires their events: a search in
+        # between meets both. An event whose turn a memory covers is left out.
+        turn_ids = sorted({t for e in events for t in e.entry.source_turn_ids})
+        resp = self.client.search(
+            index=self.store.target, size=4 * len(turn_ids), track_total_hits=False,
+            query={"bool": {"filter": [*self._filters(tenant, user, None, None, None),
+                                       {"terms": {"source_turn_ids": turn_ids}}]}},
+            source_includes=["source_turn_ids"])
+        covered = {t for h in resp["hits"]["hits"] for t in h["_source"]["source_turn_ids"]}
+        return [e for e in events if not set(e.entry.source_turn_ids) <= covered]
 
     def get(self, entry_id: str) -> MemoryEntry | None:
         found = self.store.get([entry_id])

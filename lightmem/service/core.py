@@ -28,7 +28,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lightmem.processors.retrieve import Retriever
+from lightmem.processors.lexical import query_terms
+from lightmem.processors.retrieve import DEFAULT_CANDIDATES, Retriever, fuse_rankings
 from lightmem.processors.store import ScoredEntry, VersionConflict
 from lightmem.schemas import (
     MemoryEntry,
@@ -241,18 +242,31 @@ class MemoryService:
         if not query.strip():
             return []
         vector = [float(x) for x in (self.batcher or self.backend.embed)([query])[0]]
-        hits = self.backend.search(tenant, user, vector, k,
+        # The server's retrieval (LIGHTMEM_RETRIEVAL) unless the request asks for hybrid.
+        hybrid = hybrid or self.settings.retrieval == "hybrid"
+        n = max(k, DEFAULT_CANDIDATES) if hybrid else k
+        hits = self.backend.search(tenant, user, vector, n,
                                    conversation=conversation, not_before=after,
-                                   not_after=before, text=query if hybrid else None)
-        if events and not hybrid:  # hybrid scores are not cosines: not comparable
+                                   not_after=before)
+        if events:
             # Turns still in open buffers (freshness): searchable before their memories
             # exist; a turn is in a buffer or summarized, never both, so nothing repeats.
-            hits += self.backend.search_events(tenant, user, vector, k,
+            hits += self.backend.search_events(tenant, user, vector, n,
                                                conversation=conversation, not_before=after,
                                                not_after=before)
+        hits = sorted(hits, key=lambda h: (-h.score, h.entry.id))
+        if hybrid:
+            # The Retriever's fusion: cosine ranks (memories and events) beside BM25 ranks.
+            terms = query_terms(query)
+            lexical = self.backend.lexical_search(
+                tenant, user, terms, n, conversation=conversation, not_before=after,
+                not_after=before) if terms else []
+            hits = fuse_rankings(
+                [hits, lexical],
+                [self.retriever.vector_weight, 1.0 - self.retriever.vector_weight],
+                rrf_k=self.retriever.rrf_k)
         # The backend filters by scope; re-checking makes a store bug unable to leak.
-        hits = [h for h in hits if h.entry.tenant == tenant and h.entry.user == user]
-        return sorted(hits, key=lambda h: (-h.score, h.entry.id))[:k]
+        return [h for h in hits if h.entry.tenant == tenant and h.entry.user == user][:k]
 
     def search(self, tenant: str, request: SearchRequest) -> SearchResponse:
         hits = self._hits(tenant, request.user, request.query, request.k,
