@@ -53,6 +53,7 @@ __all__ = [
     "Decision",
     "Consolidator",
     "parse_decision",
+    "added_change",
     "apply_decision",
     "consolidate_target",
     "is_older",
@@ -448,6 +449,21 @@ class Consolidator:
 
 def _join_texts(parts: Iterable[str]) -> str:
     return "\n".join(p for p in parts if p)
+
+
+def added_change(entry: MemoryEntry, now: datetime) -> MemoryChange:
+    """The ``add`` change recorded for an entry written at ingest, by both runtimes
+    (deterministic id; without the vector: history and the changes topic never need it)."""
+    return MemoryChange(
+        change_id=stable_id(entry.id, ChangeOp.add.value, entry.version),
+        op=ChangeOp.add,
+        memory_id=entry.id,
+        tenant=entry.tenant,
+        user=entry.user,
+        after=entry.model_copy(update={"embedding": None}),
+        reason="ingest",
+        at=now,
+    )
 
 
 def apply_decision(

@@ -44,19 +44,18 @@ from lightmem.processors.summarize import TopicBufferState
 from lightmem.processors.update import (
     Consolidator,
     UpdateQueueBuilder,
+    added_change,
     build_queues,
     targets_from_queues,
 )
 from lightmem.schemas import (
     ChangeOp,
     DeadLetter,
-    MemoryChange,
     MemoryEntry,
     SchemaError,
     Segment,
     TurnEvent,
     parse_turn,
-    stable_id,
     utc_now,
 )
 from lightmem.settings import Settings
@@ -335,7 +334,7 @@ class EmbeddedRuntime(Components):
         if result.entries:
             entries = self.embedder.embed_entries(result.entries)
             self.store.upsert(entries)
-            self.store.append_changes([_added(e, now) for e in entries])
+            self.store.append_changes([added_change(e, now) for e in entries])
             report.entries += len(entries)
 
     def _flush_idle(self, stream_time: datetime, *, exclude: set[str],
@@ -526,16 +525,3 @@ def _letter_ids_in(path: Path) -> set[str]:
             except SchemaError:
                 continue
     return ids
-
-
-def _added(entry: MemoryEntry, now: datetime) -> MemoryChange:
-    return MemoryChange(
-        change_id=stable_id(entry.id, ChangeOp.add.value, entry.version),
-        op=ChangeOp.add,
-        memory_id=entry.id,
-        tenant=entry.tenant,
-        user=entry.user,
-        after=entry,
-        reason="ingest",
-        at=now,
-    )

@@ -52,16 +52,14 @@ from lightmem.processors.segment import (
     to_segment_turn,
 )
 from lightmem.processors.summarize import TopicBufferState
+from lightmem.processors.update import added_change
 from lightmem.schemas import (
-    ChangeOp,
     DeadLetter,
-    MemoryChange,
     MemoryEntry,
     SchemaError,
     Segment,
     TurnEvent,
     parse_turn,
-    stable_id,
     utc_now,
 )
 from lightmem.settings import Settings
@@ -86,7 +84,6 @@ __all__ = [
     "ShortTermStage",
     "IndexSink",
     "is_transient",
-    "added_change",
     "REDELIVERY_HEADER",
     "SUMMARIZER_SOURCE",
     "ORIGINS_HEADER",
@@ -773,20 +770,6 @@ class ShortTermStage(_Stage):
 
 
 # -- index sink: entries -> Elasticsearch ------------------------------------------------------
-
-
-def added_change(entry: MemoryEntry, now: datetime) -> MemoryChange:
-    """The ``add`` change recorded for an entry written at ingest (deterministic id)."""
-    return MemoryChange(
-        change_id=stable_id(entry.id, ChangeOp.add.value, entry.version),
-        op=ChangeOp.add,
-        memory_id=entry.id,
-        tenant=entry.tenant,
-        user=entry.user,
-        after=entry.model_copy(update={"embedding": None}),
-        reason="ingest",
-        at=now,
-    )
 
 
 class IndexSink(_Stage):
