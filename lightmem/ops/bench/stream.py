@@ -56,7 +56,8 @@ POLL_S = 0.5
 STALL_S = 180.0
 #: Hits per page when polling the index.
 PAGE = 2000
-STAGES = ("sensory", "short-term", "index")
+#: The ingest worker's stages (``metrics.STAGES`` less ``sleep``), whose lag is sampled.
+INGEST_STAGES = ("sensory", "short-term", "index")
 
 
 def interleave(samples: list[Any], limit: int) -> list[TurnEvent]:
@@ -134,7 +135,8 @@ class _Watch:
     stage_of: dict[str, str]
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
     entries: int = 0
-    lag_samples: dict[str, list[int]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    lag_samples: dict[str, list[int]] = field(
+        default_factory=lambda: {s: [] for s in INGEST_STAGES})
     last_lag: dict[str, int] = field(default_factory=dict)
     #: Lag samples are kept only once the clock runs (not while a caller prepares).
     measuring: bool = False
@@ -173,7 +175,7 @@ class _Watch:
             try:
                 lags = by_topic(self.lag_reader.read(self.stage_of), self.stage_of)
                 self.last_lag = lags
-                for stage in STAGES if self.measuring else ():
+                for stage in INGEST_STAGES if self.measuring else ():
                     self.lag_samples[stage].append(lags.get(stage, 0))
             except Exception as exc:  # noqa: BLE001 - a sample lost, not the run
                 self.errors.append(repr(exc))
@@ -468,7 +470,7 @@ def _print(results: list[dict[str, Any]]) -> None:
         e, s = r["embedded"], r["stream"]
         table.add_row(r["mode"], "embedded", f"{e['turns_per_s']:.1f}", "", "", "",
                       str(e.get("memories") or ""), str(e["llm_calls"]), "")
-        lag = "/".join(str(s["lag_max"][k]) for k in STAGES)
+        lag = "/".join(str(s["lag_max"][k]) for k in INGEST_STAGES)
         table.add_row("", f"stream ({s['offered_rate']:.0f}/s offered)",
                       f"{s['turns_per_s']:.1f}", f"{s['latency_p50_s']:.1f}",
                       f"{s['latency_p95_s']:.1f}", lag, str(s["memories"]),

@@ -28,6 +28,7 @@ lightmem_es_bulk_seconds                histogram   (one bulk upsert call)
 lightmem_es_docs_total                  counter     outcome (written | failed)
 lightmem_consumer_lag                   gauge       topic, partition
 lightmem_sleep_window_open              gauge       tenant ("*" = every tenant)
+lightmem_sleep_yielding                 gauge       (1 while an open window waits for ingest)
 ======================================  ==========  ======================================
 
 The LLM metrics are observed through :class:`PrometheusUsageMeter`, a
