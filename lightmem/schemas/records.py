@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -58,6 +59,7 @@ __all__ = [
     "DeadLetter",
     "ErasureRequest",
     "stable_id",
+    "RejectedLine",
     "Timestamp",
     "utc_now",
     "RFC3339_PATTERN",
@@ -254,6 +256,14 @@ def check_event_time(turn: TurnEvent, *, now: datetime, max_future_s: float) -> 
             repr(turn.event_time.isoformat()),
         )])
     return turn
+
+
+@dataclass(frozen=True)
+class RejectedLine:
+    """A line of a JSONL input file that was not a valid turn, and why (1-based number)."""
+
+    line: int
+    reason: str
 
 
 def parse_turn(payload: bytes | str, *, now: datetime, max_future_s: float) -> TurnEvent:

@@ -52,6 +52,7 @@ from lightmem.schemas import (
     ChangeOp,
     DeadLetter,
     MemoryEntry,
+    RejectedLine,
     SchemaError,
     Segment,
     TurnEvent,
@@ -66,7 +67,6 @@ from lightmem.streams.models.encoder import MINILM_DIM
 __all__ = [
     "EmbeddedRuntime",
     "IngestReport",
-    "RejectedLine",
     "ConsolidationReport",
     "RuntimeStats",
 ]
@@ -75,12 +75,6 @@ log = logging.getLogger(__name__)
 
 SENSORY = "sensory"
 TOPIC = "topic"
-
-@dataclass(frozen=True)
-class RejectedLine:
-    line: int
-    reason: str
-
 
 @dataclass
 class IngestReport:

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lightmem.schemas import DeadLetter, SchemaError, TurnEvent, parse_turn, utc_now
+from lightmem.schemas import DeadLetter, RejectedLine, SchemaError, TurnEvent, parse_turn, utc_now
 from lightmem.settings import Settings
 from lightmem.streams.kafka.flush_commands import FlushCommand, flush_headers
 from lightmem.streams.kafka.topics import Topics, dead_letter_max_bytes, kafka_config
@@ -34,7 +34,6 @@ __all__ = [
     "TurnProducer",
     "produce_when_room",
     "FileReport",
-    "RejectedLine",
     "add_turns",
     "produce_file",
     "send_flush",
@@ -306,12 +305,6 @@ def send_flush(
         return producer.send_flush(
             FlushCommand(tenant=tenant, conversation=conversation, issued_at=utc_now())
         )
-
-
-@dataclass(frozen=True)
-class RejectedLine:
-    line: int
-    reason: str
 
 
 @dataclass
