@@ -17,7 +17,7 @@ import numpy as np
 
 from lightmem.schemas import MemoryEntry
 
-__all__ = ["SentenceEncoder", "Encoder", "Embedder"]
+__all__ = ["SentenceEncoder", "TextEncoder", "Embedder"]
 
 
 class SentenceEncoder(Protocol):
@@ -34,8 +34,9 @@ class SentenceEncoder(Protocol):
     ) -> Any: ...
 
 
-class Encoder(Protocol):
-    """What retrieval and consolidation need: texts in, an ``(n, d)`` float32 matrix out."""
+class TextEncoder(Protocol):
+    """Texts in, an ``(n, d)`` float32 matrix out, one L2-normalised row per text: what
+    retrieval, consolidation and the segmenter's B2 need."""
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
 

@@ -16,7 +16,8 @@ records by :class:`TopicSegmenter`, which combines two boundary detectors over *
 
 A boundary is an exchange index ``k`` (1 <= k < n): the cut falls *before* exchange ``k``.
 Everything here is pure: state in, state out; the models come in as arguments through the
-:class:`SentenceAttention` and :class:`Encoder` protocols, so tests can pass fakes.
+:class:`SentenceAttention` and :class:`~lightmem.processors.embed.TextEncoder` protocols, so
+tests can pass fakes.
 
 Typical use by the runtime, once per incoming turn (see :func:`push`)::
 
@@ -33,6 +34,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from lightmem.processors.embed import TextEncoder
 from lightmem.schemas import Role, Segment, SegmentTurn, TurnEvent, conversation_key, stable_id
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
     "SensoryBuffer",
     "Exchange",
     "SentenceAttention",
-    "Encoder",
     "MiniLMAttention",
     "TopicSegmenter",
     "FlushReason",
@@ -433,12 +434,6 @@ class SentenceAttention(Protocol):
     def __call__(self, sentences: Sequence[str]) -> np.ndarray: ...
 
 
-class Encoder(Protocol):
-    """Sentence embeddings, one L2-normalised row per text (B2's input)."""
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
 class MiniLMAttention:
     """:class:`SentenceAttention` from a BERT-style encoder's attention maps.
 
@@ -618,7 +613,7 @@ class TopicSegmenter:
     def __init__(
         self,
         attention: SentenceAttention,
-        encode: Encoder,
+        encode: TextEncoder,
         tolerance: int = 3,
         tau_start: float = 0.2,
         tau_step: float = 0.05,

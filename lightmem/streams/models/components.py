@@ -19,7 +19,7 @@ from lightmem.processors.llm import ChatModel
 from lightmem.processors.segment import MiniLMAttention, SensoryBuffer, TopicSegmenter
 from lightmem.processors.summarize import Summarizer, TopicBuffer
 from lightmem.settings import Settings
-from lightmem.streams.models.encoder import Encoder, configure_torch, load_encoder
+from lightmem.streams.models.encoder import MiniLMEncoder, configure_torch, load_encoder
 
 __all__ = ["Components"]
 
@@ -48,7 +48,7 @@ class Components:
         configure_torch(settings.torch_threads)
 
     @cached_property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> MiniLMEncoder:
         return load_encoder()
 
     @cached_property

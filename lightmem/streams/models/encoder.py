@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MINILM_DIM", "Encoder", "minilm_dir", "load_encoder", "configure_torch"]
+__all__ = ["MINILM_DIM", "MiniLMEncoder", "minilm_dir", "load_encoder", "configure_torch"]
 
 # Model loads must never try the network (HF Hub is unreachable; a retry loop would hang).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,7 +40,7 @@ def configure_torch(threads: int | None) -> None:
 
 
 @dataclass(frozen=True)
-class Encoder:
+class MiniLMEncoder:
     """One MiniLM copy serving three roles: sentence embeddings (B2 and the index),
     attentions (B1; loaded with eager attention, the sdpa kernel returns none) and the
     token counter behind the sensory and topic buffers' budgets."""
@@ -63,7 +63,7 @@ class Encoder:
 
 
 @cache
-def load_encoder(device: str = "cpu") -> Encoder:
+def load_encoder(device: str = "cpu") -> MiniLMEncoder:
     """Load all-MiniLM-L6-v2 from the package folder (cached per process)."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -82,7 +82,7 @@ def load_encoder(device: str = "cpu") -> Encoder:
     if model.get_embedding_dimension() != MINILM_DIM:
         raise RuntimeError(f"{minilm_dir()} is not all-MiniLM-L6-v2 (dimension mismatch)")
     transformer = model[0]
-    return Encoder(
+    return MiniLMEncoder(
         sentence_model=model,
         attention_model=transformer.auto_model,
         tokenizer=transformer.tokenizer,
