@@ -4,6 +4,10 @@ Same processors as the Kafka deployment; the in-process loop stands in for the t
 :class:`~lightmem.streams.embedded.store.EmbeddedStore` for both the stream tables (buffers)
 and Elasticsearch (memories).
 
+Why one module of ~550 lines: ingest, search, consolidation and stats share the one SQLite
+transaction per batch described below; the store's SQL is in :mod:`.store`, erasure in
+:mod:`.erasure`.
+
 Delivery semantics: turns are applied in batches, each batch in ONE SQLite transaction that
 writes the sensory/topic buffers, the memories, the memory changes, the ledger of processed
 turns and the LLM usage together. A crash rolls the batch back; a re-run skips what the
@@ -415,10 +419,11 @@ class EmbeddedRuntime(Components):
 
     @cached_property
     def retriever(self) -> Retriever:
-        return Retriever(self.store, self.embedder, k=self.settings.retrieve_k)
+        return Retriever(self.store, self.embedder, k=self.settings.retrieve_k,
+                         mode=self.settings.retrieval)
 
     def search(self, tenant: str, user: str, query: str, k: int | None = None) -> list[ScoredEntry]:
-        """kNN within (tenant, user)."""
+        """Search (tenant, user) the configured way (LIGHTMEM_RETRIEVAL: knn or hybrid)."""
         return self.retriever.search(tenant, user, query, k)
 
     def answer(self, tenant: str, user: str, question: str,
