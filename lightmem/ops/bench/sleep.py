@@ -11,9 +11,10 @@ fixed latency per call, answering update / delete / ignore by a fixed rule
 
 Then the issue's other aim, "ingest throughput unchanged while a window is open"
 (``--ingest-turns``, 0 = skip): the streaming ingest path (a ``lightmem worker`` subprocess on
-private topics and index, :func:`~.bench_stream.run_stream`) over the same LoCoMo turns three
-times, each beside a ``lightmem sleep-worker`` subprocess on the same deployment (its entries
-topic and index, seeded with consolidation work; the ingest group is the one it yields to):
+private topics and index, :func:`~lightmem.ops.bench.stream.run_stream`) over the same LoCoMo
+turns three times, each beside a ``lightmem sleep-worker`` subprocess on the same deployment
+(its entries topic and index, seeded with consolidation work; the ingest group is the one it
+yields to):
 with the window closed (the sleep worker idle); with the window open over exactly the
 measured interval (opened when the turns start, once the first consolidation call arrived)
 and the default ingest-first rule (``LIGHTMEM_SLEEP_YIELD_LAG``: no new target while ingest

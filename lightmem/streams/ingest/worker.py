@@ -21,6 +21,10 @@ with the state that belongs to it. The only effect outside Kafka, the Elasticsea
 is idempotent (deterministic ids, first write wins) and its ``add`` change is produced with
 the offsets, so a redelivered entry gets the ``add`` its aborted first attempt lost.
 
+Why one module of ~950 lines: the batch loop, its transaction, the held-batch retry and the
+rebalance callbacks all keep the invariant above; split apart, no file would show it. The
+tables' changelogs live in :mod:`.state`, the stage steps in :mod:`.stages`.
+
 This replaced a faust 0.15 worker: faust acknowledged offsets it had never delivered to an
 agent (dropped fetches after a restart became "gaps" that count as acked), so a rolling
 restart lost turns; its offset bookkeeping cannot be made sound from outside.

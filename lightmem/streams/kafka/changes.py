@@ -6,9 +6,9 @@ reader scans every partition from the beginning to its current end with a consum
 ``change_id`` may appear more than once (a replayed batch, a settled outbox entry); the
 first copy is kept.
 
-Erased scopes (:mod:`.erasure`): the changes of a scope erased after they were made are
-not returned (they stay in the topic until its retention deletes them); the content-free
-``erase`` changes are.
+Erased scopes (:mod:`lightmem.streams.erasure.forget`): the changes of a scope erased after
+they were made are not returned (they stay in the topic until its retention deletes them);
+the content-free ``erase`` changes are.
 """
 
 from __future__ import annotations
