@@ -6,10 +6,10 @@ over the same inputs (the limit the pipeline can approach). Model loading and a 
 are excluded from both.
 
 ``bench locomo``: evidence recall and memory-building cost on LoCoMo for NaiveRAG, LightMem
-(extractive and LLM) and a per-turn extractor, side by side (see :mod:`.bench_locomo`).
+(extractive and LLM) and a per-turn extractor, side by side (see :mod:`lightmem.ops.bench.locomo`).
 
 ``bench stream``: turns/s, latency to searchable and lag per stage through the real Kafka and
-Elasticsearch, beside the embedded runtime on the same turns (see :mod:`.bench_stream`).
+Elasticsearch, beside the embedded runtime on the same turns (see :mod:`lightmem.ops.bench.stream`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from lightmem.ops.bench import forget as bench_forget
 from lightmem.ops.bench import sleep as bench_sleep
 from lightmem.ops.bench.locomo import locomo_command
 from lightmem.ops.bench.locomo_data import DEFAULT_LOCOMO, load_locomo
@@ -42,6 +43,8 @@ app.command(name="segment")(segment_command)
 app.command(name="sleep")(bench_sleep.sleep)
 #: ``bench serve``: the memory service's search and freshness beside the bare path.
 app.command(name="serve")(serve_command)
+#: ``bench forget``: erasing one user among many; ingest with the erasure ledger consulted.
+app.command(name="forget")(bench_forget.forget_command)
 
 
 @app.command()
