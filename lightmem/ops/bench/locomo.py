@@ -1349,13 +1349,14 @@ def run_locomo_bench(
                                                      stages_s=dict(built.stages_s))
                         bench.evaluate(rt, result, samples, questions, progress, eval_chat)
                         results.append(result)
-                        console.print(
+                        console.print(  # plain text: "[knn]" is not rich markup
                             f"{result.name}: {result.entries} entries, "
                             f"{result.llm.calls} LLM calls, "
                             f"R@10 {result.recall_at_k.get(10, float('nan')):.3f}, "
                             f"C@512w {result.content_recall_at_words.get(512, float('nan')):.3f}"
                             f" ({result.build_wall_s:.1f} s build, search p50 "
-                            f"{result.search_ms.get('p50', float('nan')):.1f} ms)"
+                            f"{result.search_ms.get('p50', float('nan')):.1f} ms)",
+                            markup=False,
                         )
                 finally:
                     rt.store.close()
