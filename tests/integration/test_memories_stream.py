@@ -108,7 +108,11 @@ def test_memories_list_get_delete_stream(deployment: tuple[Settings, Elasticsear
                  "--topic-prefix", settings.kafka_topic_prefix, "--stream",
                  code=None)  # no ingest worker runs here: its part may be pending
     report = json.loads(forgot.stdout.strip().splitlines()[-1])
-    assert {s["sink"]: s["confirmed"] for s in report["sinks"]}["elasticsearch"]
+    sinks = {s["sink"]: s for s in report["sinks"]}
+    assert sinks["elasticsearch"]["confirmed"]
+    # the delete change stays on the topic, hidden; the report says for how long
+    assert sinks["memory-changes"]["found"] == 1
+    assert "retention.ms=-1" in " ".join(sinks["memory-changes"]["pending"])
     assert listed("acme", "alice") == []
     run("memories", "get", "acme-alice-1", "--tenant", "acme", *where, code=1)
     assert listed("acme", "bob") == ["acme-bob-0"]

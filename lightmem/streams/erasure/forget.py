@@ -23,7 +23,8 @@ delete-all route: on the embedded store it erases in one SQLite transaction
 5. produces a content-free ``erase`` change (scope, counts, time) for audit.
 
 What remains until compaction or retention is reported, not hidden: the memory-changes and
-DLQ topics keep the scope's old records (``history`` and ``dlq list/replay`` skip them), the
+DLQ topics keep the scope's old records (``history`` and ``dlq list/replay`` skip them; both
+topics keep records forever by default, so the report says so), the
 changelog topics keep superseded slot values until the log cleaner compacts them, and the
 raw turns stay in the turns topic until its retention deletes them (the ledger keeps them
 out of every stage and replay meanwhile).
@@ -558,8 +559,18 @@ def _behind(settings: Settings, group: str, ends: dict[tuple[str, int], int]) ->
     return behind
 
 
-def _retention(settings: Settings, topic: str, since: datetime) -> str:
-    """When the last record of ``topic`` produced up to ``since`` is gone, in words."""
+#: How to give a topic kept forever a retention: the turns topics follow a setting; the
+#: memory-changes and DLQ topics keep every scope's records forever unless an operator sets
+#: one on the topic (which ages out everyone's history, not only the erased scope's).
+_SET_TURNS_RETENTION = "LIGHTMEM_TURNS_RETENTION, then `lightmem topics create`"
+_SET_TOPIC_RETENTION = ("retention.ms on the topic, e.g. kafka-configs --alter --add-config "
+                        "retention.ms=...; it ages out every scope's records, not only these")
+
+
+def _retention(settings: Settings, topic: str, since: datetime,
+               how: str = _SET_TURNS_RETENTION) -> str:
+    """When the last record of ``topic`` produced up to ``since`` is gone, in words (``how``:
+    what to do when the topic keeps its records forever)."""
     from datetime import timedelta
 
     from confluent_kafka.admin import AdminClient, ConfigResource
@@ -572,8 +583,7 @@ def _retention(settings: Settings, topic: str, since: datetime) -> str:
     except Exception as exc:  # noqa: BLE001 - the report says it is unknown
         return f"retention unknown ({exc!r})"
     if ms < 0:
-        return ("retention.ms=-1: kept until a retention is set (LIGHTMEM_TURNS_RETENTION, "
-                "then `lightmem topics create`)")
+        return f"retention.ms=-1: kept until a retention is set ({how})"
     by = (since + timedelta(milliseconds=ms)).astimezone(UTC).isoformat(timespec="seconds")
     return (f"the last one of the scope from before the erasure ages out by {by} "
             f"(retention.ms={ms}; the broker deletes whole log segments, so up to one "
@@ -695,15 +705,18 @@ def forget_stream(
                       removed={"hidden from history": len(changes)})
     if changes:
         hist.pending.append(f"{len(changes)} change record(s) stay in "
-                            f"{topics.memory_changes} until its retention deletes them; "
-                            f"history and read_changes skip them")
+                            f"{topics.memory_changes} (history and read_changes skip them): "
+                            + _retention(settings, topics.memory_changes,
+                                         request.requested_at, _SET_TOPIC_RETENTION))
     report.sinks.append(hist)
 
     dlq = SinkReport("dlq", found=len(letters), removed={"hidden from dlq list/replay":
                                                          len(letters)})
     if letters:
-        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} until its "
-                           f"retention deletes them; dlq list and replay skip them")
+        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} (dlq list "
+                           f"and replay skip them): "
+                           + _retention(settings, topics.dlq, request.requested_at,
+                                        _SET_TOPIC_RETENTION))
     report.sinks.append(dlq)
 
     turns = SinkReport("turns", found=0)
@@ -826,7 +839,9 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
                       removed={"hidden from history": len(changes)})
     if changes:
         hist.pending.append(f"{len(changes)} change record(s) stay in {topics.memory_changes} "
-                            f"until its retention deletes them; history skips them")
+                            f"(history skips them): "
+                            + _retention(settings, topics.memory_changes,
+                                         request.requested_at, _SET_TOPIC_RETENTION))
     letters = [r for r in read_dead_letters(settings, topics, skip_erased=False)
                if r.letter is not None and dead_letter_erased(r.letter, ledger)
                and any(t == tenant and (user is None or u == user)
@@ -834,8 +849,10 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
     dlq = SinkReport("dlq", found=len(letters), removed={"hidden from dlq list/replay":
                                                          len(letters)})
     if letters:
-        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} until its "
-                           f"retention deletes them; dlq list and replay skip them")
+        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} (dlq list "
+                           f"and replay skip them): "
+                           + _retention(settings, topics.dlq, request.requested_at,
+                                        _SET_TOPIC_RETENTION))
     turns = SinkReport("turns", pending=[
         f"raw turns in {topics.turns}: "
         f"{_retention(settings, topics.turns, request.requested_at)}; the ledger "
