@@ -149,6 +149,32 @@ def test_hybrid_without_terms_or_without_a_lexical_store_is_knn() -> None:
 # -- the embedded store's FTS index -----------------------------------------------------------
 
 
+def test_embedded_rank_ids_are_the_ids_of_both_searches(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "m.db", dim=2)
+    store.upsert(MEMORIES)
+    vector, terms = [0.6, 0.8], ["beagle", "biscuit", "weather"]
+    for not_after in (None, T0 + timedelta(days=1)):
+        dense, lexical = store.rank_ids("acme", "alice", vector, terms, 3, not_after=not_after)
+        assert dense == [h.entry.id for h in store.search("acme", "alice", vector, 3,
+                                                           not_after=not_after)]
+        assert lexical == [h.entry.id for h in store.lexical_search(
+            "acme", "alice", terms, 3, not_after=not_after)]
+    assert "bob" not in dense + lexical and store.rank_ids("acme", "alice", vector, [], 3)[1] == []
+    # The Retriever's fast path (ids, then the fused top k read) ranks like the slow one.
+    fast = Retriever(store, _same_vector, k=3, mode="hybrid").search("acme", "alice", "beagle")
+    slow = Retriever(WordlessRankStore(store), _same_vector, k=3, mode="hybrid").search(
+        "acme", "alice", "beagle")
+    assert [(h.entry.id, h.score) for h in fast] == [(h.entry.id, h.score) for h in slow]
+    store.close()
+
+
+class WordlessRankStore:
+    """The embedded store without its ``rank_ids`` fast path."""
+
+    def __init__(self, inner: EmbeddedStore) -> None:
+        self.search, self.lexical_search = inner.search, inner.lexical_search
+
+
 def test_embedded_fts_follows_every_write_path(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     store = EmbeddedStore(path, dim=2)

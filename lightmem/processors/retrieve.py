@@ -120,23 +120,30 @@ def fuse_rankings(
         Every memory of any list once, by fused score ``sum w / (c + rank)`` (ranks from 1),
         best first; ties broken by id so the order is deterministic.
     """
+    entries: dict[str, MemoryEntry] = {}
+    for hits in rankings:
+        for hit in hits:
+            entries.setdefault(hit.entry.id, hit.entry)
+    fused = _rrf([[h.entry.id for h in hits] for hits in rankings], weights, rrf_k)
+    return [ScoredEntry(entry=entries[i], score=score) for i, score in fused]
+
+
+def _rrf(rankings: Sequence[Sequence[str]], weights: Sequence[float], rrf_k: float
+         ) -> list[tuple[str, float]]:
+    """:func:`fuse_rankings` on ids: ``(id, fused score)`` best first."""
     if len(rankings) != len(weights):
         raise ValueError(f"weights: one per ranking ({len(rankings)}), got {len(weights)}")
     if rrf_k <= 0:
         raise ValueError(f"rrf_k: must be > 0 (got {rrf_k!r})")
     scores: dict[str, float] = {}
-    entries: dict[str, MemoryEntry] = {}
-    for hits, weight in zip(rankings, weights, strict=True):
+    for ids, weight in zip(rankings, weights, strict=True):
         seen: set[str] = set()
-        for rank, hit in enumerate(hits, start=1):
-            entry_id = hit.entry.id
+        for rank, entry_id in enumerate(ids, start=1):
             if entry_id in seen:
                 continue
             seen.add(entry_id)
-            entries.setdefault(entry_id, hit.entry)
             scores[entry_id] = scores.get(entry_id, 0.0) + weight / (rrf_k + rank)
-    ranked = sorted(scores, key=lambda i: (-scores[i], i))
-    return [ScoredEntry(entry=entries[i], score=scores[i]) for i in ranked]
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _unique_hits(hits: Sequence[ScoredEntry]) -> list[ScoredEntry]:
@@ -256,13 +263,22 @@ class Retriever:
         store = self.store
         assert isinstance(store, LexicalStore)
         n = max(k, self.candidates)
-        dense = store.search(tenant, user, vector, n, not_after=not_after)
         terms = query_terms(query)
+        weights = [self.vector_weight, 1.0 - self.vector_weight]
+        ranks_ids = getattr(store, "rank_ids", None)
+        if ranks_ids is not None:
+            # Ids first, entries for the fused top k only: reading and validating 2 x n
+            # entries cost more than both searches on the embedded store.
+            dense_ids, lexical_ids = ranks_ids(tenant, user, vector, terms, n,
+                                               not_after=not_after)
+            fused_ids = _rrf([dense_ids, lexical_ids], weights, self.rrf_k)[:k]
+            by_id = {e.id: e for e in store.get([i for i, _ in fused_ids])}
+            return [ScoredEntry(entry=by_id[i], score=score)
+                    for i, score in fused_ids if i in by_id]
+        dense = store.search(tenant, user, vector, n, not_after=not_after)
         lexical = (store.lexical_search(tenant, user, terms, n, not_after=not_after)
                    if terms else [])
-        fused = fuse_rankings([dense, lexical], [self.vector_weight, 1.0 - self.vector_weight],
-                              rrf_k=self.rrf_k)
-        return fused[:k]
+        return fuse_rankings([dense, lexical], weights, rrf_k=self.rrf_k)[:k]
 
     def answer(
         self,

@@ -350,6 +350,41 @@ class EmbeddedStore:
             for body, rank in self._db.execute(sql, args).fetchall()
         ]
 
+    def rank_ids(
+        self,
+        tenant: str,
+        user: str,
+        vector: Sequence[float],
+        terms: Sequence[str],
+        k: int,
+        *,
+        not_after: datetime | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """The ids :meth:`search` and :meth:`lexical_search` would return, best first, in
+        one read transaction and without reading the memories (hybrid retrieval fuses the
+        ranks, then :meth:`get` reads only the fused top k)."""
+        with self.transaction():
+            sql = ("SELECT id FROM entry_vectors WHERE embedding MATCH ? AND k = ? "
+                   "AND scope = ?")
+            args: list[Any] = [_vec(vector), k, scope_key(tenant, user)]
+            if not_after is not None:
+                sql += " AND event_time_us <= ?"
+                args.append(_us(not_after))
+            dense = [r[0] for r in self._db.execute(sql + " ORDER BY distance", args)]
+            quoted = [f'"{t.replace(chr(34), "")}"' for t in terms if t.replace('"', "").strip()]
+            lexical: list[str] = []
+            if quoted:
+                sql = ("SELECT e.id FROM entry_fts JOIN entries e ON e.rowid = entry_fts.rowid "
+                       "WHERE entry_fts MATCH ? AND e.tenant = ? AND e.user = ?")
+                args = [" OR ".join(quoted), tenant, user]
+                if not_after is not None:
+                    sql += " AND e.event_time_us <= ?"
+                    args.append(_us(not_after))
+                sql += " ORDER BY bm25(entry_fts), e.id LIMIT ?"
+                args.append(k)
+                lexical = [r[0] for r in self._db.execute(sql, args)]
+        return dense, lexical
+
     def get(self, ids: Sequence[str], *, with_embedding: bool = False) -> list[MemoryEntry]:
         """The stored entries with these ids, in the order asked (missing ids skipped)."""
         out = []
