@@ -321,6 +321,19 @@ def test_unsummarized_turns_are_searchable_as_events_then_replaced(a: httpx.Clie
     assert a.get(f"/v1/memories/{hits[0]['id']}").status_code == 404  # not a memory
     r = a.post("/v1/search", json={"user": user, "query": "parrot", "include_events": False})
     assert r.json()["results"] == []
+    # List pages show them too (in event-time order, one per page here), unless excluded.
+    listed, cursor = [], None
+    while True:
+        page = a.get("/v1/memories", params={"user": user, "limit": 1,
+                                             **({"cursor": cursor} if cursor else {})}).json()
+        listed += page["results"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [(m["kind"], m["source_turn_ids"]) for m in listed] == [
+        ("event", ["t1"]), ("event", ["t2"])]
+    assert a.get("/v1/memories", params={"user": user, "include_events": False}
+                 ).json()["results"] == []
     r = a.post("/search", json={"user_id": user, "query": "parrot", "top_k": 1})
     assert r.json()["data"][0]["id"] == hits[0]["id"]
     # The flush summarizes them: the memories replace the events (same turns, no duplicate).
@@ -332,3 +345,5 @@ def test_unsummarized_turns_are_searchable_as_events_then_replaced(a: httpx.Clie
     hits = r.json()["results"]
     assert [h["kind"] for h in hits] == ["memory", "memory"]
     assert sorted(t for h in hits for t in h["source_turn_ids"]) == sorted(added["turn_ids"])
+    listed = a.get("/v1/memories", params={"user": user}).json()["results"]
+    assert [m["kind"] for m in listed] == ["memory", "memory"]

@@ -77,7 +77,8 @@ def test_rate_limiter_token_bucket() -> None:
 
 
 class _FakeService:
-    def list(self, tenant: str, user: str, *, limit: int, cursor: str | None) -> MemoryPage:
+    def list(self, tenant: str, user: str, *, limit: int, cursor: str | None,
+             include_events: bool = False) -> MemoryPage:
         return MemoryPage(results=[], next_cursor=None)
 
     def get(self, tenant: str, memory_id: str) -> Any:

@@ -293,9 +293,13 @@ def create_app(service: MemoryService | None, auth: Auth, *,
         cursor: Annotated[str | None, Query(max_length=4096,
                                             description="next_cursor of the page before")
                           ] = None,
+        include_events: Annotated[bool, Query(
+            description="Also the turns not summarized yet (provisional, kind event)")
+        ] = True,
     ) -> MemoryPage:
         """One page of the user's memories, oldest first; follow ``next_cursor`` to the end."""
-        return service.list(tenant, user, limit=limit, cursor=cursor)
+        return service.list(tenant, user, limit=limit, cursor=cursor,
+                            include_events=include_events)
 
     @app.delete("/v1/memories", response_model=DeleteAllResponse, tags=["memories"],
                 responses=_ERRORS)

@@ -78,6 +78,11 @@ class Written:
     not_searchable: list[str] = field(default_factory=list)
 
 
+def _us(t: datetime) -> int:
+    """The embedded store's page key of a time (microseconds)."""
+    return int(t.timestamp() * 1_000_000)
+
+
 def delete_change(entry: MemoryEntry, *, at: datetime, reason: str) -> MemoryChange:
     """The ``delete`` change of ``entry`` (deterministic id: memory, op, version)."""
     return MemoryChange(
@@ -116,8 +121,11 @@ class Backend(Protocol):
         filtered exactly like :meth:`search`."""
         ...
 
-    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
-             ) -> list[tuple[MemoryEntry, PageKey]]: ...
+    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int,
+             events: bool = False) -> list[tuple[MemoryEntry, PageKey]]:
+        """Up to ``limit`` of the scope's memories after the key ``after``, in (event
+        time, id) order; ``events``: provisional events too, in the same order."""
+        ...
 
     def search_events(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                       conversation: str | None, not_before: datetime | None,
@@ -217,11 +225,17 @@ class EmbeddedBackend:
         return [h for h in hits
                 if conversation is None or h.entry.conversation == conversation][:k]
 
-    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
-             ) -> list[tuple[MemoryEntry, PageKey]]:
+    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int,
+             events: bool = False) -> list[tuple[MemoryEntry, PageKey]]:
         key = None if after is None else (int(after[0]), str(after[1]))
         with self.lock:
             rows = self.runtime.store.page_entries(tenant, user, after=key, limit=limit)
+            if events:
+                # The few turns in open buffers, merged in the same (event time, id) order.
+                held = [(e, (_us(e.event_time), e.id))
+                        for e in self._buffered_turns(tenant, user)]
+                rows = sorted(rows + [r for r in held if key is None or r[1] > key],
+                              key=lambda r: r[1])[:limit]
         return [(e, list(k)) for e, k in rows]
 
     def _buffered_turns(self, tenant: str, user: str) -> list[MemoryEntry]:
@@ -488,16 +502,48 @@ class StreamBackend:
         return [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
                             score=float(h["_score"])) for h in resp["hits"]["hits"]]
 
-    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int
-             ) -> list[tuple[MemoryEntry, PageKey]]:
+    def page(self, tenant: str, user: str, *, after: PageKey | None, limit: int,
+             events: bool = False) -> list[tuple[MemoryEntry, PageKey]]:
+        from lightmem.streams.elastic.events import events_index
+
+        # Events: one search over both indices, sorted together (search_after spans them).
+        index = (f"{self.store.target},{events_index(self.settings.es_alias)}" if events
+                 else self.store.target)
+        out: list[tuple[MemoryEntry, PageKey]] = []
+        while len(out) < limit:
+            want = limit - len(out)
+            resp = self.client.search(
+                index=index, ignore_unavailable=True,
+                query={"bool": {"filter": self._filters(tenant, user, None, None, None)}},
+                sort=[{"event_time": "asc"}, {"id": "asc"}],
+                size=want, search_after=after, source_excludes=["embedding"],
+                track_total_hits=False)
+            hits = resp["hits"]["hits"]
+            rows = [(MemoryEntry.model_validate(h["_source"]), list(h["sort"])) for h in hits]
+            # Left-out events are refilled from further on: a short page means the end.
+            out += self._without_covered(tenant, user, rows) if events else rows
+            if len(hits) < want:
+                break
+            after = list(hits[-1]["sort"])
+        return out
+
+    def _without_covered(self, tenant: str, user: str,
+                         rows: list[tuple[MemoryEntry, PageKey]]
+                         ) -> list[tuple[MemoryEntry, PageKey]]:
+        """``rows`` without the events whose turns a memory covers (indexed, not yet
+        retired: the index sink retires events just after it indexed their memories)."""
+        turn_ids = sorted({t for e, _ in rows if e.id.startswith(EVENT_PREFIX)
+                           for t in e.source_turn_ids})
+        if not turn_ids:
+            return rows
         resp = self.client.search(
-            index=self.store.target,
-            query={"bool": {"filter": self._filters(tenant, user, None, None, None)}},
-            sort=[{"event_time": "asc"}, {"id": "asc"}],
-            size=limit, search_after=after, source_excludes=["embedding"],
-            track_total_hits=False)
-        return [(MemoryEntry.model_validate(h["_source"]), list(h["sort"]))
-                for h in resp["hits"]["hits"]]
+            index=self.store.target, size=4 * len(turn_ids), track_total_hits=False,
+            query={"bool": {"filter": [*self._filters(tenant, user, None, None, None),
+                                       {"terms": {"source_turn_ids": turn_ids}}]}},
+            source_includes=["source_turn_ids"])
+        covered = {t for h in resp["hits"]["hits"] for t in h["_source"]["source_turn_ids"]}
+        return [(e, k) for e, k in rows
+                if not (e.id.startswith(EVENT_PREFIX) and set(e.source_turn_ids) <= covered)]
 
     def search_events(self, tenant: str, user: str, vector: Sequence[float], k: int, *,
                       conversation: str | None, not_before: datetime | None,
@@ -524,14 +570,9 @@ class StreamBackend:
             return []
         # The index sink indexes memories just before it retires their events: a search in
         # between meets both. An event whose turn a memory covers is left out.
-        turn_ids = sorted({t for e in events for t in e.entry.source_turn_ids})
-        resp = self.client.search(
-            index=self.store.target, size=4 * len(turn_ids), track_total_hits=False,
-            query={"bool": {"filter": [*self._filters(tenant, user, None, None, None),
-                                       {"terms": {"source_turn_ids": turn_ids}}]}},
-            source_includes=["source_turn_ids"])
-        covered = {t for h in resp["hits"]["hits"] for t in h["_source"]["source_turn_ids"]}
-        return [e for e in events if not set(e.entry.source_turn_ids) <= covered]
+        kept = {e.id for e, _ in self._without_covered(
+            tenant, user, [(h.entry, []) for h in events])}
+        return [h for h in events if h.entry.id in kept]
 
     def get(self, entry_id: str) -> MemoryEntry | None:
         found = self.store.get([entry_id])

@@ -138,11 +138,14 @@ class MemoryClient:
         body = {"user": user_id, "question": question, "k": k}
         return AnswerResponse.model_validate(self._request("POST", "/v1/answer", json=body))
 
-    def get_all(self, *, user_id: str, page_size: int = 100) -> Iterator[MemoryItem]:
-        """Every memory of ``user_id``, oldest first (pages through all of them)."""
+    def get_all(self, *, user_id: str, page_size: int = 100, include_events: bool = True
+                ) -> Iterator[MemoryItem]:
+        """Every memory of ``user_id``, oldest first (pages through all of them), with the
+        turns not summarized yet as provisional events unless ``include_events=False``."""
         cursor: str | None = None
         while True:
-            params: dict[str, Any] = {"user": user_id, "limit": page_size}
+            params: dict[str, Any] = {"user": user_id, "limit": page_size,
+                                      "include_events": include_events}
             if cursor is not None:
                 params["cursor"] = cursor
             page = MemoryPage.model_validate(self._request("GET", "/v1/memories",

@@ -284,14 +284,20 @@ class MemoryService:
                               memories=[_hit(by_id[i]) for i in answer.memory_ids
                                         if i in by_id])
 
-    def list(self, tenant: str, user: str, *, limit: int = 100, cursor: str | None = None
-             ) -> MemoryPage:
-        """One page of ``user``'s memories, oldest first; ``next_cursor`` while more remain."""
+    def list(self, tenant: str, user: str, *, limit: int = 100, cursor: str | None = None,
+             include_events: bool = False) -> MemoryPage:
+        """One page of ``user``'s memories, oldest first; ``next_cursor`` while more remain.
+
+        ``include_events``: also the turns not summarized yet (provisional, ``kind: event``),
+        in the same order. A turn summarized between two pages may show as an event on one
+        and as its memory on a later one (a different id).
+        """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"must be between 1 and {MAX_PAGE} (got {limit})",
                                loc=("query", "limit"))
         after = None if cursor is None else _decode_cursor(cursor)
-        rows = self.backend.page(tenant, user, after=after, limit=limit + 1)
+        rows = self.backend.page(tenant, user, after=after, limit=limit + 1,
+                                 events=include_events)
         more = len(rows) > limit
         rows = rows[:limit]
         return MemoryPage(results=[MemoryItem.of(e) for e, _ in rows],

@@ -112,11 +112,14 @@ class Memory:
         request = _validated(AnswerRequest, user=user_id, question=question, k=k)
         return self._service.answer(self.tenant, request)
 
-    def get_all(self, *, user_id: str, page_size: int = 100) -> Iterator[MemoryItem]:
-        """Every memory of ``user_id``, oldest first (pages through all of them)."""
+    def get_all(self, *, user_id: str, page_size: int = 100, include_events: bool = True
+                ) -> Iterator[MemoryItem]:
+        """Every memory of ``user_id``, oldest first (pages through all of them), with the
+        turns not summarized yet as provisional events unless ``include_events=False``."""
         cursor = None
         while True:
-            page = self._service.list(self.tenant, user_id, limit=page_size, cursor=cursor)
+            page = self._service.list(self.tenant, user_id, limit=page_size, cursor=cursor,
+                                      include_events=include_events)
             yield from page.results
             if page.next_cursor is None:
                 return

@@ -242,3 +242,86 @@ def test_wait_searchable_and_aml_add_with_a_worker(stream_env: StreamEnv) -> Non
             assert c.post("/add", json=body).json() == first.json()
     finally:
         stop_server(server)
+
+
+def _search(c: httpx.Client, user: str, query: str) -> list[dict]:
+    r = c.post("/v1/search", json={"user": user, "query": query, "k": 10})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_stream_turns_are_searchable_as_events_before_their_memories(
+    stream_env: StreamEnv,  # noqa: F811
+) -> None:
+    """Freshness on ``--stream``: the worker's sensory stage writes every buffered turn to the
+    events index, so a produced turn is found at once as a provisional event; once its
+    conversation is summarized the memory replaces it (same turn id, no duplicate) and the
+    event is retired; erasing the user removes events too."""
+    from lightmem.streams.elastic.events import events_index
+
+    senv = stream_env
+    worker = senv.start_worker("w1")
+    deadline = time.monotonic() + 240
+    while not senv.es.indices.exists(index=events_index(senv.alias)):
+        assert worker.proc.poll() is None and time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)  # polling interval of a deadline wait
+    server = start_server(["--stream", "--data-dir", str(senv.tmp), "--topic-prefix",
+                           senv.topics.prefix], env=senv.env, log=senv.tmp / "serve.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=120.0) as c:  # dev mode: 127.0.0.1
+            r = c.post("/v1/memories", json={"user": "yan", "conversation": "c1", "messages": [
+                {"role": "user", "content": "My violin teacher is called Ines."}]})
+            assert r.status_code == 202, r.text
+            [turn_id] = r.json()["turn_ids"]
+
+            # 1. An event, within seconds, while the turn waits in its sensory buffer.
+            deadline = time.monotonic() + 60
+            while True:
+                hits = [h for h in _search(c, "yan", "who teaches me the violin")
+                        if turn_id in h["source_turn_ids"]]
+                if hits:
+                    break
+                assert time.monotonic() < deadline, worker.tail()
+                time.sleep(0.2)  # polling interval of a deadline wait
+            [event] = hits
+            assert event["kind"] == "event" and event["id"].startswith("event:")
+            assert "Ines" in event["text"] and event["source_turn_ids"] == [turn_id]
+            assert _search(c, "someone-else", "who teaches me the violin") == []
+            listed = c.get("/v1/memories", params={"user": "yan"}).json()["results"]
+            assert [(m["kind"], m["source_turn_ids"]) for m in listed] == [("event", [turn_id])]
+            r = c.post("/v1/search", json={"user": "yan", "query": "violin teacher",
+                                           "include_events": False})
+            assert r.json()["results"] == []
+
+            # 2. Summarized (flushed): the memory, never the event beside it.
+            r = c.post("/v1/memories", params={"wait": "searchable", "timeout_s": 90},
+                       json={"user": "yan", "conversation": "c1", "messages": [
+                           {"role": "user", "content": "She comes on Tuesdays."}]})
+            assert r.status_code == 200 and r.json()["searchable"] is True, r.text
+            hits = [h for h in _search(c, "yan", "who teaches me the violin")
+                    if turn_id in h["source_turn_ids"]]
+            assert [h["kind"] for h in hits] == ["memory"], hits
+            listed = c.get("/v1/memories", params={"user": "yan", "limit": 1}).json()
+            assert listed["results"][0]["kind"] == "memory"
+            assert turn_id in listed["results"][0]["source_turn_ids"]
+            # ... and the event is gone from the events index (retired by the index sink).
+            deadline = time.monotonic() + 30
+            while senv.es.count(index=events_index(senv.alias), query={
+                    "term": {"source_turn_ids": turn_id}})["count"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)  # polling interval (the events index refreshes every 1 s)
+                senv.es.indices.refresh(index=events_index(senv.alias))
+
+            # 3. Erasing the user removes her events as well as her memories.
+            r = c.post("/v1/memories", json={"user": "erin", "conversation": "c2", "messages": [
+                {"role": "user", "content": "My locker code is 4711."}]})
+            assert r.status_code == 202, r.text
+            deadline = time.monotonic() + 60
+            while not _search(c, "erin", "locker code"):
+                assert time.monotonic() < deadline, worker.tail()
+                time.sleep(0.2)  # polling interval of a deadline wait
+            r = c.request("DELETE", "/v1/memories", params={"user": "erin"})
+            assert r.status_code == 200, r.text
+            assert _search(c, "erin", "locker code") == []
+    finally:
+        stop_server(server)

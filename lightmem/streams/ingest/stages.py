@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from lightmem.processors.erasure import ErasureLedger, raw_scopes, strip_turns
+from lightmem.processors.events import covering_event_ids, event_entry, event_id
 from lightmem.processors.llm import LLMTransientError
 from lightmem.processors.segment import (
     SensoryBufferState,
@@ -164,6 +165,11 @@ class StepResult:
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
     #: Conversations (keys) flushed by this step.
     flushed: list[bytes] = field(default_factory=list)
+    #: Provisional events of the turns pushed into sensory buffers (freshness; written
+    #: before the batch commits, see :mod:`lightmem.streams.elastic.events`).
+    events: list[MemoryEntry] = field(default_factory=list)
+    #: Ids of events retired by this step (their turns were summarized).
+    retired_events: list[str] = field(default_factory=list)
 
     def count_dead_letter(self, reason: str) -> None:
         """Count one dead letter of reason class ``reason``."""
@@ -256,6 +262,28 @@ class _Stage:
         self.sleep = sleep
         #: The erasure ledger every step consults (the worker shares its follower's).
         self.erasures = ErasureLedger()
+        #: Where provisional events go (an :class:`~lightmem.streams.elastic.events.EventIndex`);
+        #: None: no events (tests, backfills).
+        self.events: Any = None
+
+    def apply_events(self, result: StepResult) -> None:
+        """Write the step's events and retire the retired ones.
+
+        Events only make turns searchable sooner: a transient failure retries the step like
+        any other, a permanent one is logged and ingest goes on (those turns are found once
+        their memories are indexed).
+        """
+        if self.events is None or not (result.events or result.retired_events):
+            return
+        try:
+            if result.events:
+                self.events.write(self.components.embedder.embed_entries(result.events))
+            self.events.retire(result.retired_events)
+        except Exception as exc:  # noqa: BLE001 - sorted here
+            if is_transient(exc):
+                raise
+            log.warning("%s: events not written/retired (%r); those turns are searchable "
+                        "once their memories are", self.name, exc)
 
     def guarded(self, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry a non-transient failure until ``poison_attempts`` failures.
@@ -482,6 +510,7 @@ class SensoryStage(_Stage):
         for key, slot in work.items():
             slot.prune_origins()
             result.slots[key] = (slot.partition, slot.model_dump_json().encode())
+        self.apply_events(result)
         return result
 
     def _compress(
@@ -523,6 +552,9 @@ class SensoryStage(_Stage):
             self.dead_letter(result, rec, "segment", poisoned)
             return False
         slot.buffer = state
+        if self.events is not None:
+            result.events.append(event_entry(turn, compressed, seq=rec.offset,
+                                             written_at=self.clock()))
         self._emit_segments(segments, slot, result)
         result.applied += 1
         return True
@@ -691,6 +723,7 @@ class ShortTermStage(_Stage):
             if key:
                 slot.prune_origins()
                 result.slots[key] = (slot.partition, slot.model_dump_json().encode())
+        self.apply_events(result)
         return result
 
     def _segment(self, rec: Inbound, slot: TopicSlot, result: StepResult) -> None:
@@ -762,6 +795,13 @@ class ShortTermStage(_Stage):
         if summary.dead_letter is not None:
             result.out.append(Outbound(self.topics.dlq, rec.key, summary.dead_letter.to_bytes()))
             result.count_dead_letter(summary.dead_letter.stage or "summarize")
+        if self.events is not None:
+            # The turns no memory covers (the model found nothing in them) leave the
+            # searchable events now; the others when the index sink indexed their memories.
+            covered = {t for e in summary.entries for t in e.source_turn_ids}
+            result.retired_events += [event_id(s.conversation_key, t.turn_id)
+                                      for s in segments for t in s.turns
+                                      if t.turn_id not in covered]
         for entry in summary.entries:
             known = [origins[t] for t in entry.source_turn_ids if origins and t in origins]
             headers = ((ORIGIN_HEADER, str(min(known)).encode()),) if known else ()
@@ -836,6 +876,13 @@ class IndexSink(_Stage):
         pairs = list(entries.values())
         poisoned_before = result.dead_letters
         stored = self._write_all(pairs, result)
+        if self.events is not None and stored:
+            # Memories first, visible (refresh), then their events go: a search finds each
+            # turn as an event or as a memory, never in neither (both at once, briefly, is
+            # left to the reader: the service drops an event its memory hits cover).
+            self.store.refresh()
+            result.retired_events += covering_event_ids(stored)
+            self.apply_events(result)
         now = self.clock()
         # Every stored entry gets its `add` change, also one the index already held: the
         # worker commits the changes with the entries' offsets in one transaction, so an
