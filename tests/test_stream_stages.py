@@ -415,3 +415,92 @@ def test_a_quiet_conversation_is_idle_by_wall_clock_without_newer_event_times() 
     command = stage.idle_flush_command(slots[key])
     assert (command.tenant, command.conversation) == ("acme", "c1")
     assert command.key == key
+
+
+# -- provisional events (freshness) --------------------------------------------------------------
+
+
+class FakeEvents:
+    """The events index: id -> event."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, MemoryEntry] = {}
+
+    def write(self, events: list[MemoryEntry]) -> int:
+        assert all(e.embedding is not None for e in events)
+        self.docs.update({e.id: e for e in events})
+        return len(events)
+
+    def retire(self, ids: list[str]) -> int:
+        return sum(self.docs.pop(i, None) is not None for i in ids)
+
+
+class RefreshingStore(FakeStore):
+    def __init__(self, events: FakeEvents) -> None:
+        super().__init__()
+        self.events = events
+        self.visible_when_retiring: list[set[str]] = []
+
+    def refresh(self) -> None:
+        # What the events index holds when the memories become visible: nothing retired yet.
+        self.visible_when_retiring.append(set(self.events.docs))
+
+
+def _through_short_term(stage: ShortTermStage, sensory_result: Any) -> Any:
+    recs = [rec(i, o.value, key=o.key, topic=TOPICS.segments, headers=o.headers)
+            for i, o in enumerate(o for o in sensory_result.out if o.topic == TOPICS.segments)]
+    return stage.step(recs, {})
+
+
+def test_buffered_turns_become_events_that_their_memories_retire() -> None:
+    from lightmem.processors.events import event_id
+
+    events = FakeEvents()
+    comp = components(embedder=FakeEmbedder(), topic_buffer=TopicBuffer(words, 10_000))
+    stage = sensory(comp)
+    stage.events = events
+    turns = [turn(i) for i in range(3)]
+    applied = stage.step(turn_recs(turns), {})
+    assert sorted(events.docs) == sorted(event_id(K1.decode(), t.turn_id) for t in turns)
+    first = events.docs[event_id(K1.decode(), turns[0].turn_id)]
+    assert (first.tenant, first.user, first.conversation) == ("acme", "u1", "c1")
+    assert first.source_turn_ids == [turns[0].turn_id] and first.event_time == turns[0].event_time
+    assert first.fact == f"u1: {turns[0].text}" and first.ingest_time == NOW
+    # Redelivered: applied once, no new event.
+    assert stage.step(turn_recs(turns), slots_of(applied)).events == []
+
+    flush_all = rec(20, FlushCommand().to_bytes(), key=None, headers=tuple(flush_headers()))
+    flushed = stage.step([flush_all], slots_of(applied))
+    short = ShortTermStage(settings(), comp, TOPICS, clock=lambda: NOW, sleep=lambda s: None)
+    short.events = events
+    summarized = _through_short_term(short, flushed)
+    entry_recs_ = [rec(i, o.value, key=o.key, topic=TOPICS.entries)
+                   for i, o in enumerate(o for o in summarized.out if o.topic == TOPICS.entries)]
+    assert len(entry_recs_) == 3 and len(events.docs) == 3  # every turn has its memory
+    store = RefreshingStore(events)
+    sink = IndexSink(settings(), comp, TOPICS, store, clock=lambda: NOW, sleep=lambda s: None)
+    sink.events = events
+    sink.step(entry_recs_)
+    # The memories were made visible (refresh) while their events were still there, then
+    # the events were retired: a search finds each turn somewhere at every moment.
+    assert len(store.docs) == 3 and events.docs == {}
+    assert len(store.visible_when_retiring) == 1 and len(store.visible_when_retiring[0]) == 3
+
+
+def test_turns_a_summary_found_nothing_in_are_retired_at_once() -> None:
+    class FindsNothing:
+        def summarize(self, segments: Any, *, now: Any) -> Any:
+            return SimpleNamespace(entries=[], dead_letter=None)
+
+    events = FakeEvents()
+    comp = components(embedder=FakeEmbedder(), topic_buffer=TopicBuffer(words, 10_000),
+                      summarizer=FindsNothing())
+    stage = sensory(comp)
+    stage.events = events
+    applied = stage.step(turn_recs([turn(i) for i in range(2)]), {})
+    assert len(events.docs) == 2
+    flush_all = rec(20, FlushCommand().to_bytes(), key=None, headers=tuple(flush_headers()))
+    short = ShortTermStage(settings(), comp, TOPICS, clock=lambda: NOW, sleep=lambda s: None)
+    short.events = events
+    result = _through_short_term(short, stage.step([flush_all], slots_of(applied)))
+    assert len(result.retired_events) == 2 and events.docs == {}
