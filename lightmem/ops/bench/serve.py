@@ -14,7 +14,10 @@ For each store (``embedded``: SQLite + sqlite-vec under a fresh data directory;
    in the same run and in this process, on the **bare path**: the query's embedding by the
    same encoder (one at a time under one lock: one model) plus the store's kNN called
    directly (embedded: under the same lock, one SQLite connection, as the service holds
-   them; Elasticsearch: concurrent). Printed: queries/s, p50/p95/p99 ms, and service / bare.
+   them; Elasticsearch: concurrent); with ``LIGHTMEM_RETRIEVAL=hybrid`` also the store's BM25
+   over as many candidates as the service asks for. Printed: queries/s, p50/p95/p99 ms, and
+   service / bare. Both sides use the same settings (``LIGHTMEM_TORCH_THREADS``: on a loaded
+   2-core machine 1 thread is far faster than 2 for one short query).
 3. **Freshness.** Turns of ``--fresh-users`` users are added through the service
    (``POST /v1/memories``, one turn a request) at ``--fresh-rate`` turns/s for
    ``--fresh-turns`` turns, then nothing more: the stream goes quiet. Each turn's latency runs
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -278,7 +282,16 @@ def _http_search(url: str, k: int) -> Callable[[tuple[str, str]], None]:
 
 def _bare_search(store_name: str, settings: Settings, embed: Callable[[list[str]], Any],
                  k: int) -> tuple[Callable[[tuple[str, str]], None], Callable[[], None]]:
-    """The bare path (query embedding + the store's kNN, in process) and its closer."""
+    """The bare path (query embedding + the store's kNN, in process) and its closer.
+
+    With ``LIGHTMEM_RETRIEVAL=hybrid`` (the service then also ranks BM25 and fuses), the
+    bare path does the same store work: kNN and BM25 over the same number of candidates.
+    """
+    from lightmem.processors.lexical import query_terms
+    from lightmem.processors.retrieve import DEFAULT_CANDIDATES
+
+    hybrid = settings.retrieval == "hybrid"
+    n = max(k, DEFAULT_CANDIDATES) if hybrid else k
     model_lock = threading.Lock()
     if store_name == "embedded":
         from lightmem.streams.embedded.store import EmbeddedStore
@@ -289,7 +302,9 @@ def _bare_search(store_name: str, settings: Settings, embed: Callable[[list[str]
         def bare(q: tuple[str, str]) -> None:
             with model_lock:  # one SQLite connection and one model, as the service holds them
                 vector = embed([q[1]])[0]
-                store.search(TENANT, q[0], vector.tolist(), k)
+                store.search(TENANT, q[0], vector.tolist(), n)
+                if hybrid and (terms := query_terms(q[1])):
+                    store.lexical_search(TENANT, q[0], terms, n)
 
         return bare, store.close
     from lightmem.streams.elastic.store import ElasticsearchStore, es_client
@@ -300,7 +315,9 @@ def _bare_search(store_name: str, settings: Settings, embed: Callable[[list[str]
     def bare_es(q: tuple[str, str]) -> None:
         with model_lock:  # one model; the kNN requests run concurrently
             vector = embed([q[1]])[0]
-        es_store.search(TENANT, q[0], vector.tolist(), k)
+        es_store.search(TENANT, q[0], vector.tolist(), n)
+        if hybrid and (terms := query_terms(q[1])):
+            es_store.lexical_search(TENANT, q[0], terms, n)
 
     return bare_es, es.close
 
@@ -543,6 +560,9 @@ def serve_command(
     (query embedding + the store's kNN in process), and produce -> searchable latency."""
     stores, levels = _stores(store), _ints(clients)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # SIGTERM unwinds like Ctrl-C: the service, the worker and the private topics and
+    # indices are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = load_settings()
     if "elasticsearch" in stores:
         _check_servers(settings)
@@ -566,6 +586,7 @@ def serve_command(
                                  fresh=fresh))
     report = {"memories": memories, "users": users, "queries": queries, "k": k,
               "vectors": "random unit vectors (seeded); queries by the real encoder",
+              "retrieval": settings.retrieval,
               "batch_queries": settings.serve_batch_queries,
               "idle_timeout_s": settings.idle_timeout_s, "results": results}
     _print(report)
@@ -576,7 +597,8 @@ def serve_command(
 
 def _print(report: dict[str, Any]) -> None:
     table = Table(title=f"bench serve: {report['memories']} memories of {report['users']} "
-                        f"users, {report['queries']} searches per level, k={report['k']}")
+                        f"users, {report['queries']} searches per level, k={report['k']}, "
+                        f"retrieval {report['retrieval']}")
     for col in ("store", "clients", "service q/s", "p50 ms", "p95 ms", "p99 ms",
                 "bare q/s", "bare p50", "bare p95", "bare p99", "service / bare"):
         table.add_column(col, justify="right")
