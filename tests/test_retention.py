@@ -334,3 +334,34 @@ def test_train_retention_smoke(tmp_path: Path, minilm: Any) -> None:
         TURNS, 0.6
     )
     assert all(is_subsequence(c.split(), t.split()) for c, t in zip(compressed, TURNS, strict=True))
+
+
+@pytest.mark.models
+def test_bench_pipeline_runs_several_compressors_each_beside_its_bare_passes(
+    tmp_path: Path, locomo_path: Path, backend: MiniLMRetentionBackend
+) -> None:
+    from typer.testing import CliRunner
+
+    from lightmem.ops.commands.bench import app
+
+    out = tmp_path / "pipeline.json"
+    args = [
+        "pipeline",
+        "--data",
+        str(locomo_path),
+        "--limit",
+        "24",
+        "--compressor",
+        "none,minilm",
+        "--json",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = json.loads(out.read_text())
+    assert [r["compressor"] for r in runs] == ["none", "minilm"]
+    assert all(r["turns"] == 24 for r in runs)
+    assert runs[0]["bare_compress_s"] == 0  # no compressor model to run bare
+    assert runs[1]["bare_compress_s"] > 0
+    bad = CliRunner().invoke(app, ["pipeline", "--compressor", "entropy,bogus"])
+    assert bad.exit_code == 2
