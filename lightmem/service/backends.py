@@ -497,8 +497,9 @@ class StreamBackend:
         filters = self._filters(tenant, user, conversation, not_before, not_after)
         resp = self.client.search(
             index=self.store.target, size=k, source_excludes=["embedding"],
-            query={"bool": {"must": [{"match": {"fact": {"query": text}}}],
-                            "filter": filters}})
+            query={"bool": {"must": [{"multi_match": {
+                "query": text, "fields": ["fact", "original_text"], "type": "most_fields"}}],
+                "filter": filters}})
         return [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
                             score=float(h["_score"])) for h in resp["hits"]["hits"]]
 

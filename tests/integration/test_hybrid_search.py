@@ -162,3 +162,18 @@ def test_hybrid_retriever_is_scoped_and_finds_the_keyword(store) -> None:  # noq
         for h in hybrid.search("acme", "alice", query, k=10, not_after=T0 + timedelta(days=1)):
             assert (h.entry.tenant, h.entry.user) == ("acme", "alice")
             assert h.entry.id not in ("bob", "late")
+
+
+def test_words_compression_dropped_still_match_through_the_original(store) -> None:  # noqa: ANN001
+    compressed = entry("c", "Alice: adopted beagle shelter")
+    compressed = compressed.model_copy(update={
+        "original_text": "I adopted a beagle called Biscuit from the shelter"})
+    store.upsert([compressed])
+
+    assert ids(store.lexical_search("acme", "alice", ["biscuit"], 5)) == ["c"]
+    # Rewritten: the old original's words go with it.
+    store.replace(compressed.model_copy(update={"original_text": "a cat", "fact": "cat",
+                                                "version": 2}), expected_version=1)
+    if hasattr(store, "refresh"):
+        store.refresh()
+    assert store.lexical_search("acme", "alice", ["biscuit"], 5) == []

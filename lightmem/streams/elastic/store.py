@@ -793,7 +793,8 @@ class ElasticsearchStore:
         not_after: datetime | None = None,
         not_before: datetime | None = None,
     ) -> list[ScoredEntry]:
-        """BM25 on ``fact`` within the scope, best first (the lexical side of hybrid search).
+        """BM25 on ``fact`` and ``original_text`` within the scope, best first (the lexical
+        side of hybrid search).
 
         The scope and time bounds are the same ``filter`` clauses as the kNN's, so a word
         can never bring up another tenant's or user's memory. The terms go to one ``match``
@@ -818,7 +819,10 @@ class ElasticsearchStore:
         filters = self._scope_filter(tenant, user, not_after, not_before)
         resp = self.client.search(
             index=self.target,
-            query={"bool": {"must": [{"match": {"fact": {"query": text}}}], "filter": filters}},
+            # The fact and its source turn's original text, as the embedded store's FTS.
+            query={"bool": {"must": [{"multi_match": {
+                "query": text, "fields": ["fact", "original_text"], "type": "most_fields"}}],
+                "filter": filters}},
             size=k,
             source_excludes=["embedding"],
         )
