@@ -34,14 +34,16 @@ def is_event(entry_id: str) -> bool:
 
 def event_entry(turn: TurnEvent, compressed: str, *, seq: int | None, written_at: datetime
                 ) -> MemoryEntry:
-    """The event of ``turn`` (compressed to ``compressed``), written at ``written_at``.
+    """The event of ``turn`` (compressed to ``compressed``).
 
     Args:
         turn: The turn, as it entered its sensory buffer.
         compressed: Its compressed text (what its memory would say in extractive mode).
         seq: Its place in the conversation (the record's offset on the stream).
-        written_at: The event's ``ingest_time``: an erasure deletes what was written before
-            it.
+        written_at: The event's ``ingest_time``: when the turn was produced (its record's
+            time) where known, else when the event is made. An erasure deletes the events
+            whose ``ingest_time`` is at or before it, i.e. of the turns produced before it,
+            whenever a worker wrote them.
     """
     text = " ".join((compressed or turn.text).split())
     return MemoryEntry(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -325,3 +325,36 @@ def test_stream_turns_are_searchable_as_events_before_their_memories(
             assert _search(c, "erin", "locker code") == []
     finally:
         stop_server(server)
+
+
+def test_event_index_erases_only_turns_produced_before_the_erasure(
+    es_client, unique_id: Callable[[str], str],  # noqa: ANN001
+) -> None:
+    """What a worker does when an erasure reaches it after it wrote events of the scope:
+    the events of turns produced up to the erasure go, later ones and other scopes stay."""
+    from lightmem.processors.events import event_entry
+    from lightmem.streams.elastic.events import EventIndex
+
+    alias = unique_id("lightmem-test-events")
+    events = EventIndex(es_client, alias, dim=4)
+    events.ensure()
+    try:
+        at = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+        made = []
+        for i, (user, minutes) in enumerate([("ann", -5), ("ann", 0), ("ann", 5), ("bob", -5)]):
+            when = at + timedelta(minutes=minutes)
+            turn = TurnEvent(tenant="t", user=user, conversation=f"c-{user}", session="s",
+                             turn_id=f"t{i}", role="user", speaker=user, text=f"turn {i}",
+                             event_time=when)
+            made.append(event_entry(turn, turn.text, seq=i, written_at=when)
+                        .model_copy(update={"embedding": [1.0, 0.0, 0.0, 0.0]}))
+        events.write(made)
+        gone = events.erase([("t", "ann", int(at.timestamp() * 1000))])
+        assert gone == 2
+        es_client.indices.refresh(index=events.name)
+        left = {h["_source"]["source_turn_ids"][0] for h in es_client.search(
+            index=events.name, size=10)["hits"]["hits"]}
+        assert left == {"t2", "t3"}
+        assert events.erase([("t", None, int(at.timestamp() * 1000) + 10 * 60_000)]) == 2
+    finally:
+        es_client.indices.delete(index=events.name, ignore_unavailable=True)

@@ -83,3 +83,33 @@ class EventIndex:
         if failures:
             raise BulkWriteError(failures)
         return deleted
+
+    def erase(self, scopes: Sequence[tuple[str, str | None, int]]) -> int:
+        """Delete the events of erased scopes: ``(tenant, user or None for the whole tenant,
+        erased at ms)``, each only for turns produced at or before then (an event's
+        ``ingest_time`` is its turn's produce time). Returns how many were deleted.
+
+        The erasure's own passes delete them too; this catches an event a worker wrote
+        before the erasure reached it, after those passes ran.
+        """
+        from datetime import UTC, datetime
+
+        deleted = 0
+        for lo in range(0, len(scopes), 500):
+            should = []
+            for tenant, user, at_ms in scopes[lo:lo + 500]:
+                at = datetime.fromtimestamp(at_ms / 1000, UTC).isoformat()
+                clauses: list[dict[str, Any]] = [{"term": {"tenant": tenant}},
+                                                 {"range": {"ingest_time": {"lte": at}}}]
+                if user is not None:
+                    clauses.append({"term": {"user": user}})
+                should.append({"bool": {"filter": clauses}})
+            query = {"bool": {"should": should, "minimum_should_match": 1}}
+            while True:
+                self.client.indices.refresh(index=self.name)
+                hits = self.client.search(index=self.name, query=query, size=1000,
+                                          source=False, track_total_hits=False)["hits"]["hits"]
+                if not hits:
+                    break
+                deleted += self.retire([h["_id"] for h in hits])
+        return deleted

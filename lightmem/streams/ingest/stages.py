@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -553,8 +553,11 @@ class SensoryStage(_Stage):
             return False
         slot.buffer = state
         if self.events is not None:
+            # The produce time where known: an erasure compares it (see .elastic.events).
+            origin = (self.clock() if rec.timestamp_ms is None
+                      else datetime.fromtimestamp(rec.timestamp_ms / 1000, UTC))
             result.events.append(event_entry(turn, compressed, seq=rec.offset,
-                                             written_at=self.clock()))
+                                             written_at=origin))
         self._emit_segments(segments, slot, result)
         result.applied += 1
         return True

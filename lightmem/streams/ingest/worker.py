@@ -222,6 +222,8 @@ class IngestWorker:
         self._swept_version = 0
         self._sweep_due: dict[str, set[int]] = {}
         self._sink: IndexSink | None = None
+        #: Erased scopes whose events this worker deleted: (tenant, user) -> erased at ms.
+        self._events_erased: dict[tuple[str, str | None], int] = {}
         self.stop_event = threading.Event()
         self._consumer: Any = None
         self._producer: Any = None
@@ -754,6 +756,8 @@ class IngestWorker:
     def _unwrite(self) -> bool:
         """Delete from the index what a step wrote just before an erasure of its scope
         reached this worker (the erasure's own deletes may have run before that write)."""
+        if not self._unwrite_events():
+            return False
         if self._sink is None:
             return True
         ids = self._sink.erased_writes()
@@ -770,6 +774,27 @@ class IngestWorker:
         self._sink.unremember(ids)
         log.info("erasure: deleted %d memorie(s) written just before the erasure arrived",
                  len(ids))
+        return True
+
+    def _unwrite_events(self) -> bool:
+        """Delete the events of the scopes erased since the last call (their turns were
+        produced before the erasure; a stage may have written them before it knew)."""
+        events = self.sensory.events
+        if events is None:
+            return True
+        new = [(e.tenant, e.user, e.at_ms) for e in self.erasures.entries()
+               if self._events_erased.get((e.tenant, e.user)) != e.at_ms]
+        if not new:
+            return True
+        try:
+            n = events.erase(new)
+        except Exception as exc:  # noqa: BLE001 - tried again after the next batch
+            log.warning("erasure: could not delete the events of %d erased scope(s): %r",
+                        len(new), exc)
+            return False
+        self._events_erased.update({(t, u): at for t, u, at in new})
+        if n:
+            log.info("erasure: deleted %d event(s) of erased scopes", n)
         return True
 
     def sweep(self, partitions: Mapping[str, set[int]] | None) -> bool:
