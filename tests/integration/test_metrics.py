@@ -148,7 +148,8 @@ def test_metrics_match_what_the_worker_did(stream_env: StreamEnv) -> None:
     assert total(m, "lightmem_events_skipped_total") == 0  # nothing redelivered
     assert total(m, "lightmem_stage_errors_total") == 0
     # Elasticsearch: every memory in the index went through a timed bulk call
-    assert total(m, "lightmem_es_docs_total", outcome="written") == len(entries) > 0
+    written = total(m, "lightmem_es_docs_total", outcome="written", kind="memories")
+    assert written == len(entries) > 0
     assert total(m, "lightmem_es_docs_total", outcome="failed") == 0
     assert total(m, "lightmem_es_bulk_seconds_count") >= 1
     assert total(m, "lightmem_batch_seconds_count", stage="index") >= 1

@@ -49,7 +49,8 @@ class EventIndex:
     def __init__(self, client: Any, alias: str, *, dim: int = 384) -> None:
         self.client = client
         self.name = events_index(alias)
-        self.store = ElasticsearchStore(client, alias=alias, dim=dim, index=self.name)
+        self.store = ElasticsearchStore(client, alias=alias, dim=dim, index=self.name,
+                                          kind="events")
 
     def ensure(self) -> None:
         """Create the index when missing (idempotent)."""

@@ -318,6 +318,7 @@ class ElasticsearchStore:
         max_retries: bulk retries of documents answered 429/5xx (default 3).
         retry_backoff_s: first bulk retry delay, doubled per retry (default 1.0).
         chunk_size: documents per bulk request (default 500).
+        kind: what the documents are (memories | events), a label of the docs metric.
     """
 
     def __init__(
@@ -331,6 +332,7 @@ class ElasticsearchStore:
         max_retries: int = 3,
         retry_backoff_s: float = 1.0,
         chunk_size: int = 500,
+        kind: str = "memories",
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim: must be >= 1 (got {dim!r})")
@@ -342,6 +344,8 @@ class ElasticsearchStore:
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.chunk_size = chunk_size
+        #: What the documents are, for the ``lightmem_es_docs_total{kind}`` metric.
+        self.kind = kind
 
     @property
     def target(self) -> str:
@@ -629,7 +633,7 @@ class ElasticsearchStore:
         finally:
             # A call that raised (connection lost) counts its documents as failed.
             metrics.record_es_bulk(time.perf_counter() - started, written=written,
-                                   failed=len(batch) - written - present)
+                                   failed=len(batch) - written - present, kind=self.kind)
         if failures:
             raise BulkWriteError(failures)
         return written

@@ -25,7 +25,7 @@ lightmem_llm_errors_total               counter     stage, tenant
 lightmem_llm_tokens_total               counter     stage, tenant, kind (prompt | completion)
 lightmem_llm_latency_seconds            histogram   stage
 lightmem_es_bulk_seconds                histogram   (one bulk upsert call)
-lightmem_es_docs_total                  counter     outcome (written | failed)
+lightmem_es_docs_total                  counter     outcome (written|failed), kind (memories|events)
 lightmem_consumer_lag                   gauge       topic, partition
 lightmem_sleep_window_open              gauge       tenant ("*" = every tenant)
 lightmem_sleep_yielding                 gauge       (1 while an open window waits for ingest)
@@ -131,7 +131,7 @@ ES_BULK_SECONDS = Histogram("lightmem_es_bulk_seconds",
                             "Seconds per Elasticsearch bulk upsert call (retries included).",
                             buckets=_ES_BUCKETS, registry=REGISTRY)
 ES_DOCS = Counter("lightmem_es_docs", "Documents sent to Elasticsearch bulk upserts.",
-                  ["outcome"], registry=REGISTRY)
+                  ["outcome", "kind"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("lightmem_consumer_lag",
                      "Records of a partition not yet committed by this worker's group "
                      "(high watermark minus committed offset).", ["topic", "partition"],
@@ -220,13 +220,14 @@ def record_reread(stage: str) -> None:
     REREADS.labels(stage).inc()
 
 
-def record_es_bulk(seconds: float, *, written: int, failed: int) -> None:
-    """Count one Elasticsearch bulk upsert call."""
+def record_es_bulk(seconds: float, *, written: int, failed: int, kind: str = "memories"
+                   ) -> None:
+    """Count one Elasticsearch bulk upsert call of ``kind`` documents (memories | events)."""
     ES_BULK_SECONDS.observe(seconds)
     if written:
-        ES_DOCS.labels("written").inc(written)
+        ES_DOCS.labels("written", kind).inc(written)
     if failed:
-        ES_DOCS.labels("failed").inc(failed)
+        ES_DOCS.labels("failed", kind).inc(failed)
 
 
 def set_consumer_lag(lags: Mapping[tuple[str, int], int]) -> None:
