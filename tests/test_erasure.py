@@ -92,6 +92,31 @@ def _snapshot(db, tenant: str, user: str) -> dict:  # noqa: ANN001
 
 
 @pytest.mark.models
+def test_forget_leaves_no_byte_of_the_text_in_the_database_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {"LIGHTMEM_COMPRESSOR": "none", "HF_HUB_OFFLINE": "1"}
+    runner = CliRunner()
+    alice = [t.model_copy(update={"text": f"{t.text} zanzibarquux{i}"})
+             for i, t in enumerate(_turns("acme", "alice", "c-alice", 8))]
+    path = _write(tmp_path / "t.jsonl", alice + _turns("acme", "bob", "c-bob", 8))
+    result = runner.invoke(app, ["ingest", str(path), "--data-dir", str(data)], env=env)
+    assert result.exit_code == 0, result.output
+
+    def files_mention() -> list[str]:
+        return [p.name for p in data.rglob("*") if p.is_file()
+                and b"zanzibarquux" in p.read_bytes()]
+
+    assert files_mention()  # memories, buffers, history, the FTS index hold it
+    result = runner.invoke(app, ["forget", "--tenant", "acme", "--user", "alice",
+                                 "--data-dir", str(data)], env=env)
+    assert result.exit_code == 0, result.output
+    assert files_mention() == []  # not in free pages, FTS segments or the write-ahead log
+    result = runner.invoke(app, ["search", "--tenant", "acme", "--user", "bob", "--data-dir",
+                                 str(data), "dog"], env=env)
+    assert result.exit_code == 0 and "Pepper" in result.output
+
+
+@pytest.mark.models
 def test_forget_one_user_embedded(tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {"LIGHTMEM_COMPRESSOR": "none", "HF_HUB_OFFLINE": "1"}

@@ -1,11 +1,14 @@
 """Sensory pre-compression: keep about a fraction ``rate`` of each message's words.
 
 LightMem compresses every message before buffering it, with a token-retention model and no
-LLM call. Two backends implement the :class:`CompressionBackend` protocol:
+LLM call. Three backends implement the :class:`CompressionBackend` protocol:
 
 - :class:`EntropyBackend`: a small causal LM scores each word by its self-information
   ``-log p(word | preceding text)``; the most informative ``rate`` of the words survive, in
   their original order.
+- :class:`~lightmem.processors.retention.MiniLMRetentionBackend` (``minilm``): a small
+  retention head on the MiniLM encoder's token states, trained on the entropy backend's
+  choices (``lightmem train retention``); several times faster on a CPU.
 - :class:`LLMLingua2Backend`: an LLMLingua-2 token classifier (``P(keep)`` per token), run
   through llmlingua's own compression, when a user has those weights.
 

@@ -1695,8 +1695,8 @@ def locomo_command(
                                  param_hint="--systems")
     if per_turn_unit not in ("exchange", "turn"):
         raise typer.BadParameter("expected exchange or turn", param_hint="--per-turn-unit")
-    if compressor is not None and compressor not in ("entropy", "llmlingua2", "none"):
-        raise typer.BadParameter("expected entropy, llmlingua2 or none",
+    if compressor is not None and compressor not in ("entropy", "minilm", "llmlingua2", "none"):
+        raise typer.BadParameter("expected entropy, minilm, llmlingua2 or none",
                                  param_hint="--compressor")
     modes = tuple(dict.fromkeys(m.strip() for m in retrieval.split(",") if m.strip()))
     if not modes or any(m not in ("knn", "hybrid") for m in modes):

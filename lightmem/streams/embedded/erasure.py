@@ -154,6 +154,9 @@ def forget_embedded(store: EmbeddedStore, request: ErasureRequest, *,
         for entry_id in ids:
             db.execute("DELETE FROM entry_vectors WHERE id=?", (entry_id,))
         db.execute(f"DELETE FROM entries WHERE {scope_sql}", scope_args)
+        if ids:
+            # FTS5 keeps a deleted row's tokens in its index segments until they merge.
+            db.execute("INSERT INTO entry_fts(entry_fts) VALUES('optimize')")
         # changes (every change of an erased memory; any other change of the scope)
         change_rows = db.execute(
             "SELECT seq, memory_id, json_extract(body, '$.user'), json_extract(body, '$.op') "
@@ -218,6 +221,8 @@ def forget_embedded(store: EmbeddedStore, request: ErasureRequest, *,
         if users:
             store.append_changes([erase_change(request, u, counts, request.requested_at)
                                   for u in sorted(users)])
+    # The write-ahead log still holds the erased pages' old images until a checkpoint.
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     report.sinks = [
         SinkReport("memories", found=len(ids), removed={"memories": len(ids),
                                                         "vectors": len(ids)}),

@@ -143,6 +143,8 @@ class EmbeddedStore:
         self._db.enable_load_extension(False)
         # WAL lets `lightmem search` read while an ingest is writing.
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Erasure: deleted rows are overwritten with zeros, not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
         with self.transaction():
             self._db.execute(_SCHEMA)
