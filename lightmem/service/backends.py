@@ -482,7 +482,8 @@ class StreamBackend:
                  # A pre-filter: the k nearest are chosen within the scope only.
                  "filter": filters},
             query=query, size=k, source_excludes=["embedding"])
-        # Elasticsearch's cosine _score is (1 + cos) / 2; a hybrid score is kept as it is.
+        # Elasticsearch's cosine _score is (1 + cos) / 2: back to cos. A score with a text
+        # query (this store's own BM25 + kNN sum, not the service's rank fusion) is kept.
         return [ScoredEntry(entry=MemoryEntry.model_validate(h["_source"]),
                             score=float(h["_score"]) if text is not None
                             else 2.0 * float(h["_score"]) - 1.0)

@@ -133,9 +133,10 @@ class SearchRequest(_Body):
     after: AwareDatetime | None = None
     #: Only memories whose event time is at or before this.
     before: AwareDatetime | None = None
-    #: Lexical + vector: also score the query's words (BM25 on the memory text) where the
-    #: store supports it (Elasticsearch; the embedded store ranks by vector alone). Scores
-    #: are then BM25 + (1 + cos) / 2, comparable only within one search.
+    #: Lexical + vector even where the server's retrieval (LIGHTMEM_RETRIEVAL) is knn: kNN and
+    #: BM25 ranks merged by reciprocal rank fusion, on both stores. Scores are then fused
+    #: rank scores, comparable only within one search. False: the server's setting (hybrid
+    #: unless configured otherwise).
     hybrid: bool = False
     #: Also return turns not summarized yet, as provisional events (``kind: event``).
     include_events: bool = True
