@@ -138,17 +138,17 @@ def _turn(turn_id: str = "t1", text: str = "hello there") -> TurnEvent:
 
 
 def test_producer_room_is_the_dead_letter_of_the_largest_turn(fake_kafka: Any) -> None:
-    from lightmem.streams.kafka.producer import TurnProducer
+    from lightmem.streams.kafka.producer import RecordProducer
 
     settings = Settings(max_event_bytes=3_000_000)
-    TurnProducer(settings)
+    RecordProducer(settings)
     assert fake_kafka.instances[0].config["message.max.bytes"] == dead_letter_max_bytes(settings)
 
 
 def test_add_turns_refuses_an_oversized_turn_before_sending_it(fake_kafka: Any) -> None:
-    from lightmem.streams.kafka.producer import OversizeError, TurnProducer
+    from lightmem.streams.kafka.producer import OversizeError, RecordProducer
 
-    producer = TurnProducer(Settings(max_event_bytes=2048))
+    producer = RecordProducer(Settings(max_event_bytes=2048))
     with pytest.raises(OversizeError) as info:
         producer.add_turns([_turn("small"), _turn("huge", "x" * 5000)])
     assert "turn 'huge'" in str(info.value) and "max_event_bytes=2048" in str(info.value)

@@ -352,7 +352,7 @@ class StreamBackend:
 
     def __init__(self, settings: Settings, *, check: bool = True) -> None:
         from lightmem.streams.elastic.store import ElasticsearchStore, es_client
-        from lightmem.streams.kafka.producer import TurnProducer
+        from lightmem.streams.kafka.producer import RecordProducer
         from lightmem.streams.kafka.topics import Topics
 
         self.settings = settings
@@ -364,7 +364,7 @@ class StreamBackend:
         from lightmem.streams.models.components import Components
 
         self.components = Components(settings)
-        self.producer = TurnProducer(settings, self.topics)
+        self.producer = RecordProducer(settings, self.topics)
         self._produce_lock = threading.Lock()
 
     def _needed_topics(self) -> list[str]:

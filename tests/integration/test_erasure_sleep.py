@@ -12,7 +12,7 @@ pytest.importorskip("confluent_kafka", reason="confluent-kafka (the stream extra
 
 from lightmem.ops.bench.sleep import synthetic_pairs  # noqa: E402
 from lightmem.streams.erasure.forget import forget_stream, new_request  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer  # noqa: E402
 
 from . import test_sleep  # noqa: E402
 from .test_sleep import SleepEnv, wait_for  # noqa: E402
@@ -38,7 +38,7 @@ def test_a_sleep_window_after_an_erasure_never_asks_about_the_scope(sleep_env: S
     # Only the ledger record (the index still holds user000's memories): the sleep worker
     # itself must leave them alone.
     request = new_request("acme", "user000")
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         producer.produce(senv.topics.erasures, request.to_bytes(), key=request.key.encode())
     want.update({i: before[i] for i in erased_ids})
     w = senv.start_worker("w1")
@@ -89,7 +89,7 @@ def test_the_sleep_outbox_keeps_nothing_of_an_erased_scope(sleep_env: SleepEnv) 
     for t in targets:
         outbox.put(pending_delete(t, utc_now()), topic=senv.topics.entries, partition=0)
     request = new_request("acme", "user000")  # the ledger record only: the outbox stays
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         producer.produce(senv.topics.erasures, request.to_bytes(), key=request.key.encode())
     w = senv.start_worker("w1")
     wait_for(lambda: {c.user for c in raw_changes()} == {"user001", "user002"},

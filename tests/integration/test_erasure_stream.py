@@ -34,7 +34,7 @@ from lightmem.streams.erasure.forget import (  # noqa: E402
 from lightmem.streams.ingest import changelog_topic  # noqa: E402
 from lightmem.streams.kafka.changes import read_changes  # noqa: E402
 from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer, add_turns, send_flush  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer, add_turns, send_flush  # noqa: E402
 
 from . import test_streaming  # noqa: E402
 from .test_streaming import (  # noqa: E402
@@ -76,7 +76,7 @@ def test_forget_a_user_on_the_stream(stream_env: StreamEnv) -> None:
     bad["turn_id"] = "c-alice-bad"
     import json
 
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         producer.produce(senv.topics.turns, json.dumps(bad).encode(),
                          key=alice[0].conversation_key.encode())
     w1 = senv.start_worker("w1")

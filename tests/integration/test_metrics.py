@@ -30,7 +30,7 @@ from lightmem.ops.bench.llm_stub import (  # noqa: E402
 )
 from lightmem.ops.cli import app as cli_app  # noqa: E402
 from lightmem.streams.kafka.flush_commands import FlushCommand  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer  # noqa: E402
 
 from . import test_streaming  # noqa: E402
 from .test_streaming import StreamEnv, bad_event, make_conversation, wait_for  # noqa: E402
@@ -81,7 +81,7 @@ def test_metrics_match_what_the_worker_did(stream_env: StreamEnv) -> None:
     convs = [make_conversation("acme", "u1", "met-c1", 20, seed=1),
              make_conversation("globex", "u2", "met-c2", 20, seed=2)]
     good = [t for c in convs for t in c]
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         for i, turn in enumerate(good):
             if i in (8, 19, 30):  # 3 malformed events (not JSON, oversized, naive time)
                 key, raw, _ = bad_event(i, turn)

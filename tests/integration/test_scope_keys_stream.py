@@ -44,7 +44,7 @@ from lightmem.streams.ingest.stages import (  # noqa: E402
     StepResult,
 )
 from lightmem.streams.kafka.flush_commands import FlushCommand, control_kind  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer  # noqa: E402
 from lightmem.streams.kafka.topics import Topics, create_topics, delete_topics, kafka_config  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -143,7 +143,7 @@ def read_all(settings: Settings, topic: str, after: dict[int, int] | None = None
 def produce(settings: Settings, topics: Topics, results: Sequence[StepResult], topic: str
             ) -> None:
     """The stage outputs bound for ``topic``, produced with their keys (as a worker would)."""
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         for result in results:
             for o in result.out:
                 if o.topic == topic:
@@ -167,7 +167,7 @@ def test_slash_names_and_two_users_stay_in_their_own_scopes_on_kafka_and_es(
     for i in range(6):  # one conversation, two users
         user = ("u1", "u2")[i % 2]
         turns.append(turn(100 + i, "acme", user, "family", f"{user} says private thing {i}"))
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         producer.add_turns(turns)
 
     # Turns: one key per conversation, every record of a conversation in one partition.
@@ -192,7 +192,7 @@ def test_slash_names_and_two_users_stay_in_their_own_scopes_on_kafka_and_es(
         results.append(result)
     assert len(slots) == 3
     ends = {p: max((r.offset for r in rs), default=-1) for p, rs in turn_recs.items()}
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         producer.send_flush(FlushCommand(issued_at=NOW))
     for records in read_all(settings, topics.turns, after=ends).values():
         result = sensory.step(records, slots)

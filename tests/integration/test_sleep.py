@@ -44,7 +44,7 @@ from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.elastic.store import ElasticsearchStore  # noqa: E402
 from lightmem.streams.kafka.changes import read_changes  # noqa: E402
 from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer  # noqa: E402
 from lightmem.streams.kafka.teardown import remove_deployment  # noqa: E402
 from lightmem.streams.kafka.topics import Topics, create_topics  # noqa: E402
 
@@ -106,7 +106,7 @@ class SleepEnv:
     def seed(self, pairs: list[Pair], *, newer_first: bool = False) -> None:
         """Index the pairs (with vectors) and produce them (without) to the entries topic."""
         self.store.bulk_upsert([e for p in pairs for e in (p.target, p.newer)], refresh=True)
-        with TurnProducer(self.settings, self.topics) as producer:
+        with RecordProducer(self.settings, self.topics) as producer:
             for p in pairs:
                 both = (p.newer, p.target) if newer_first else (p.target, p.newer)
                 for e in both:
@@ -268,7 +268,7 @@ def test_closed_window_consumes_nothing_then_open_consolidates(sleep_env: SleepE
     # A malformed command (a close with a cron) straight onto the control topic: the worker
     # rejects it with the reasons and dead-letters it. Its dead letter is the barrier: the
     # worker has polled with its partitions assigned and entries waiting.
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         producer.produce(senv.topics.sleep_control, b'{"command_id": "x", "action": "close", '
                          b'"cron": "* * * * *", "issued_at": "2024-05-01T00:00:00Z"}',
                          key=b"window/*")
@@ -451,7 +451,7 @@ def test_metrics_follow_the_window_and_the_work(sleep_env: SleepEnv) -> None:
 
     wait_for(lambda: "sleep worker ready" in w.text(), what="the worker", workers=[w])
     assert window() == 0
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         producer.produce(senv.topics.sleep_control, b"not json", key=b"window/*")
     wait_for(lambda: value("lightmem_dead_letters_total", stage="sleep", reason="control")
              == 1, what="the control dead letter counted", workers=[w])
@@ -517,7 +517,7 @@ def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
     before = senv.state()
     turns = senv.topics.turns
     _commit_group(senv.settings, ingest_group, turns, {p: 0 for p in range(PARTITIONS)})
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         for i in range(40):  # what the ingest workers have not read yet
             producer.produce(turns, b"{}", key=f"acme/c{i % 8}".encode())
     try:

@@ -33,7 +33,7 @@ from lightmem.ops.bench.sleep import (  # noqa: E402
     synthetic_pairs,
 )
 from lightmem.schemas import TurnEvent  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer  # noqa: E402
 
 from .test_sleep import (  # noqa: E402
     SleepEnv,
@@ -126,7 +126,7 @@ class _TurnTraffic:
     def _run(self) -> None:
         step = 0.05
         try:
-            with TurnProducer(self.senv.settings, self.senv.topics) as producer:
+            with RecordProducer(self.senv.settings, self.senv.topics) as producer:
                 while not self._stop.is_set():
                     now = datetime.now(UTC)
                     turns = [TurnEvent(tenant="acme", user=f"u{i % 8}", conversation=f"c{i % 8}",
@@ -302,7 +302,7 @@ def test_schedule_command_opens_and_clears_a_window(senv: SleepEnv) -> None:
     far = f"{(datetime.now(UTC).minute + 30) % 60} * * * *"
     senv.sleep_cli("schedule", far, "--for", "1m")
     # A bad record behind it: its dead letter shows the worker has read past the schedule.
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         producer.produce(senv.topics.sleep_control, b"not json", key=b"window/*")
     wait_for(lambda: m.value("lightmem_dead_letters_total", stage="sleep", reason="control")
              == 1, what="the worker past the schedule", workers=[w])

@@ -38,7 +38,7 @@ from lightmem.settings import Settings  # noqa: E402
 from lightmem.streams.ingest import changelog_topic  # noqa: E402
 from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
 from lightmem.streams.kafka.flush_commands import FlushCommand, control_kind  # noqa: E402
-from lightmem.streams.kafka.producer import TurnProducer, add_turns, send_flush  # noqa: E402
+from lightmem.streams.kafka.producer import RecordProducer, add_turns, send_flush  # noqa: E402
 from lightmem.streams.kafka.teardown import remove_deployment  # noqa: E402
 from lightmem.streams.kafka.topics import Topics, create_topics  # noqa: E402
 
@@ -402,7 +402,7 @@ def test_malformed_events_go_to_the_dlq_and_good_ones_are_indexed(stream_env: St
     rng = random.Random(7)
     bad_at = set(rng.sample(range(1, len(good)), 100))
     bad: dict[int, str] = {}  # index in the bad list -> kind
-    with TurnProducer(senv.settings, senv.topics) as producer:
+    with RecordProducer(senv.settings, senv.topics) as producer:
         n_bad = 0
         for i, turn in enumerate(good):
             if i in bad_at:

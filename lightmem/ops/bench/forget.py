@@ -204,13 +204,13 @@ def _record_ledger(settings: Settings, deployment: StreamDeployment, scopes: lis
     """Create the deployment's topics and record ``n`` erasures of tenant ``locomo``: the
     turns' own users (``scopes``) first, then other users; all at ``at``."""
     from lightmem.ops.bench.locomo_data import TENANT as LOCOMO
-    from lightmem.streams.kafka.producer import TurnProducer
+    from lightmem.streams.kafka.producer import RecordProducer
     from lightmem.streams.kafka.topics import Topics, create_topics
 
     topics = Topics(prefix=deployment.prefix)
     create_topics(settings, topics)
     users = list(dict.fromkeys(scopes)) + [f"erased-{i:05d}" for i in range(n)]
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         for i, user in enumerate(users[:n]):
             request = ErasureRequest(erasure_id=f"bench-{i}", tenant=LOCOMO, user=user,
                                      requested_at=at, requested_by="bench forget")

@@ -175,11 +175,11 @@ class RunResult:
 
 def _seed(settings: Settings, topics: Any, store: Any, pairs: list[Pair], partitions: int
           ) -> None:
-    from lightmem.streams.kafka.producer import TurnProducer
+    from lightmem.streams.kafka.producer import RecordProducer
 
     store.ensure_index()
     store.bulk_upsert([e for p in pairs for e in (p.target, p.newer)], refresh=True)
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         for p in pairs:
             for e in (p.target, p.newer):
                 wire = e.model_copy(update={"embedding": None})

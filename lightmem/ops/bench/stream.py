@@ -258,7 +258,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     from lightmem.streams.elastic.store import es_client
     from lightmem.streams.kafka.flush_commands import FlushCommand
     from lightmem.streams.kafka.lag import LagReader
-    from lightmem.streams.kafka.producer import TurnProducer
+    from lightmem.streams.kafka.producer import RecordProducer
     from lightmem.streams.kafka.teardown import remove_deployment
     from lightmem.streams.kafka.topics import Topics, create_topics, kafka_config
 
@@ -296,7 +296,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
             if on_phase is not None:
                 on_phase("start")
             watch.measuring = True
-            with TurnProducer(settings, topics) as producer:
+            with RecordProducer(settings, topics) as producer:
                 t0 = time.monotonic()
                 for i, turn in enumerate(turns):
                     wait = t0 + i / rate - time.monotonic()

@@ -619,7 +619,7 @@ def forget_stream(
     """
     from lightmem.streams.kafka.changes import read_changes
     from lightmem.streams.kafka.dlq import read_dead_letters
-    from lightmem.streams.kafka.producer import TurnProducer
+    from lightmem.streams.kafka.producer import RecordProducer
 
     topics = topics or Topics.from_settings(settings)
     app_id = app_id or settings.worker_id
@@ -631,7 +631,7 @@ def forget_stream(
     report = ErasureReport(request)
 
     # 1. the ledger: from now on nothing of the scope produced until now gets through
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         producer.produce(topics.erasures, request.to_bytes(), key=request.key.encode(),
                          label=f"erasure {request.erasure_id}")
         producer.flush()
@@ -730,7 +730,7 @@ def forget_stream(
         now = clock()
         counts = {"memories": memories, "changes_hidden": len(changes),
                   "dead_letters_hidden": len(letters)}
-        with TurnProducer(settings, topics) as producer:
+        with RecordProducer(settings, topics) as producer:
             for u in sorted(users):
                 change = erase_change(request, u, counts, now)
                 producer.produce(topics.memory_changes, change.to_bytes(),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from lightmem.schemas import DeadLetter, SchemaError, Segment, TurnEvent
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import REDELIVERY_HEADER, SUMMARIZER_SOURCE
-from lightmem.streams.kafka.producer import TurnProducer
+from lightmem.streams.kafka.producer import RecordProducer
 from lightmem.streams.kafka.topic_reader import read_to_end
 from lightmem.streams.kafka.topics import Topics
 
@@ -142,7 +142,7 @@ def replay_dead_letters(
         DeliveryError: some records were not delivered (every failure is listed).
     """
     sent = 0
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         for plan in plans:
             if plan.topic is None:
                 continue

@@ -3,7 +3,7 @@
 Delivery: the producer is idempotent (``enable.idempotence``: acks=all, retries without
 duplicates or reordering within a partition), every record has a delivery callback, the
 produce loop calls ``poll(0)`` to serve callbacks and waits on ``poll`` when the local queue is
-full (``BufferError``), and :meth:`TurnProducer.flush` drains the queue at the end. Turns are
+full (``BufferError``), and :meth:`RecordProducer.flush` drains the queue at the end. Turns are
 keyed ``conversation_key(tenant, conversation)`` (:mod:`lightmem.schemas.keys`: the JSON array
 of the two names, so ``/`` in a name cannot merge two conversations) so that a conversation
 stays in one partition, in order. The partitioner is ``murmur2_random``, the Java client's
@@ -31,7 +31,7 @@ from lightmem.streams.kafka.topics import Topics, dead_letter_max_bytes, kafka_c
 
 __all__ = [
     "DeliveryError",
-    "TurnProducer",
+    "RecordProducer",
     "produce_when_room",
     "FileReport",
     "add_turns",
@@ -111,8 +111,9 @@ def _delivery_reason(err: Any, settings: Settings) -> str:
 
 
 
-class TurnProducer:
-    """Produces turn events, raw records, dead letters and flush commands.
+class RecordProducer:
+    """Produces the deployment's records: turn events, raw records, dead letters, flush,
+    sleep-window and erasure commands.
 
     Use as a context manager (``flush()`` on exit) or call :meth:`close`.
 
@@ -258,7 +259,7 @@ class TurnProducer:
     def close(self) -> None:
         self.flush()
 
-    def __enter__(self) -> TurnProducer:
+    def __enter__(self) -> RecordProducer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -285,7 +286,7 @@ def add_turns(
         DeliveryError: some turns were not delivered (every failure is listed).
         OversizeError: a turn is larger than ``max_event_bytes`` (none after it is sent).
     """
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         n = producer.add_turns(turns)
     return n
 
@@ -301,7 +302,7 @@ def send_flush(
     records sent."""
     if conversation is not None and tenant is None:
         raise ValueError("conversation: needs a tenant too (a conversation key holds both)")
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         return producer.send_flush(
             FlushCommand(tenant=tenant, conversation=conversation, issued_at=utc_now())
         )
@@ -370,7 +371,7 @@ def produce_file(
         DeliveryError: some records (turns or dead letters) were not delivered.
     """
     report = FileReport()
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         for number, raw in _numbered_lines(path):
             report.lines += 1
             body = raw.rstrip(b"\r\n")

@@ -111,10 +111,10 @@ def send_command(settings: Settings, cmd: SleepWindowCommand, topics: Topics | N
         CommandError: the command is not meaningful (nothing is sent).
         DeliveryError: the broker did not acknowledge it.
     """
-    from lightmem.streams.kafka.producer import TurnProducer
+    from lightmem.streams.kafka.producer import RecordProducer
 
     validate_command(cmd)
-    with TurnProducer(settings, topics) as producer:
+    with RecordProducer(settings, topics) as producer:
         producer.produce(producer.topics.sleep_control, cmd.to_bytes(),
                          key=command_key(cmd).encode())
 
@@ -227,12 +227,12 @@ class ControlFollower:
     def _dead_letter(self, msg: Any, exc: Exception) -> None:
         from confluent_kafka import TopicPartition
 
-        from lightmem.streams.kafka.producer import TurnProducer
+        from lightmem.streams.kafka.producer import RecordProducer
 
         if msg.offset() < self._bookmark():
             return  # dead-lettered before (by this or another worker)
         if self._producer is None:
-            self._producer = TurnProducer(self.settings, self.topics)
+            self._producer = RecordProducer(self.settings, self.topics)
         letter = DeadLetter.from_raw(msg.value() or b"", stage="sleep-control", error=exc,
                                      source=msg.topic(), partition=msg.partition(),
                                      offset=msg.offset(), at=self.clock())

@@ -100,7 +100,7 @@ from lightmem.schemas import (
 )
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import ORIGIN_HEADER
-from lightmem.streams.kafka.producer import TurnProducer
+from lightmem.streams.kafka.producer import RecordProducer
 from lightmem.streams.kafka.topics import Topics, kafka_config
 from lightmem.streams.models.components import Components
 from lightmem.streams.observe import metrics
@@ -401,7 +401,7 @@ class SleepWorker:
         self._held: dict[int, int] = {}
         self._consumer: Any = None
         self._follower: ControlFollower | None = None
-        self._producer: TurnProducer | None = None
+        self._producer: RecordProducer | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._next_sample = 0.0
         self._settle_partitions: list[int] = []
@@ -456,7 +456,7 @@ class SleepWorker:
         self._erasure_follower = ErasureFollower(self.settings, self.topics,
                                                  ledger=self.erasures)
         self._erasure_follower.start()
-        self._producer = TurnProducer(self.settings, self.topics)
+        self._producer = RecordProducer(self.settings, self.topics)
         self._consumer = Consumer(kafka_config(self.settings, **{
             "group.id": self.settings.sleep_group,
             "enable.auto.commit": False,
