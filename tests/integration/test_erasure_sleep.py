@@ -67,7 +67,7 @@ def test_the_sleep_outbox_keeps_nothing_of_an_erased_scope(sleep_env: SleepEnv) 
     from lightmem.schemas import ChangeOp, MemoryChange, MemoryEntry, stable_id, utc_now
     from lightmem.streams.erasure.forget import erasure_status
     from lightmem.streams.kafka.changes import read_changes
-    from lightmem.streams.sleep.worker import Outbox, outbox_index
+    from lightmem.streams.sleep.outbox import Outbox, outbox_index
 
     senv = sleep_env
     outbox = Outbox(senv.es, outbox_index(senv.settings.es_alias))

@@ -375,7 +375,7 @@ def test_change_in_index_but_not_on_topic_is_recovered(sleep_env: SleepEnv) -> N
     from lightmem.processors.consolidate import consolidate_pending
     from lightmem.processors.update import Consolidator
     from lightmem.streams.models.openai_chat import OpenAIChatModel
-    from lightmem.streams.sleep.worker import Outbox, OutboxStore
+    from lightmem.streams.sleep.outbox import Outbox, OutboxStore
 
     senv = sleep_env
     pairs = synthetic_pairs(1, 1, outcomes=("delete",))

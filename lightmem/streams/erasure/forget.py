@@ -499,7 +499,7 @@ def delete_documents(store: Any, ids: Sequence[str]) -> int:
 def _outbox(store: Any) -> Any:
     """The sleep workers' outbox beside the store's alias (pending changes hold memories'
     text until the worker that wrote them produced them)."""
-    from lightmem.streams.sleep.worker import Outbox, outbox_index
+    from lightmem.streams.sleep.outbox import Outbox, outbox_index
 
     return Outbox(store.client, outbox_index(store.alias))
 

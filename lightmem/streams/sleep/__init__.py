@@ -2,4 +2,4 @@
 and yielding to ingest (a window waits while the ingest workers have backlog).
 """
 
-__all__ = ["ingest_priority", "windows", "worker"]
+__all__ = ["ingest_priority", "outbox", "windows", "worker"]
