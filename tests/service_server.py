@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from lightmem.ops.bench.serve import Service
 
 __all__ = ["Server", "free_port", "start_server", "stop_server"]
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+#: The service process of the tests is the bench's (one way to start and stop it).
+Server = Service
 
 
 def free_port() -> int:
@@ -39,39 +29,14 @@ def free_port() -> int:
 def start_server(args: list[str], *, log: Path, env: dict[str, str] | None = None,
                  timeout_s: float = 300.0) -> Server:
     """Run ``lightmem serve ARGS --port <free>``; return once ``/ready`` says 200."""
-    port = free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 # No model beyond MiniLM: the service's logic is under test, not compression.
                 "LIGHTMEM_COMPRESSOR": "none", "LIGHTMEM_TORCH_THREADS": "1",
                 **(env or {})}
     full_env.pop("LIGHTMEM_LLM_BASE_URL", None)
-    out = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lightmem", "serve", "--port", str(port),
-                             *args], env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lightmem serve exited {proc.returncode}:\n{server.output()}")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=2.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(server)
-            raise TimeoutError(f"lightmem serve not ready in {timeout_s:.0f}s:\n"
-                               f"{server.output()}")
-        time.sleep(0.2)  # polling interval of a readiness wait, not a synchronization
+    return Service.start(args, env=full_env, log=log, timeout_s=timeout_s)
 
 
 def stop_server(server: Server) -> int:
     """SIGTERM, wait for the process; returns its exit status."""
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(timeout=10)
-    return server.proc.returncode
+    return server.stop()

@@ -173,14 +173,22 @@ def build_elasticsearch(settings: Settings, memories: int, users: int, seed: int
 
 # -- the service as a process ------------------------------------------------------------------
 
+#: The bench's own service options: loopback only, no per-key rate limit (it measures capacity).
+_BENCH_SERVE_ARGS = ("--host", "127.0.0.1", "--rate", "0")
+
 
 @dataclass
 class Service:
-    """A ``lightmem serve`` subprocess on a free loopback port."""
+    """A ``lightmem serve`` subprocess on a free loopback port (the bench's and the service
+    tests')."""
 
     url: str
     proc: subprocess.Popen
     log: Path
+
+    def output(self) -> str:
+        """The end of the process's log (its last 4,000 characters)."""
+        return self.log.read_text(errors="replace")[-4000:]
 
     @classmethod
     def start(cls, args: Sequence[str], *, env: dict[str, str], log: Path,
@@ -193,8 +201,7 @@ class Service:
             port = int(s.getsockname()[1])
         with log.open("wb") as f:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "lightmem", "serve", "--host", "127.0.0.1", "--port",
-                 str(port), "--rate", "0", *args],
+                [sys.executable, "-m", "lightmem", "serve", "--port", str(port), *args],
                 env=env, stdout=f, stderr=subprocess.STDOUT)
         service = cls(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
         deadline = time.monotonic() + timeout_s
@@ -212,8 +219,8 @@ class Service:
                                    f"{_tail(log)}")
             time.sleep(0.2)  # readiness polling interval (models load in the lifespan)
 
-    def stop(self) -> None:
-        """SIGTERM (requests in flight finish), then wait."""
+    def stop(self) -> int:
+        """SIGTERM (requests in flight finish), then wait; returns the exit status."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -221,6 +228,7 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        return self.proc.returncode
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -447,8 +455,8 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
         data_dir = work_dir / f"embedded-{memories}-{users}-{seed}"
         build_s = build_embedded(data_dir, memories, users, seed)
         settings = settings.model_copy(update={"data_dir": data_dir})
-        service = Service.start(["--data-dir", str(data_dir), "--keys-file", str(keys),
-                                 "--dev-tenant", TENANT],
+        service = Service.start([*_BENCH_SERVE_ARGS, "--data-dir", str(data_dir),
+                                 "--keys-file", str(keys), "--dev-tenant", TENANT],
                                 env=_service_env(settings, {}), log=work_dir / "serve.log")
         try:
             rows = search_rounds(store_name, settings, service, queries=queries,
@@ -477,7 +485,8 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
         create_topics(settings, Topics.from_settings(settings))
         err.print(f"elasticsearch: loading {memories} memories into {deployment.alias} ...")
         build_s = build_elasticsearch(settings, memories, users, seed)
-        service = Service.start(["--stream", "--data-dir", str(settings.data_dir),
+        service = Service.start([*_BENCH_SERVE_ARGS, "--stream", "--data-dir",
+                                 str(settings.data_dir),
                                  "--keys-file", str(keys), "--dev-tenant", TENANT],
                                 env=env, log=work_dir / "serve-es.log")
         try:
