@@ -114,7 +114,10 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=256_000, ge=1024, le=16 * 1024 * 1024)
     #: A stage that fails on the same event this many times dead-letters it (poison message).
     poison_attempts: int = Field(default=3, ge=1)
-    worker_id: str = "lightmem"
+    #: The ingest workers' consumer group: also the prefix of their transactional ids and part
+    #: of their changelog topic names. ``LIGHTMEM_WORKER_ID`` is its old name, still read.
+    ingest_group: str = Field(default="lightmem", validation_alias=AliasChoices(
+        "LIGHTMEM_INGEST_GROUP", "LIGHTMEM_WORKER_ID", "ingest_group"))
 
     # --- Elasticsearch (streaming deployment)
     es_url: str = "http://127.0.0.1:9200"
@@ -169,7 +172,7 @@ class Settings(BaseSettings):
     #: CPU niceness added by a sleep worker at start (0-19): on a host it shares with the
     #: ingest workers, sleep-time work takes only the CPU that ingest leaves.
     sleep_nice: int = Field(default=10, ge=0, le=19)
-    #: Ingest first: while the ingest group (``worker_id``) has more than this many records
+    #: Ingest first: while the ingest group (``ingest_group``) has more than this many records
     #: waiting on its topics, sleep workers start no new target (resume under half of it);
     #: 0 = never yield.
     sleep_yield_lag: int = Field(default=50, ge=0)

@@ -296,7 +296,7 @@ def test_judge_answer_is_one_metered_call() -> None:
         assert judge_answer(chat, question, "I don't know.", tenant="locomo") is False
         prompts = [r["messages"][-1]["content"] for r in server.chat_requests]
     assert "Gold answer: May 2023" in prompts[0] and "Generated answer: In May 2023." in prompts[0]
-    assert chat.meter.total(stage="judge").calls == 2
+    assert chat.meter.total(purpose="judge").calls == 2
 
 
 def test_ratios_lightmem_over_per_turn() -> None:

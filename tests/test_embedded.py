@@ -115,7 +115,7 @@ def test_bad_lines_are_reported_dead_lettered_and_the_rest_processed(
     assert "processed 5" in result.output
     letters = [DeadLetter.parse(line) for line in dlq.read_text().splitlines()]
     assert [d.offset for d in letters] == [2, 4, 6]
-    assert letters[0].raw == "{not json" and all(d.stage == "parse" for d in letters)
+    assert letters[0].raw == "{not json" and all(d.step == "parse" for d in letters)
     assert "user: Field required" in letters[2].reason
 
 

@@ -71,13 +71,13 @@ def test_usage_meter_feeds_llm_metrics_and_its_own_totals() -> None:
     meter.record("unit-summarize", "acme", done)
     meter.record_error("unit-summarize", "acme", 1.5)
     assert meter.total().calls == 2 and meter.total().errors == 1  # still a UsageMeter
-    assert value("lightmem_llm_calls_total", stage="unit-summarize", tenant="acme") == 2
-    assert value("lightmem_llm_errors_total", stage="unit-summarize", tenant="acme") == 1
-    assert value("lightmem_llm_tokens_total", stage="unit-summarize", tenant="acme",
+    assert value("lightmem_llm_calls_total", purpose="unit-summarize", tenant="acme") == 2
+    assert value("lightmem_llm_errors_total", purpose="unit-summarize", tenant="acme") == 1
+    assert value("lightmem_llm_tokens_total", purpose="unit-summarize", tenant="acme",
                  kind="prompt") == 60
-    assert value("lightmem_llm_tokens_total", stage="unit-summarize", tenant="acme",
+    assert value("lightmem_llm_tokens_total", purpose="unit-summarize", tenant="acme",
                  kind="completion") == 14
-    assert value("lightmem_llm_latency_seconds_count", stage="unit-summarize") == 3
+    assert value("lightmem_llm_latency_seconds_count", purpose="unit-summarize") == 3
     # `lightmem stats --stream` reads the same numbers back from a scrape.
     usage = usage_from_metrics([metrics.scrape()])[("unit-summarize", "acme")]
     assert (usage.calls, usage.errors, usage.prompt_tokens, usage.completion_tokens) == (

@@ -38,9 +38,9 @@ def test_completion_usage_is_metered_per_stage_and_tenant() -> None:
     meter = UsageMeter()
     with OpenAIStubServer(lambda request: "hello there Caroline") as server:
         chat = model_for(server, meter=meter)
-        first = chat.complete(MESSAGES, stage="summarize", tenant="acme")
-        chat.complete(MESSAGES, stage="summarize", tenant="acme")
-        chat.complete(MESSAGES, stage="consolidate", tenant="globex", max_tokens=7)
+        first = chat.complete(MESSAGES, purpose="summarize", tenant="acme")
+        chat.complete(MESSAGES, purpose="summarize", tenant="acme")
+        chat.complete(MESSAGES, purpose="consolidate", tenant="globex", max_tokens=7)
 
     assert first.text == "hello there Caroline"
     assert (first.prompt_tokens, first.completion_tokens) == (PROMPT_WORDS, 3)
@@ -74,7 +74,7 @@ def test_completion_usage_is_metered_per_stage_and_tenant() -> None:
 def test_json_mode_sends_response_format() -> None:
     with OpenAIStubServer(lambda request: '{"ok": true}') as server:
         chat = model_for(server)
-        completion = chat.complete(MESSAGES, stage="summarize", tenant="acme", json_mode=True)
+        completion = chat.complete(MESSAGES, purpose="summarize", tenant="acme", json_mode=True)
     assert json.loads(completion.text) == {"ok": True}
     assert server.chat_requests[0]["response_format"] == {"type": "json_object"}
     assert chat.json_mode_supported is True
@@ -83,8 +83,8 @@ def test_json_mode_sends_response_format() -> None:
 def test_json_mode_rejected_with_400_falls_back_once_and_is_remembered() -> None:
     with OpenAIStubServer(lambda request: '{"ok": true}', reject_response_format=True) as server:
         chat = model_for(server)
-        first = chat.complete(MESSAGES, stage="summarize", tenant="acme", json_mode=True)
-        second = chat.complete(MESSAGES, stage="summarize", tenant="acme", json_mode=True)
+        first = chat.complete(MESSAGES, purpose="summarize", tenant="acme", json_mode=True)
+        second = chat.complete(MESSAGES, purpose="summarize", tenant="acme", json_mode=True)
 
     assert first.text == second.text == '{"ok": true}'
     sent = ["response_format" in body for body in server.chat_requests]
@@ -100,15 +100,15 @@ def test_400_unrelated_to_json_mode_is_permanent_and_not_remembered() -> None:
     with OpenAIStubServer(lambda request: reply) as server:
         chat = model_for(server)
         with pytest.raises(LLMPermanentError, match="HTTP 400.*too long"):
-            chat.complete(MESSAGES, stage="summarize", tenant="acme", json_mode=True)
+            chat.complete(MESSAGES, purpose="summarize", tenant="acme", json_mode=True)
         with pytest.raises(LLMPermanentError):
-            chat.complete(MESSAGES, stage="summarize", tenant="acme")
+            chat.complete(MESSAGES, purpose="summarize", tenant="acme")
 
     # json mode: the original request plus the one retry without response_format;
     # then the plain call once. 4xx is never retried by the SDK.
     assert len(server.chat_requests) == 3
     assert chat.json_mode_supported is None
-    totals = chat.meter.total(stage="summarize", tenant="acme")
+    totals = chat.meter.total(purpose="summarize", tenant="acme")
     assert (totals.calls, totals.errors) == (0, 3)
 
 
@@ -118,7 +118,7 @@ def test_429_then_success_is_retried_by_the_client() -> None:
     )
     with OpenAIStubServer(script) as server:
         chat = model_for(server, max_retries=2)
-        completion = chat.complete(MESSAGES, stage="summarize", tenant="acme")
+        completion = chat.complete(MESSAGES, purpose="summarize", tenant="acme")
 
     assert completion.text == "fine now"
     assert len(server.chat_requests) == 2
@@ -131,7 +131,7 @@ def test_500_forever_is_transient_after_the_retries() -> None:
     with OpenAIStubServer(script) as server:
         chat = model_for(server, max_retries=2)
         with pytest.raises(LLMTransientError, match="HTTP 500"):
-            chat.complete(MESSAGES, stage="summarize", tenant="acme")
+            chat.complete(MESSAGES, purpose="summarize", tenant="acme")
 
     assert len(server.chat_requests) == 3  # the first try and two retries
     totals = chat.meter.total()
@@ -146,7 +146,7 @@ def test_auth_error_is_a_config_error_without_the_api_key() -> None:
         # Not a permanent (dead-letter) error: a bad key must stop the run, not bury
         # every input in the dead-letter queue.
         with pytest.raises(LLMConfigError) as caught:
-            chat.complete(MESSAGES, stage="summarize", tenant="acme")
+            chat.complete(MESSAGES, purpose="summarize", tenant="acme")
     assert KEY not in str(caught.value)
     assert "***" in str(caught.value)
     assert KEY not in repr(chat)
@@ -156,7 +156,7 @@ def test_timeout_is_transient() -> None:
     with OpenAIStubServer(lambda request: "late", latency_s=0.5) as server:
         chat = model_for(server, timeout=0.05)
         with pytest.raises(LLMTransientError, match="APITimeoutError"):
-            chat.complete(MESSAGES, stage="summarize", tenant="acme")
+            chat.complete(MESSAGES, purpose="summarize", tenant="acme")
     assert chat.meter.total().errors == 1
 
 
@@ -167,13 +167,13 @@ def test_connection_refused_is_transient() -> None:
     # Nothing listens on the port any more.
     chat = OpenAIChatModel(f"http://127.0.0.1:{port}/v1", "m", KEY, max_retries=0, timeout=2.0)
     with pytest.raises(LLMTransientError, match="APIConnectionError"):
-        chat.complete(MESSAGES, stage="summarize", tenant="acme")
+        chat.complete(MESSAGES, purpose="summarize", tenant="acme")
 
 
 def test_missing_usage_is_estimated_and_flagged() -> None:
     reply = StubReply(content="a reply of some length", include_usage=False)
     with OpenAIStubServer(lambda request: reply) as server:
-        completion = model_for(server).complete(MESSAGES, stage="summarize", tenant="acme")
+        completion = model_for(server).complete(MESSAGES, purpose="summarize", tenant="acme")
     assert completion.usage_estimated
     assert completion.prompt_tokens > 0 and completion.completion_tokens > 0
 
@@ -193,7 +193,7 @@ def test_stub_serves_concurrent_requests_and_lists_models() -> None:
         threads = [
             threading.Thread(
                 target=lambda: results.append(
-                    chat.complete(MESSAGES, stage="summarize", tenant="acme").text
+                    chat.complete(MESSAGES, purpose="summarize", tenant="acme").text
                 )
             )
             for _ in range(4)
@@ -212,11 +212,11 @@ def test_stub_serves_concurrent_requests_and_lists_models() -> None:
 def test_a_stopped_stub_hangs_up_on_pooled_connections() -> None:
     server = OpenAIStubServer(lambda request: "up").start()
     chat = model_for(server)
-    assert chat.complete(MESSAGES, stage="summarize", tenant="acme").text == "up"
+    assert chat.complete(MESSAGES, purpose="summarize", tenant="acme").text == "up"
     server.stop()
     # The client's keep-alive connection must not keep talking to a stopped server.
     with pytest.raises(LLMTransientError, match="APIConnectionError"):
-        chat.complete(MESSAGES, stage="summarize", tenant="acme")
+        chat.complete(MESSAGES, purpose="summarize", tenant="acme")
 
 
 def test_the_stub_cuts_at_max_tokens_and_the_client_reports_length() -> None:
@@ -226,9 +226,9 @@ def test_the_stub_cuts_at_max_tokens_and_the_client_reports_length() -> None:
     meter = UsageMeter()
     with OpenAIStubServer(lambda request: answer) as server:
         chat = model_for(server, meter=meter)
-        cut = chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=4)
-        whole = chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=64)
-        uncapped = chat.complete(MESSAGES, stage="summarize", tenant="acme")
+        cut = chat.complete(MESSAGES, purpose="summarize", tenant="acme", max_tokens=4)
+        whole = chat.complete(MESSAGES, purpose="summarize", tenant="acme", max_tokens=64)
+        uncapped = chat.complete(MESSAGES, purpose="summarize", tenant="acme")
         # max_completion_tokens (OpenAI's newer name) is honoured too.
         raw = httpx.post(
             f"{server.base_url}/chat/completions",
@@ -256,9 +256,9 @@ def test_a_reply_cut_before_any_text_is_a_truncated_empty_completion() -> None:
     refused = StubReply(content=None)
     with OpenAIStubServer(scripted_responder([cut, refused])) as server:
         chat = model_for(server)
-        completion = chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=8)
+        completion = chat.complete(MESSAGES, purpose="summarize", tenant="acme", max_tokens=8)
         with pytest.raises(LLMPermanentError, match="no text content"):
-            chat.complete(MESSAGES, stage="summarize", tenant="acme", max_tokens=8)
+            chat.complete(MESSAGES, purpose="summarize", tenant="acme", max_tokens=8)
     assert (completion.text, completion.truncated) == ("", True)
     usage = chat.meter.by_key()[("summarize", "acme")]
     assert (usage.calls, usage.errors) == (1, 1)

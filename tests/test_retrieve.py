@@ -90,14 +90,14 @@ class FakeChat:
         self,
         messages: Sequence[ChatMessage],
         *,
-        stage: str,
+        purpose: str,
         tenant: str,
         json_mode: bool = False,
         max_tokens: int | None = None,
     ) -> Completion:
-        self.calls.append((list(messages), stage, tenant))
+        self.calls.append((list(messages), purpose, tenant))
         completion = Completion(self.reply, prompt_tokens=50, completion_tokens=3, latency_s=0.01)
-        self.meter.record(stage, tenant, completion)
+        self.meter.record(purpose, tenant, completion)
         return completion
 
 
@@ -196,9 +196,9 @@ def test_answer_with_chat_makes_one_call_with_dated_memories() -> None:
     )
     assert answer.text == "At the city hospital." and answer.mode == "llm"
     assert len(chat.calls) == 1
-    messages, stage, tenant = chat.calls[0]
-    assert (stage, tenant) == ("answer", "acme")
-    assert chat.meter.total(stage="answer").calls == 1
+    messages, purpose, tenant = chat.calls[0]
+    assert (purpose, tenant) == ("answer", "acme")
+    assert chat.meter.total(purpose="answer").calls == 1
     prompt = messages[-1].content
     assert "- [2023-05-08, Monday] Caroline works as a nurse at the city hospital." in prompt
     assert "Today is 2023-06-01, Thursday." in prompt

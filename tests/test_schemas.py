@@ -88,7 +88,7 @@ def test_dead_letter_keeps_exact_bytes() -> None:
     import base64
 
     raw = b"\xff\x00 broken"
-    letter = DeadLetter.from_raw(raw, stage="parse", error=ValueError("bad"), source="f.jsonl",
+    letter = DeadLetter.from_raw(raw, step="parse", error=ValueError("bad"), source="f.jsonl",
                                  at=datetime.now(UTC), offset=3)
     assert base64.b64decode(letter.raw_b64) == raw
     assert letter.error_type == "ValueError" and letter.offset == 3
@@ -213,7 +213,7 @@ def _stage_letters(payloads: list[bytes], clock_now: datetime = NOW) -> list[Dea
 def test_every_malformed_turn_is_dead_lettered_by_the_sensory_stage() -> None:
     payloads = [_turn_json(**{field: value}) for _, field, value, _ in MALFORMED]
     letters = _stage_letters(payloads)
-    assert [(x.stage, x.offset) for x in letters] == [("parse", i) for i in range(len(MALFORMED))]
+    assert [(x.step, x.offset) for x in letters] == [("parse", i) for i in range(len(MALFORMED))]
     for letter, (_, field, _, words) in zip(letters, MALFORMED, strict=True):
         assert f"{field}:" in letter.reason and words in letter.reason
         assert letter.error_type == "SchemaError"
@@ -265,7 +265,7 @@ def test_default_skew_bound_stays_under_the_idle_timeout() -> None:
 def test_far_future_turn_is_dead_lettered_by_the_sensory_stage() -> None:
     future = _turn_json(turn_id="t9", event_time="2024-05-03T09:00:00Z")  # NOW + 1 day
     letters = _stage_letters([future])
-    assert len(letters) == 1 and letters[0].stage == "parse"
+    assert len(letters) == 1 and letters[0].step == "parse"
     assert "event_time: more than max_event_time_skew_s=600" in letters[0].reason
 
 

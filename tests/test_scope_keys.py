@@ -194,7 +194,7 @@ def test_a_database_with_slash_joined_keys_is_rekeyed_when_opened(tmp_path: Path
         fact="fact", event_time=T0, ingest_time=T0, source_turn_ids=["t1"],
         original_text="fact", compressed_text="fact", mode=EntryMode.extractive,
         embedding=[1.0, 0.0, 0.0, 0.0])
-    letter = DeadLetter.from_raw(b"{bad", stage="parse", error=ValueError("bad"),
+    letter = DeadLetter.from_raw(b"{bad", step="parse", error=ValueError("bad"),
                                  source="f.jsonl", offset=3, at=T0)
     buffer = json.dumps({"tenant": "x/y", "user": "u", "conversation": "z", "session": "s"})
     with store.transaction():

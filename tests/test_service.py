@@ -161,7 +161,7 @@ def test_add_search_list_get_delete_history(a: httpx.Client) -> None:
     assert wiped["deleted"] == len(FACTS) - 1 and wiped["confirmed"] is True
     sinks = {s["sink"]: s for s in wiped["sinks"]}
     assert sinks["history"]["removed"]["changes"] == len(FACTS) + 1  # 7 adds, 1 delete
-    assert wiped["not_erased"] == ["llm usage: per (stage, tenant) counts only, no text: kept"]
+    assert wiped["not_erased"] == ["llm usage: per (purpose, tenant) counts only, no text: kept"]
     assert _all_ids(a, user, limit=100) == []
     assert a.get(f"/v1/memories/{memory_id}/history").status_code == 404
     assert a.post("/v1/search", json={"user": user, "query": "dog"}).json()["results"] == []

@@ -132,7 +132,7 @@ def test_bad_records_are_dead_lettered_with_coordinates_and_the_rest_applied() -
     tombstone = rec(13, None)
     result = sensory().step([*turn_recs(good), bad_json, too_big, wrong_key, tombstone], {})
     letters = letters_of(result)
-    assert [(x.stage, x.offset, x.partition, x.source) for x in letters] == [
+    assert [(x.step, x.offset, x.partition, x.source) for x in letters] == [
         ("parse", o, 0, TOPICS.turns) for o in (10, 11, 12, 13)]
     assert "max_event_bytes" in letters[1].reason and "key: must be" in letters[2].reason
     assert "tombstone" in letters[3].reason
@@ -188,7 +188,7 @@ def test_a_poison_turn_is_dead_lettered_after_the_configured_attempts() -> None:
     turns = [turn(0), turn(1, text="POISON pill"), turn(2)]
     result = stage.step(turn_recs(turns), {})
     [letter] = letters_of(result)
-    assert letter.stage == "compress" and letter.offset == 1
+    assert letter.step == "compress" and letter.offset == 1
     assert "failed 3 times" in letter.reason and letter.error_type == "RuntimeError"
     assert exploding.calls == 1 + 3  # the batch, then three tries of the poison turn alone
     slot = SensorySlot.model_validate_json(slots_of(result)[K1])
@@ -269,7 +269,7 @@ def test_index_sink_writes_once_and_dead_letters_a_rejected_entry() -> None:
     result = sink.step([*recs, recs[0]])  # a redelivered entry in the same batch
     assert len(store.docs) == 2
     [letter] = letters_of(result)
-    assert letter.stage == "index" and letter.offset == 1
+    assert letter.step == "index" and letter.offset == 1
     changes = [MemoryChange.parse(o.value) for o in result.out if o.topic ==
                TOPICS.memory_changes]
     assert {c.memory_id for c in changes} == set(store.docs) and {c.op for c in changes} == {"add"}
@@ -318,7 +318,7 @@ def test_dead_letter_of_an_oversized_event_stays_small_but_exact() -> None:
     import base64
 
     assert base64.b64decode(letter.raw_b64) == big
-    assert json.loads(result.out[0].value)["stage"] == "parse"
+    assert json.loads(result.out[0].value)["step"] == "parse"
 
 
 # -- defect 2: scope keys (`/` in names, several users in one conversation) ------------------
@@ -385,7 +385,7 @@ def test_a_turn_keyed_tenant_slash_conversation_is_dead_lettered() -> None:
     # canonical key: refused, with the key it must have.
     result = sensory().step([rec(0, turn(0).to_bytes(), key=b"acme/c1")], {})
     [letter] = letters_of(result)
-    assert letter.stage == "parse" and '["acme","c1"]' in letter.reason
+    assert letter.step == "parse" and '["acme","c1"]' in letter.reason
 
 
 def test_an_idle_flush_decodes_its_key_whatever_the_names() -> None:

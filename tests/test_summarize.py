@@ -312,7 +312,7 @@ def test_invalid_json_twice_becomes_a_dead_letter_with_the_raw_output() -> None:
     assert len(server.chat_requests) == 2
     letter = result.dead_letter
     assert letter is not None
-    assert (letter.stage, letter.source, letter.error_type) == (
+    assert (letter.step, letter.source, letter.error_type) == (
         "summarize",
         "summarizer",
         "FactParseError",

@@ -157,15 +157,15 @@ class FakeChat:
         self,
         messages: Sequence[ChatMessage],
         *,
-        stage: str,
+        purpose: str,
         tenant: str,
         json_mode: bool = False,
         max_tokens: int | None = None,
     ) -> Completion:
-        self.calls.append((list(messages), stage, tenant))
+        self.calls.append((list(messages), purpose, tenant))
         text = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         completion = Completion(text=text, prompt_tokens=10, completion_tokens=5, latency_s=0.0)
-        self.meter.record(stage, tenant, completion)
+        self.meter.record(purpose, tenant, completion)
         return completion
 
 
@@ -458,9 +458,9 @@ def test_decide_makes_one_call_with_dated_facts() -> None:
     decision = Consolidator(chat).decide(target, newer)
     assert decision == Decision("delete", reason="she moved")
     assert len(chat.calls) == 1
-    messages, stage, tenant = chat.calls[0]
-    assert (stage, tenant) == ("consolidate", "acme")
-    assert chat.meter.total(stage="consolidate", tenant="acme").calls == 1
+    messages, purpose, tenant = chat.calls[0]
+    assert (purpose, tenant) == ("consolidate", "acme")
+    assert chat.meter.total(purpose="consolidate", tenant="acme").calls == 1
     prompt = messages[-1].content
     assert "[2023-05-08, Monday] Caroline lives in Boston." in prompt
     # Newer facts are listed oldest first with their own dates.

@@ -77,9 +77,9 @@ class LLMConfigError(LLMError):
 
 
 class ChatModel(Protocol):
-    """Anything that answers a chat: ``complete(messages, stage=..., tenant=...)``.
+    """Anything that answers a chat: ``complete(messages, purpose=..., tenant=...)``.
 
-    Implementations record every call in their :class:`UsageMeter` under ``stage`` and
+    Implementations record every call in their :class:`UsageMeter` under ``purpose`` and
     ``tenant`` (cost is the product's headline), and raise :class:`LLMError` subclasses.
     """
 
@@ -89,7 +89,7 @@ class ChatModel(Protocol):
         self,
         messages: Sequence[ChatMessage],
         *,
-        stage: str,
+        purpose: str,
         tenant: str,
         json_mode: bool = False,
         max_tokens: int | None = None,
@@ -114,7 +114,7 @@ class UsageTotals:
 
 @dataclass
 class UsageMeter:
-    """Counts LLM calls, prompt/completion tokens and latency per (stage, tenant).
+    """Counts LLM calls, prompt/completion tokens and latency per (purpose, tenant).
 
     Thread-safe: consolidation runs targets concurrently.
     """
@@ -122,36 +122,36 @@ class UsageMeter:
     _totals: dict[tuple[str, str], UsageTotals] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, stage: str, tenant: str, completion: Completion) -> None:
+    def record(self, purpose: str, tenant: str, completion: Completion) -> None:
         """Count one successful call."""
         with self._lock:
-            t = self._totals.setdefault((stage, tenant), UsageTotals())
+            t = self._totals.setdefault((purpose, tenant), UsageTotals())
             t.calls += 1
             t.prompt_tokens += completion.prompt_tokens
             t.completion_tokens += completion.completion_tokens
             t.latency_s += completion.latency_s
 
-    def record_error(self, stage: str, tenant: str, latency_s: float = 0.0) -> None:
+    def record_error(self, purpose: str, tenant: str, latency_s: float = 0.0) -> None:
         """Count one failed call (it still cost a round trip)."""
         with self._lock:
-            t = self._totals.setdefault((stage, tenant), UsageTotals())
+            t = self._totals.setdefault((purpose, tenant), UsageTotals())
             t.errors += 1
             t.latency_s += latency_s
 
-    def merge(self, stage: str, tenant: str, totals: UsageTotals) -> None:
+    def merge(self, purpose: str, tenant: str, totals: UsageTotals) -> None:
         """Add totals recorded elsewhere (e.g. loaded from a persisted run)."""
         with self._lock:
-            self._totals.setdefault((stage, tenant), UsageTotals()).add(totals)
+            self._totals.setdefault((purpose, tenant), UsageTotals()).add(totals)
 
     def by_key(self) -> dict[tuple[str, str], UsageTotals]:
-        """A copy of the per-(stage, tenant) totals."""
+        """A copy of the per-(purpose, tenant) totals."""
         with self._lock:
             return {k: UsageTotals(**vars(v)) for k, v in self._totals.items()}
 
-    def total(self, stage: str | None = None, tenant: str | None = None) -> UsageTotals:
-        """Sum over every key matching ``stage`` and ``tenant`` (None = any)."""
+    def total(self, purpose: str | None = None, tenant: str | None = None) -> UsageTotals:
+        """Sum over every key matching ``purpose`` and ``tenant`` (None = any)."""
         out = UsageTotals()
         for (s, t), v in self.by_key().items():
-            if (stage is None or s == stage) and (tenant is None or t == tenant):
+            if (purpose is None or s == purpose) and (tenant is None or t == tenant):
                 out.add(v)
         return out

@@ -291,7 +291,7 @@ class Retriever:
     ) -> Answer:
         """Answer ``question`` from ``hits``.
 
-        With a chat model: ONE call (stage ``answer``, counted under ``tenant``) whose prompt
+        With a chat model: ONE call (purpose ``answer``, counted under ``tenant``) whose prompt
         lists every hit rendered, oldest first, so the model reads the story in order.
         Without one, or with no hits: no call; the answer is the rendered best
         ``extractive_n`` hits (best first), marked ``extractive``; nothing is invented.
@@ -330,7 +330,7 @@ class Retriever:
                 ChatMessage("system", ANSWER_SYSTEM_PROMPT),
                 ChatMessage("user", "\n".join(lines)),
             ],
-            stage="answer",
+            purpose="answer",
             tenant=tenant,
             max_tokens=self.max_tokens,
         )

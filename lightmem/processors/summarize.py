@@ -62,7 +62,7 @@ from lightmem.schemas import (
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_THRESHOLD_TOKENS",
-    "SUMMARIZE_STAGE",
+    "SUMMARIZE_PURPOSE",
     "ExtractedFact",
     "FactParseError",
     "SummaryResult",
@@ -80,7 +80,7 @@ DEFAULT_THRESHOLD_TOKENS = 512
 #: why); a call cut at the cap is split, so this bounds one call, not the facts of a flush.
 DEFAULT_MAX_TOKENS = 4 * DEFAULT_THRESHOLD_TOKENS
 #: Stage name for metering and dead letters.
-SUMMARIZE_STAGE = "summarize"
+SUMMARIZE_PURPOSE = "summarize"
 #: ``DeadLetter.source`` for summarization failures (they have no single source offset).
 _DEAD_LETTER_SOURCE = "summarizer"
 
@@ -565,7 +565,7 @@ class Summarizer:
             tally.calls += 1  # before the call: a rejected request was still a call
             completion = chat.complete(
                 msgs,
-                stage=SUMMARIZE_STAGE,
+                purpose=SUMMARIZE_PURPOSE,
                 tenant=tenant,
                 json_mode=True,
                 max_tokens=self.max_tokens,
@@ -753,7 +753,7 @@ def _dead_letter(failures: Sequence[_Failure], now: datetime) -> DeadLetter:
         for f in failures
     )
     return DeadLetter(
-        stage=SUMMARIZE_STAGE,
+        step="summarize",
         reason=reason,
         error_type=type(failures[0].error).__name__,
         source=_DEAD_LETTER_SOURCE,

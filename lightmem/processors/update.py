@@ -1,4 +1,5 @@
-"""Sleep-time update: update queues, targets, one LLM decision per target, applying it.
+"""Consolidation (the sleep-time update): update queues, targets, one LLM decision per target,
+applying it.
 
 The flow (DESIGN.md section 1, "Long-term memory")::
 
@@ -361,7 +362,7 @@ def parse_decision(text: str) -> Decision:
 
 def _strictly_newer(target: MemoryEntry, newer: Iterable[MemoryEntry]) -> list[MemoryEntry]:
     """``newer`` restricted to entries of the target's scope that are newer, oldest first,
-    without duplicates: the one rule of sleep-time update is that only newer entries
+    without duplicates: the one rule of consolidation is that only newer entries
     change older ones."""
     unique = {n.id: n for n in newer if _same_scope(n, target) and is_older(target, n)}
     return sorted(unique.values(), key=_order_key)
@@ -371,7 +372,7 @@ class Consolidator:
     """Decides, with ONE chat call per target, whether newer entries update or delete it.
 
     Args:
-        chat: The chat model; calls are counted under stage ``consolidate`` and the target's
+        chat: The chat model; calls are counted under purpose ``consolidate`` and the target's
             tenant.
         threshold: Minimum similarity for a newer entry to be considered (default 0.8),
             used by :meth:`targets`.
@@ -431,7 +432,7 @@ class Consolidator:
             return Decision("ignore", reason="no newer entries")
         completion = self.chat.complete(
             self.messages(target, newer),
-            stage="consolidate",
+            purpose="consolidate",
             tenant=target.tenant,
             json_mode=True,
             max_tokens=self.max_tokens,

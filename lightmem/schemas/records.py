@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Self
 
 import pydantic_core
 from pydantic import (
+    AliasChoices,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -195,6 +196,17 @@ class Record(BaseModel):
         return self.to_json().encode()
 
 
+class Stage(StrEnum):
+    """The pipeline's stages: the ``stage`` label of every metric, the lag tables and the
+    worker logs. (What an LLM call is billed to is its *purpose*; what failed in a dead
+    letter is its *step*.)"""
+
+    SENSORY = "sensory"
+    SHORT_TERM = "short-term"
+    INDEX = "index"
+    SLEEP = "sleep"
+
+
 class Role(StrEnum):
     user = "user"
     assistant = "assistant"
@@ -358,7 +370,7 @@ class MemoryEntry(Record):
     #: Source turns' compressed text, joined.
     compressed_text: str
     mode: EntryMode
-    #: Bumped on every sleep-time update.
+    #: Bumped on every consolidation of this memory.
     version: int = Field(default=1, ge=1)
     #: Sentence embedding; absent on the wire, filled by the index sink.
     embedding: list[float] | None = None
@@ -458,8 +470,9 @@ class ErasureRequest(Record):
 class DeadLetter(Record):
     """An event a stage could not process, with everything needed to replay it."""
 
-    #: The stage that gave up: parse, compress, segment, summarize, index, consolidate, ...
-    stage: Name
+    #: The step that gave up: parse, compress, segment, summarize, index, consolidate, ...
+    #: (JSON key ``step``; records written by earlier versions name it ``stage`` and still parse.)
+    step: Annotated[Name, Field(validation_alias=AliasChoices("step", "stage"))]
     #: Human-readable reason: field, problem, value.
     reason: str
     #: Exception class name.
@@ -479,18 +492,18 @@ class DeadLetter(Record):
         cls,
         raw: bytes,
         *,
-        stage: str,
+        step: str,
         error: BaseException,
         source: str,
         at: datetime,
         partition: int | None = None,
         offset: int | None = None,
     ) -> DeadLetter:
-        """Build a dead letter for ``raw`` that failed in ``stage`` with ``error``."""
+        """Build a dead letter for ``raw`` that failed in ``step`` with ``error``."""
         import base64
 
         return cls(
-            stage=stage,
+            step=step,
             reason=str(error),
             error_type=type(error).__name__,
             source=source,

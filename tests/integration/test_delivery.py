@@ -4,7 +4,7 @@ A rolling deploy must never lose or duplicate a turn: turns are produced at a st
 over 4 partitions while the worker is stopped three times (by ``kill -9`` or by SIGTERM, one
 stop within seconds of the worker being ready again) and restarted; a second worker joins
 and leaves a group mid-stream. Every produced turn must end up in exactly one memory, in
-order. Also: every producer codec, and two deployments that try to share one app id.
+order. Also: every producer codec, and two deployments that try to share one ingest group.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def test_every_producer_codec_is_read(stream_env: StreamEnv) -> None:
 
 
 def test_a_second_deployment_cannot_share_the_app_id(stream_env: StreamEnv) -> None:
-    """Same app id, another topic prefix: the second worker refuses to start, naming the
+    """Same ingest group, another topic prefix: the second worker refuses to start, naming the
     conflict (before, it shared the first one's group and buffers and indexed nothing)."""
     senv = stream_env
     conv = make_conversation("acme", "u1", "share-c1", 6)
@@ -209,7 +209,7 @@ def test_a_second_deployment_cannot_share_the_app_id(stream_env: StreamEnv) -> N
     assert w.stop() == 0
     other = Topics(prefix=f"{senv.topics.prefix}other.")
     create_topics(senv.settings, other)
-    # The same app id (LIGHTMEM_WORKER_ID of the env), another prefix.
+    # The same ingest group (LIGHTMEM_INGEST_GROUP of the env), another prefix.
     result = subprocess.run(
         [sys.executable, "-m", "lightmem", "worker", "--topic-prefix", other.prefix],
         env=senv.env, cwd=senv.tmp, capture_output=True, text=True, timeout=300)

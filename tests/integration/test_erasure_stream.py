@@ -90,7 +90,7 @@ def test_forget_a_user_on_the_stream(stream_env: StreamEnv) -> None:
     day = T0 + timedelta(days=1)
     open_turns = make_conversation("acme", "alice", "c-alice-open", 3, start=day, seed=3)
     add_turns(open_turns, senv.settings, topics=senv.topics)
-    sensory_log = changelog_topic(senv.topics, senv.settings.worker_id, "sensory")
+    sensory_log = changelog_topic(senv.topics, senv.settings.ingest_group, "sensory")
     open_key = conversation_key("acme", "c-alice-open").encode()
     wait_for(lambda: open_key in _changelog_slots(senv.settings, sensory_log),
              what="alice's open buffer slot", workers=[w1])

@@ -3,7 +3,7 @@ equal what happened (records on each topic, dead letters, memories in the index,
 and tokens the OpenAI stub served), the lag gauges reach zero, the JSON logs parse and
 carry no secret, and ``lightmem stats --stream`` reports the same per tenant.
 
-The deployment (topic prefix, app id, alias, worker subprocess) is the one of
+The deployment (topic prefix, ingest group, alias, worker subprocess) is the one of
 ``test_streaming.py``; the LLM is :class:`~lightmem.ops.bench.llm_stub.OpenAIStubServer` with the
 rule-based fact extractor, so the short-term stage makes real HTTP calls.
 """
@@ -35,7 +35,7 @@ from lightmem.streams.kafka.producer import RecordProducer  # noqa: E402
 from . import test_streaming  # noqa: E402
 from .test_streaming import StreamEnv, bad_event, make_conversation, wait_for  # noqa: E402
 
-#: One isolated deployment per test (topic prefix, app id, alias), as test_streaming's.
+#: One isolated deployment per test (topic prefix, ingest group, alias), as test_streaming's.
 stream_env = test_streaming.stream_env
 
 pytestmark = pytest.mark.integration
@@ -175,7 +175,7 @@ def test_metrics_match_what_the_worker_did(stream_env: StreamEnv) -> None:
     for e in entries:
         per_tenant[e.tenant] += 1
     env = {k: senv.env[k] for k in ("LIGHTMEM_KAFKA_BOOTSTRAP", "LIGHTMEM_ES_URL",
-                                    "LIGHTMEM_ES_ALIAS", "LIGHTMEM_WORKER_ID")}
+                                    "LIGHTMEM_ES_ALIAS", "LIGHTMEM_INGEST_GROUP")}
     result = CliRunner().invoke(cli_app, ["stats", "--stream", "--topic-prefix", topics.prefix,
                                           "--metrics-url", url], env=env)
     assert result.exit_code == 0, result.output

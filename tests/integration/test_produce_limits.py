@@ -116,7 +116,7 @@ def test_a_2mb_turn_over_the_limit_is_refused_by_line_and_dead_lettered(
     assert sorted(json.loads(v)["turn_id"] for v in values) == ["t1", "t3"]
     assert not any(v.startswith(b"\xef\xbb\xbf") for v in values)
     [letter] = [DeadLetter.parse(v) for v in _read_all(settings, topics.dlq)]
-    assert (letter.source, letter.offset, letter.stage) == (str(path), 2, "parse")
+    assert (letter.source, letter.offset, letter.step) == (str(path), 2, "parse")
 
 
 def test_a_topic_created_smaller_than_the_limit_names_the_line(

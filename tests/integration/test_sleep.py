@@ -276,7 +276,7 @@ def test_closed_window_consumes_nothing_then_open_consolidates(sleep_env: SleepE
 
     def sleep_dead_letters() -> list[Any]:
         return [r for r in read_dead_letters(senv.settings, senv.topics)
-                if r.letter is not None and r.letter.stage == "sleep-control"]
+                if r.letter is not None and r.letter.step == "sleep-control"]
 
     letters = wait_for(lambda: len(sleep_dead_letters()) == 2 and sleep_dead_letters(),
                        what="dead letters of the bad commands", workers=[w])
@@ -469,7 +469,7 @@ def test_metrics_follow_the_window_and_the_work(sleep_env: SleepEnv) -> None:
         == len(records)
     assert value("lightmem_events_applied_total", stage="sleep") == len(pairs)
     assert value("lightmem_stage_errors_total", stage="sleep", kind="transient") is None
-    assert value("lightmem_llm_calls_total", stage="consolidate", tenant="acme") \
+    assert value("lightmem_llm_calls_total", purpose="consolidate", tenant="acme") \
         == _consolidation_calls(senv) == len(pairs)
     assert window() == 1
 
@@ -522,7 +522,7 @@ def test_open_window_yields_to_an_ingest_backlog(sleep_env: SleepEnv) -> None:
             producer.produce(turns, b"{}", key=f"acme/c{i % 8}".encode())
     try:
         port = _free_port()
-        w = senv.start_worker("w1", "--app-id", ingest_group, "--yield-lag", "20",
+        w = senv.start_worker("w1", "--ingest-group", ingest_group, "--yield-lag", "20",
                               LIGHTMEM_METRICS_PORT=str(port))
 
         def value(name: str, **labels: str) -> float | None:
@@ -571,7 +571,7 @@ def test_entries_the_index_sink_has_not_read_are_not_committed_past(sleep_env: S
     # The index sink has read nothing yet (a real group committed at 0 everywhere).
     _commit_group(senv.settings, ingest_group, entries, {p: 0 for p in range(PARTITIONS)})
     try:
-        w = senv.start_worker("w1", "--app-id", ingest_group, "--yield-lag", "0")
+        w = senv.start_worker("w1", "--ingest-group", ingest_group, "--yield-lag", "0")
         wait_for(lambda: "sleep worker ready" in w.text(), what="the worker", workers=[w])
         senv.sleep_cli("open")
         wait_for(lambda: re.search(r"batch of \d+ entries: .* [1-9]\d* not indexed yet",

@@ -1,7 +1,7 @@
 """The streaming pipeline end to end on the real Kafka and Elasticsearch.
 
 Workers run as subprocesses (``python -m lightmem worker``), exactly as deployed, so that a
-test can ``kill -9`` one. Each test gets its own topic prefix, app id (consumer group) and
+test can ``kill -9`` one. Each test gets its own topic prefix, ingest group (consumer group) and
 index alias, and deletes them afterwards. Nothing sleeps to synchronise: every wait is a
 condition polled against a deadline (:func:`wait_for`).
 
@@ -136,7 +136,7 @@ def make_conversation(tenant: str, user: str, conversation: str, n_turns: int, *
 
 @dataclass
 class StreamEnv:
-    """One deployment: unique topic prefix, app id, ES alias."""
+    """One deployment: unique topic prefix, ingest group, ES alias."""
 
     settings: Settings
     topics: Topics
@@ -209,14 +209,14 @@ def stream_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
                ) -> Iterator[StreamEnv]:
     run = uuid.uuid4().hex[:10]
     prefix = f"lmtest-{run}."
-    app_id = f"lmtest-{run}"
+    ingest_group = f"lmtest-{run}"
     alias = f"lmtest-{run}-mem"
     env = {
         **os.environ,
         "LIGHTMEM_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "LIGHTMEM_ES_URL": es_url,
         "LIGHTMEM_ES_ALIAS": alias,
-        "LIGHTMEM_WORKER_ID": app_id,
+        "LIGHTMEM_INGEST_GROUP": ingest_group,
         "LIGHTMEM_COMPRESSOR": "none",
         "LIGHTMEM_SENSORY_BUDGET_TOKENS": "64",
         "LIGHTMEM_TOPIC_BUFFER_TOKENS": "64",
@@ -228,7 +228,7 @@ def stream_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
     }
     env.pop("LIGHTMEM_LLM_BASE_URL", None)
     settings = Settings(kafka_bootstrap=kafka_bootstrap, es_url=es_url, es_alias=alias,
-                        worker_id=app_id, kafka_partitions=4, max_event_bytes=2048,
+                        ingest_group=ingest_group, kafka_partitions=4, max_event_bytes=2048,
                         compressor="none", sensory_budget_tokens=64, topic_buffer_tokens=64)
     topics = Topics(prefix=prefix)
     create_topics(settings, topics)
@@ -238,7 +238,7 @@ def stream_env(kafka_bootstrap: str, es_url: str, es_client: Any, tmp_path: Path
     finally:
         for w in senv.workers:
             w.stop()
-        remove_deployment(settings, topic_prefixes=[prefix, app_id], groups=[app_id],
+        remove_deployment(settings, topic_prefixes=[prefix, ingest_group], groups=[ingest_group],
                           alias=alias, es=es_client)
 
 
@@ -270,7 +270,7 @@ def turns_assignment(senv: StreamEnv) -> list[list[int]] | None:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": senv.settings.kafka_bootstrap})
-    group = senv.settings.worker_id
+    group = senv.settings.ingest_group
     desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result(10)
     owned = [sorted(tp.partition for tp in m.assignment.topic_partitions
                     if tp.topic == senv.topics.turns) for m in desc.members]
@@ -427,7 +427,7 @@ def test_malformed_events_go_to_the_dlq_and_good_ones_are_indexed(stream_env: St
     by_marker = {}
     for rec in letters:
         x = rec.letter
-        assert x is not None and x.stage == "parse" and x.source == senv.topics.turns
+        assert x is not None and x.step == "parse" and x.source == senv.topics.turns
         assert x.partition is not None and x.offset is not None and x.reason
         raw = rec.original
         marker = next((f"BAD-{i:04d}" for i in bad if f"BAD-{i:04d}".encode() in raw), None)
@@ -455,7 +455,7 @@ def test_malformed_events_go_to_the_dlq_and_good_ones_are_indexed(stream_env: St
         "LIGHTMEM_KAFKA_BOOTSTRAP": senv.settings.kafka_bootstrap})
     assert listed.exit_code == 0, listed.output
     rows = [json.loads(line) for line in listed.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 100 and all(r["stage"] == "parse" and r["reason"] for r in rows)
+    assert len(rows) == 100 and all(r["step"] == "parse" and r["reason"] for r in rows)
 
     # Replay re-produces the original bytes; still bad, so each comes back: nothing lost.
     replayed = runner.invoke(cli_app, ["dlq", "replay", "--stage", "parse", "--topic-prefix",
@@ -487,7 +487,7 @@ def test_kill9_worker_mid_stream_loses_nothing_and_duplicates_nothing(stream_env
     assert before < len(turns), "the worker finished before it was killed: test too small"
     # What the changelog holds at the kill: buffered turns that only it remembers.
     latest = {k: v for _, _, k, v, _ in consume_all(
-        senv.settings, changelog_topic(senv.topics, senv.settings.worker_id, "sensory"))}
+        senv.settings, changelog_topic(senv.topics, senv.settings.ingest_group, "sensory"))}
     buffered = sum(len((json.loads(v).get("buffer") or {}).get("turns", []))
                    for v in latest.values() if v)
     assert buffered > 0, "no buffered turns at the kill: the test would prove nothing"
@@ -557,5 +557,5 @@ def test_produce_file_reports_bad_lines_dead_letters_them_and_produces_the_rest(
     assert {k for _, _, k, _, _ in produced} == {conversation_key("acme", "file-c1").encode()}
     assert len({p for p, *_ in produced}) == 1  # one conversation, one partition
     letters = senv.dead_letters()
-    assert [(r.letter.source, r.letter.offset, r.letter.stage) for r in letters] == [
+    assert [(r.letter.source, r.letter.offset, r.letter.step) for r in letters] == [
         (str(path), 2, "parse"), (str(path), 5, "parse")]

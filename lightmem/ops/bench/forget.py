@@ -91,7 +91,7 @@ class _Stores:
         self.data_dir = Path(tempfile.mkdtemp(prefix="lightmem-bench-forget-"))
         self.settings = base.model_copy(update={
             "data_dir": self.data_dir, "es_alias": f"lmbench-{self.run}-mem",
-            "kafka_topic_prefix": f"lmbench-{self.run}.", "worker_id": f"lmbench-{self.run}"})
+            "kafka_topic_prefix": f"lmbench-{self.run}.", "ingest_group": f"lmbench-{self.run}"})
         from lightmem.streams.embedded.runtime import EmbeddedRuntime
 
         self.runtime = EmbeddedRuntime(self.settings)

@@ -458,7 +458,7 @@ def judge_answer(
     )
     completion = chat.complete(
         [ChatMessage("system", _JUDGE_SYSTEM), ChatMessage("user", prompt)],
-        stage="judge",
+        purpose="judge",
         tenant=tenant,
         max_tokens=8,
     )
@@ -1098,7 +1098,7 @@ class _Bench:
         result.build_wall_s = time.perf_counter() - t0
         progress.remove_task(task)
         if rt.chat is not None:
-            result.llm = rt.chat.meter.total(stage="summarize")
+            result.llm = rt.chat.meter.total(purpose="summarize")
         entries = list(rt.store.iter_entries())
         result.entries = len(entries)
         result.words_stored = sum(word_count(e.fact) for e in entries)

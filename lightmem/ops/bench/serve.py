@@ -475,11 +475,11 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
     deployment = StreamDeployment.new()
     settings = settings.model_copy(update={"es_alias": deployment.alias,
                                            "kafka_topic_prefix": deployment.prefix,
-                                           "worker_id": deployment.app_id,
+                                           "ingest_group": deployment.ingest_group,
                                            "data_dir": work_dir / f"es-{deployment.run}"})
     env = _service_env(settings, {"es_alias": deployment.alias,
                                   "kafka_topic_prefix": deployment.prefix,
-                                  "worker_id": deployment.app_id})
+                                  "ingest_group": deployment.ingest_group})
     worker = None
     try:
         create_topics(settings, Topics.from_settings(settings))
@@ -504,7 +504,7 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
                 admin = AdminClient(kafka_config(settings))
                 deadline = time.monotonic() + 600
                 turns_topic = Topics.from_settings(settings).turns
-                while not _group_ready(admin, deployment.app_id, turns_topic,
+                while not _group_ready(admin, deployment.ingest_group, turns_topic,
                                        settings.kafka_partitions):
                     if worker.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError("the worker did not join its group:\n"
@@ -520,8 +520,8 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
             _stop_worker(worker)
         es = es_client(settings)
         try:
-            remove_deployment(settings, topic_prefixes=[deployment.prefix, deployment.app_id],
-                              groups=[deployment.app_id], alias=deployment.alias, es=es)
+            remove_deployment(settings, topic_prefixes=[deployment.prefix, deployment.ingest_group],
+                              groups=[deployment.ingest_group], alias=deployment.alias, es=es)
         finally:
             es.close()
 

@@ -335,14 +335,14 @@ def _start_sleep_side(base: Settings, stub: OpenAIStubServer, concurrency: int,
                       deployment: StreamDeployment, *, yield_lag: int, targets: int
                       ) -> _SleepSide:
     """A sleep worker (window closed) on the ingest run's deployment: same entries topic and
-    index, its ingest group (``worker_id``) to yield to; seeded with ``targets``."""
+    index, its ingest group (``ingest_group``) to yield to; seeded with ``targets``."""
     from lightmem.streams.elastic.store import ElasticsearchStore, es_client
     from lightmem.streams.kafka.topics import Topics, create_topics
 
     port = _free_port()
     overrides: dict[str, Any] = {
-        "es_alias": deployment.alias, "worker_id": deployment.app_id,
-        "sleep_group": f"{deployment.app_id}-sleep", "sleep_yield_lag": yield_lag,
+        "es_alias": deployment.alias, "ingest_group": deployment.ingest_group,
+        "sleep_group": f"{deployment.ingest_group}-sleep", "sleep_yield_lag": yield_lag,
         "sleep_concurrency": concurrency, "sleep_poll_s": 0.2,
         # Small batches: the targets counter (per batch) follows the work closely.
         "sleep_batch_entries": 4 * concurrency,
@@ -383,7 +383,7 @@ def _ingest_lag(settings: Settings, deployment: StreamDeployment) -> int:
     from lightmem.streams.kafka.topics import Topics
 
     topics = Topics(prefix=deployment.prefix)
-    with LagReader(settings, deployment.app_id) as reader:
+    with LagReader(settings, deployment.ingest_group) as reader:
         return sum(p.lag for p in reader.read([topics.turns, topics.segments, topics.entries]))
 
 

@@ -43,7 +43,7 @@ from rich.table import Table
 
 from lightmem.ops.bench.llm_stub import OpenAIStubServer, fact_extraction_responder
 from lightmem.ops.bench.locomo_data import DEFAULT_LOCOMO, load_locomo
-from lightmem.schemas import TurnEvent
+from lightmem.schemas import Stage, TurnEvent
 from lightmem.settings import Settings, load_settings
 
 # Wide enough for the results table when stderr is not a terminal (CI logs, files).
@@ -57,7 +57,7 @@ STALL_S = 180.0
 #: Hits per page when polling the index.
 PAGE = 2000
 #: The ingest worker's stages (``metrics.STAGES`` less ``sleep``), whose lag is sampled.
-INGEST_STAGES = ("sensory", "short-term", "index")
+INGEST_STAGES = (Stage.SENSORY, Stage.SHORT_TERM, Stage.INDEX)
 
 
 def interleave(samples: list[Any], limit: int) -> list[TurnEvent]:
@@ -233,7 +233,7 @@ class StreamDeployment:
         return f"lmbench-{self.run}."
 
     @property
-    def app_id(self) -> str:
+    def ingest_group(self) -> str:
         return f"lmbench-{self.run}"
 
     @property
@@ -263,9 +263,9 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     from lightmem.streams.kafka.topics import Topics, create_topics, kafka_config
 
     deployment = deployment or StreamDeployment.new()
-    prefix, app_id, alias = deployment.prefix, deployment.app_id, deployment.alias
-    overrides = {**overrides, "worker_id": app_id, "es_alias": alias}
-    settings = settings.model_copy(update={"worker_id": app_id, "es_alias": alias})
+    prefix, ingest_group, alias = deployment.prefix, deployment.ingest_group, deployment.alias
+    overrides = {**overrides, "ingest_group": ingest_group, "es_alias": alias}
+    settings = settings.model_copy(update={"ingest_group": ingest_group, "es_alias": alias})
     topics = Topics(prefix=prefix)
     create_topics(settings, topics)
     log = Path(tempfile.mkdtemp(prefix="lightmem-bench-stream-")) / "worker.log"
@@ -273,7 +273,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
     es = es_client(settings)
     stage_of = {topics.turns: "sensory", topics.segments: "short-term",
                 topics.entries: "index"}
-    lag_reader = LagReader(settings, app_id)
+    lag_reader = LagReader(settings, ingest_group)
     watch = _Watch(es, alias, lag_reader, stage_of)
     poller = threading.Thread(target=watch.run, name="bench-watch", daemon=True)
     produced_at: dict[tuple[str, str], float] = {}
@@ -281,7 +281,7 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
         err.print(f"{label}: starting a worker (models load before it joins the group) ...")
         deadline = time.monotonic() + 600
         admin = AdminClient(kafka_config(settings))
-        while not _group_ready(admin, app_id, topics.turns, settings.kafka_partitions):
+        while not _group_ready(admin, ingest_group, topics.turns, settings.kafka_partitions):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not join its group:\n{_tail(log)}")
             time.sleep(1.0)
@@ -357,8 +357,8 @@ def run_stream(settings: Settings, overrides: dict[str, Any], turns: list[TurnEv
         _stop_worker(proc)
         lag_reader.close()
         if not keep:
-            remove_deployment(settings, topic_prefixes=[prefix, app_id], groups=[app_id],
-                              alias=alias, es=es)
+            remove_deployment(settings, topic_prefixes=[prefix, ingest_group],
+                              groups=[ingest_group], alias=alias, es=es)
         es.close()
 
 

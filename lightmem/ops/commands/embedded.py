@@ -57,10 +57,11 @@ def _progress() -> Progress:
 
 def _print_usage(usage: dict, title: str = "LLM usage") -> None:
     table = Table(title=title)
-    for col in ("stage", "tenant", "calls", "prompt tok", "completion tok", "latency s", "errors"):
+    for col in ("purpose", "tenant", "calls", "prompt tok", "completion tok", "latency s",
+                "errors"):
         table.add_column(col)
-    for (stage, tenant), t in sorted(usage.items()):
-        table.add_row(stage, tenant, str(t.calls), str(t.prompt_tokens),
+    for (purpose, tenant), t in sorted(usage.items()):
+        table.add_row(purpose, tenant, str(t.calls), str(t.prompt_tokens),
                       str(t.completion_tokens), f"{t.latency_s:.2f}", str(t.errors))
     if not usage:
         table.add_row("-", "-", "0", "0", "0", "0.00", "0")
@@ -189,7 +190,8 @@ def consolidate(
     data_dir: DataDir = None,
     llm_base_url: LlmUrl = None,
 ) -> None:
-    """Sleep-time update of the embedded memory: update queues, then one LLM call per target."""
+    """Consolidate the embedded memory (the sleep-time update): update queues, then one LLM
+    call per target."""
     settings = load_settings(
         data_dir=data_dir, llm_base_url=llm_base_url, update_threshold=threshold
     )
@@ -221,8 +223,9 @@ def stats(
         "--stream", help="The streaming deployment (Elasticsearch, Kafka lag, the workers' "
         "/metrics) instead of the embedded store")] = False,
     topic_prefix: stream_cli.PrefixOpt = None,
-    app_id: Annotated[str | None, typer.Option(
-        "--app-id", help="--stream: the workers' consumer group [env LIGHTMEM_WORKER_ID]")]
+    ingest_group: Annotated[str | None, typer.Option(
+        "--ingest-group", "--app-id", help="--stream: the ingest workers' consumer group "
+        "(--app-id: old name) [env LIGHTMEM_INGEST_GROUP]")]
     = None,
     metrics_url: Annotated[list[str] | None, typer.Option(
         "--metrics-url", help="--stream: a worker's /metrics URL (repeatable); LLM spend is "
@@ -230,11 +233,11 @@ def stats(
 ) -> None:
     """Per tenant: memories, LLM spend and lag (the embedded store, or --stream).
 
-    Also memories per scope, LLM spend per stage, and buffered turns and dead letters
+    Also memories per scope, LLM spend per purpose, and buffered turns and dead letters
     (embedded) or the consumer lag per partition (--stream). Tables on stderr, JSON on stdout.
     """
     if stream:
-        stream_cli.print_stream_stats(topic_prefix=topic_prefix, app_id=app_id,
+        stream_cli.print_stream_stats(topic_prefix=topic_prefix, ingest_group=ingest_group,
                                       metrics_urls=metrics_url or [])
         return
     runtime = _runtime(load_settings(data_dir=data_dir))

@@ -177,9 +177,9 @@ def sleep_worker(
                                                     "[env LIGHTMEM_SLEEP_CONCURRENCY]")] = None,
     group: Annotated[str | None, typer.Option(help="Consumer group [env "
                                               "LIGHTMEM_SLEEP_GROUP]")] = None,
-    app_id: Annotated[str | None, typer.Option(
-        "--app-id", help="The ingest workers' app id (their consumer group), whose backlog "
-        "this worker yields to [env LIGHTMEM_WORKER_ID]")] = None,
+    ingest_group: Annotated[str | None, typer.Option(
+        "--ingest-group", "--app-id", help="The ingest workers' consumer group, whose backlog "
+        "this worker yields to (--app-id: old name) [env LIGHTMEM_INGEST_GROUP]")] = None,
     yield_lag: Annotated[int | None, typer.Option(
         min=0, help="Start no new target while the ingest group has more records waiting "
         "(0 = never yield) [env LIGHTMEM_SLEEP_YIELD_LAG]")] = None,
@@ -202,7 +202,8 @@ def sleep_worker(
 
     if log_format is None and isinstance(ctx.obj, dict):  # `lightmem --log-format X sleep-worker`
         log_format = ctx.obj.get("log_format")
-    settings = _settings(sleep_concurrency=concurrency, sleep_group=group, worker_id=app_id,
+    settings = _settings(sleep_concurrency=concurrency, sleep_group=group,
+                         ingest_group=ingest_group,
                          sleep_yield_lag=yield_lag, metrics_port=metrics_port,
                          log_format=log_format)
     # As the stream worker: secrets redacted; json = one object per line on stderr.

@@ -8,8 +8,8 @@ backfill.
     lightmem flush [--tenant --conversation]
                                          in-band flush command on the turns topic
     lightmem worker                      run the ingest worker (all three stages)
-    lightmem dlq list [--json]           every dead letter: stage, reason, source position
-    lightmem dlq replay --offset N ... | --stage S | --all
+    lightmem dlq list [--json]           every dead letter: step, reason, source position
+    lightmem dlq replay --offset N ... | --step S | --all
                                          re-produce the original bytes to their source
     lightmem replay --from earliest|ISO --index NEW
                                          backfill a new index; then `lightmem index promote`
@@ -183,16 +183,17 @@ def flush(
 
 def worker(
     ctx: typer.Context,
-    app_id: Annotated[str | None, typer.Option("--app-id", help="app id = consumer group, "
-                                               "part of the changelog topic names "
-                                               "[env LIGHTMEM_WORKER_ID]")] = None,
+    ingest_group: Annotated[str | None, typer.Option(
+        "--ingest-group", "--app-id", help="The ingest workers' consumer group, also part of the "
+        "transactional ids and changelog topic names (--app-id: old name) "
+        "[env LIGHTMEM_INGEST_GROUP]")] = None,
     index: Annotated[str | None, typer.Option(help="Write this index instead of the alias "
                                               "[env LIGHTMEM_ES_ALIAS]")] = None,
     topic_prefix: PrefixOpt = None,
     loglevel: Annotated[str, typer.Option(help="worker log level")] = "info",
     instance: Annotated[str | None, typer.Option(
         "--instance", help="this worker's stable name in the group (transactional id "
-        "<app id>-<instance>): a restart with the same name aborts its predecessor's open "
+        "<ingest group>-<instance>): a restart with the same name aborts its predecessor's open "
         "transaction at once; never give two live workers one name [default: random]")] = None,
     replay_run: Annotated[str | None, typer.Option(hidden=True)] = None,
     stop_offsets: Annotated[str | None, typer.Option(hidden=True)] = None,
@@ -211,7 +212,8 @@ def worker(
 
     if log_format is None and isinstance(ctx.obj, dict):  # `lightmem --log-format X worker`
         log_format = ctx.obj.get("log_format")
-    settings = _settings(worker_id=app_id, metrics_port=metrics_port, log_format=log_format)
+    settings = _settings(ingest_group=ingest_group, metrics_port=metrics_port,
+                         log_format=log_format)
     topics = _topics(settings, topic_prefix)
     if replay_run:
         topics = topics.for_replay(replay_run)
@@ -232,13 +234,13 @@ def worker(
 # -- stats -----------------------------------------------------------------------------------
 
 
-def print_stream_stats(*, topic_prefix: str | None, app_id: str | None,
+def print_stream_stats(*, topic_prefix: str | None, ingest_group: str | None,
                        metrics_urls: list[str]) -> None:
     """``lightmem stats --stream``: tables on stderr, JSON on stdout (exit 1 when a server
     does not answer)."""
     from lightmem.streams.observe.stats import stream_stats
 
-    settings = _settings(worker_id=app_id)
+    settings = _settings(ingest_group=ingest_group)
     topics = _topics(settings, topic_prefix)
     err = _err()
     try:
@@ -289,16 +291,18 @@ def _dead_letters(settings: Settings, topics: Any) -> list[Any]:
 def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line on "
                                           "stdout")] = False,
-    stage: Annotated[str | None, typer.Option(help="Only this stage")] = None,
+    step: Annotated[str | None, typer.Option("--step", "--stage",
+                                             help="Only this failed step (parse, compress, "
+                                                  "summarize, ...); --stage: old name")] = None,
     topic_prefix: PrefixOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Every dead letter, oldest first: DLQ offset, stage, source position, reason."""
+    """Every dead letter, oldest first: DLQ offset, step, source position, reason."""
     settings = _settings(kafka_bootstrap=bootstrap)
     topics = _topics(settings, topic_prefix)
     records = _dead_letters(settings, topics)
-    if stage is not None:
-        records = [r for r in records if r.letter is not None and r.letter.stage == stage]
+    if step is not None:
+        records = [r for r in records if r.letter is not None and r.letter.step == step]
     if as_json:
         for r in records:
             body = {"dlq_partition": r.partition, "dlq_offset": r.offset,
@@ -310,14 +314,14 @@ def dlq_list(
             typer.echo(json.dumps(body))
         return
     table = Table(title=f"dead letters on {topics.dlq} ({len(records)})")
-    for col in ("offset", "stage", "source", "partition", "src offset", "error", "reason"):
+    for col in ("offset", "step", "source", "partition", "src offset", "error", "reason"):
         table.add_column(col, overflow="fold")
     for r in records:
         x = r.letter
         if x is None:
             table.add_row(str(r.offset), "?", "?", "", "", "undecodable", r.error or "")
             continue
-        table.add_row(str(r.offset), x.stage, x.source,
+        table.add_row(str(r.offset), x.step, x.source,
                       "" if x.partition is None else str(x.partition),
                       "" if x.offset is None else str(x.offset), x.error_type, x.reason)
     Console().print(table)
@@ -327,7 +331,9 @@ def dlq_list(
 def dlq_replay(
     offset: Annotated[list[int] | None, typer.Option("--offset", help="DLQ offset to replay "
                                                      "(repeatable)")] = None,
-    stage: Annotated[str | None, typer.Option(help="Every dead letter of this stage")] = None,
+    step: Annotated[str | None, typer.Option("--step", "--stage",
+                                             help="Every dead letter of this failed step; "
+                                                  "--stage: old name")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
     dry_run: Annotated[bool, typer.Option(help="Show what would be sent")] = False,
     topic_prefix: PrefixOpt = None,
@@ -340,15 +346,15 @@ def dlq_replay(
     from lightmem.streams.kafka.dlq import plan_replay, replay_dead_letters
     from lightmem.streams.kafka.producer import DeliveryError
 
-    if not (offset or stage or all_):
-        _err().print("[red]error:[/red] select dead letters: --offset N, --stage S or --all")
+    if not (offset or step or all_):
+        _err().print("[red]error:[/red] select dead letters: --offset N, --step S or --all")
         raise typer.Exit(2)
     settings = _settings(kafka_bootstrap=bootstrap)
     topics = _topics(settings, topic_prefix)
     records = _dead_letters(settings, topics)
     wanted = set(offset or [])
     chosen = [r for r in records if all_ or r.offset in wanted or (
-        stage is not None and r.letter is not None and r.letter.stage == stage)]
+        step is not None and r.letter is not None and r.letter.step == step)]
     missing = wanted - {r.offset for r in records}
     plans = plan_replay(chosen, topics)
     err = _err()
@@ -436,7 +442,7 @@ def replay(
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1 if isinstance(exc, LookupError) else 2) from None
     err.print(f"backfill {plan.run}: {plan.total} turn record(s) from {topics.turns} into "
-              f"index {index} (group {plan.app_id})", highlight=False)
+              f"index {index} (group {plan.ingest_group})", highlight=False)
     prepare_backfill(settings, plan)
     cmd = [sys.executable, "-m", "lightmem", *worker_args(plan, topic_prefix=topics.prefix),
            "--metrics-port", str(metrics_port)]
@@ -446,7 +452,7 @@ def replay(
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[lag]}"), TimeElapsedColumn(),
-                      console=err) as progress, LagReader(settings, plan.app_id) as reader:
+                      console=err) as progress, LagReader(settings, plan.ingest_group) as reader:
             task = progress.add_task("replay turns", total=plan.total, lag="")
             while True:
                 try:

@@ -14,7 +14,7 @@ or a whole tenant:
   with another user keeps its rows: they hold turn ids, no text, and tell which turns were
   processed);
 - dead letters of the scope (database rows and lines of the dead-letter file);
-- LLM usage rows are per (stage, tenant) and hold counts only: kept.
+- LLM usage rows are per (purpose, tenant) and hold counts only: kept.
 
 The request itself is kept in the ``erasures`` table (the embedded ledger).
 """
@@ -235,7 +235,7 @@ def forget_embedded(store: EmbeddedStore, request: ErasureRequest, *,
                             f"turn ids (no text)"] if shared else []),
         SinkReport("dead letters", found=letters + file_letters,
                    removed={"rows": letters, "file lines": file_letters}),
-        SinkReport("llm usage", pending=["per (stage, tenant) counts only, no text: kept"]),
+        SinkReport("llm usage", pending=["per (purpose, tenant) counts only, no text: kept"]),
     ]
     return report
 

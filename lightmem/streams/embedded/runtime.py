@@ -131,7 +131,7 @@ class RuntimeStats:
             "data": str(self.path),
             "memories": [{"tenant": t, "user": u, "count": n} for (t, u), n in
                          sorted(self.entries.items())],
-            "llm_usage": [{"stage": s, "tenant": t, **vars(v)} for (s, t), v in
+            "llm_usage": [{"purpose": s, "tenant": t, **vars(v)} for (s, t), v in
                           sorted(self.usage.items())],
             "turns_processed": self.turns,
             "open_buffers": self.open_buffers,
@@ -229,7 +229,7 @@ class EmbeddedRuntime(Components):
                     report.rejected.append(RejectedLine(number, str(exc)))
                     self._dead_letter(
                         report,
-                        DeadLetter.from_raw(raw.rstrip(b"\r\n"), stage="parse", error=exc,
+                        DeadLetter.from_raw(raw.rstrip(b"\r\n"), step="parse", error=exc,
                                             source=source, offset=number, at=self.clock()),
                     )
             if len(batch) >= self.settings.ingest_batch_turns:

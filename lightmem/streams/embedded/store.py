@@ -92,10 +92,10 @@ CREATE TABLE IF NOT EXISTS ledger (
     conversation_key TEXT NOT NULL, turn_id TEXT NOT NULL, PRIMARY KEY (conversation_key, turn_id)
 );
 CREATE TABLE IF NOT EXISTS usage (
-    stage TEXT NOT NULL, tenant TEXT NOT NULL,
+    purpose TEXT NOT NULL, tenant TEXT NOT NULL,
     calls INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     latency_s REAL NOT NULL, errors INTEGER NOT NULL,
-    PRIMARY KEY (stage, tenant)
+    PRIMARY KEY (purpose, tenant)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, letter_id TEXT
@@ -107,7 +107,7 @@ def dead_letter_id(letter: DeadLetter) -> str:
     """A dead letter's identity: where it came from and its exact bytes, not when it was
     written. A re-run that rejects the same line again makes the same id (not a second
     letter)."""
-    return stable_id(letter.stage, letter.source, letter.partition, letter.offset,
+    return stable_id(letter.step, letter.source, letter.partition, letter.offset,
                      letter.raw_b64)
 
 
@@ -162,6 +162,7 @@ class EmbeddedStore:
                 f"embedding FLOAT[{dim}] distance_metric=cosine)"
             )
             self._migrate_dead_letters()
+            self._migrate_usage()
             if self._meta("key_format") != KEY_FORMAT:
                 self._migrate_keys()
                 self._set_meta("key_format", KEY_FORMAT)
@@ -219,6 +220,12 @@ class EmbeddedStore:
                                      (letter_id, seq))
         self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_id "
                          "ON dead_letters (letter_id)")
+
+    def _migrate_usage(self) -> None:
+        """Name the usage table's key column ``purpose`` (earlier versions: ``stage``)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(usage)")}
+        if "stage" in columns:
+            self._db.execute("ALTER TABLE usage RENAME COLUMN stage TO purpose")
 
     def _migrate_keys(self) -> None:
         """Re-key a database written with ``tenant/name`` keys (see :data:`KEY_FORMAT`)."""
@@ -549,19 +556,20 @@ class EmbeddedStore:
 
     def add_usage(self, meter: UsageMeter) -> None:
         """Add a meter's totals to the persisted usage (in the caller's transaction)."""
-        for (stage, tenant), t in meter.by_key().items():
+        for (purpose, tenant), t in meter.by_key().items():
             self._db.execute(
-                "INSERT INTO usage VALUES(?,?,?,?,?,?,?) ON CONFLICT(stage, tenant) DO UPDATE SET "
+                "INSERT INTO usage VALUES(?,?,?,?,?,?,?) ON CONFLICT(purpose, tenant) "
+                "DO UPDATE SET "
                 "calls=calls+excluded.calls, prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
                 "completion_tokens=completion_tokens+excluded.completion_tokens, "
                 "latency_s=latency_s+excluded.latency_s, errors=errors+excluded.errors",
-                (stage, tenant, t.calls, t.prompt_tokens, t.completion_tokens, t.latency_s,
+                (purpose, tenant, t.calls, t.prompt_tokens, t.completion_tokens, t.latency_s,
                  t.errors),
             )
 
     def usage(self) -> dict[tuple[str, str], UsageTotals]:
-        """Persisted LLM usage per (stage, tenant)."""
-        rows = self._db.execute("SELECT * FROM usage ORDER BY stage, tenant")
+        """Persisted LLM usage per (purpose, tenant)."""
+        rows = self._db.execute("SELECT * FROM usage ORDER BY purpose, tenant")
         return {
             (s, t): UsageTotals(calls=c, prompt_tokens=p, completion_tokens=ct, latency_s=lat,
                                 errors=err)

@@ -374,7 +374,7 @@ def _changelog_slots(settings: Settings, topic: str) -> dict[bytes, bytes]:
     return slots
 
 
-def _held_slots(settings: Settings, topics: Topics, app_id: str,
+def _held_slots(settings: Settings, topics: Topics, ingest_group: str,
                 ledger: ErasureLedger) -> dict[str, int]:
     """Slots of the ingest group's tables that still hold something the ledger erases."""
     from lightmem.streams.ingest.state import changelog_topic
@@ -382,7 +382,7 @@ def _held_slots(settings: Settings, topics: Topics, app_id: str,
 
     out = {}
     for table in TABLES:
-        slots = _changelog_slots(settings, changelog_topic(topics, app_id, table))
+        slots = _changelog_slots(settings, changelog_topic(topics, ingest_group, table))
         out[table] = sum(1 for raw in slots.values()
                          if sweep_slot(table, raw, ledger) is not raw)
     return out
@@ -595,7 +595,7 @@ def forget_stream(
     request: ErasureRequest,
     *,
     topics: Topics | None = None,
-    app_id: str | None = None,
+    ingest_group: str | None = None,
     store: Any = None,
     wait_s: float = 120.0,
     clock: Callable[[], datetime] = utc_now,
@@ -606,7 +606,7 @@ def forget_stream(
         settings: Kafka and Elasticsearch connection.
         request: The erasure (:func:`new_request`).
         topics: The deployment's topics (default from ``settings``).
-        app_id: The ingest workers' app id (default ``settings.worker_id``).
+        ingest_group: The ingest workers' ingest group (default ``settings.ingest_group``).
         store: The Elasticsearch store (default: ``settings.es_alias``).
         wait_s: How long to wait for the ingest workers to pass the erasure.
 
@@ -622,7 +622,7 @@ def forget_stream(
     from lightmem.streams.kafka.producer import RecordProducer
 
     topics = topics or Topics.from_settings(settings)
-    app_id = app_id or settings.worker_id
+    ingest_group = ingest_group or settings.ingest_group
     if store is None:
         from lightmem.streams.elastic.store import ElasticsearchStore, es_client
 
@@ -647,7 +647,7 @@ def forget_stream(
     boxed = outbox.erase(tenant, user, erased_at)
 
     # 3. the workers' buffers and the group's progress
-    held = _held_slots(settings, topics, app_id, ledger)
+    held = _held_slots(settings, topics, ingest_group, ledger)
     changes = [r for r in read_changes(settings, topics, erasures=ErasureLedger())
                if r.change.tenant == tenant and (user is None or r.change.user == user)
                and r.change.op is not ChangeOp.erase]
@@ -660,8 +660,8 @@ def forget_stream(
     if found_before:
         deadline = time.monotonic() + wait_s
         while True:
-            behind = _behind(settings, app_id, ends)
-            held = _held_slots(settings, topics, app_id, ledger)
+            behind = _behind(settings, ingest_group, ends)
+            held = _held_slots(settings, topics, ingest_group, ledger)
             if (behind == 0 and not any(held.values())) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)  # polling interval: the workers sweep between batches
@@ -692,9 +692,9 @@ def forget_stream(
         buffers.confirmed = False
         if slots_left:
             buffers.pending.append(f"{slots_left} table slot(s) of the scope not yet deleted "
-                                   f"by an ingest worker (group {app_id}): is one running?")
+                                   f"by an ingest worker (group {ingest_group}): is one running?")
         if behind:
-            buffers.pending.append(f"the ingest group {app_id} has {behind} record(s) from "
+            buffers.pending.append(f"the ingest group {ingest_group} has {behind} record(s) from "
                                    f"before the erasure left to pass (they are dropped)")
     elif held_before:
         buffers.pending.append("superseded slot values stay in the changelog topics until "
@@ -787,7 +787,7 @@ def _recorded(ledger: ErasureLedger, tenant: str, user: str | None) -> Any:
 
 def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
                    stream: bool = False, topics: Topics | None = None,
-                   app_id: str | None = None, store: Any = None,
+                   ingest_group: str | None = None, store: Any = None,
                    runtime: Any = None) -> ErasureReport | None:
     """What is left of an erasure recorded earlier (``lightmem forget --status``), changing
     nothing; None when no erasure of the scope is recorded.
@@ -807,7 +807,7 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
     from lightmem.streams.kafka.dlq import read_dead_letters
 
     topics = topics or Topics.from_settings(settings)
-    app_id = app_id or settings.worker_id
+    ingest_group = ingest_group or settings.ingest_group
     ledger = read_ledger(settings, topics)
     erased = _recorded(ledger, tenant, user)
     if erased is None:
@@ -826,11 +826,11 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
         es.pending.append(f"{left} document(s) of the scope from before the erasure")
     if boxed:
         es.pending.append(f"{boxed} pending sleep change(s) of the scope in {outbox.name}")
-    held = sum(_held_slots(settings, topics, app_id, ledger).values())
+    held = sum(_held_slots(settings, topics, ingest_group, ledger).values())
     buffers = SinkReport("buffers", found=held, confirmed=not held)
     if held:
         buffers.pending.append(f"{held} table slot(s) of the scope not yet deleted by an "
-                               f"ingest worker (group {app_id})")
+                               f"ingest worker (group {ingest_group})")
     changes = [r for r in read_changes(settings, topics, erasures=ErasureLedger())
                if r.change.tenant == tenant and (user is None or r.change.user == user)
                and r.change.op is not ChangeOp.erase

@@ -59,6 +59,7 @@ from lightmem.schemas import (
     MemoryEntry,
     SchemaError,
     Segment,
+    Stage,
     TurnEvent,
     parse_turn,
     utc_now,
@@ -244,7 +245,7 @@ class _Poisoned(Exception):
 class _Stage:
     """Shared plumbing: poison guard and dead letters."""
 
-    name = "stage"
+    name: str = "stage"
 
     def __init__(
         self,
@@ -307,7 +308,7 @@ class _Stage:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def dead_letter(
-        self, result: StepResult, rec: Inbound, stage: str, error: BaseException
+        self, result: StepResult, rec: Inbound, step: str, error: BaseException
     ) -> None:
         """Append a dead letter for ``rec`` (original bytes, coordinates, reason); a record of
         an erased scope produced before its erasure is dropped instead (counted)."""
@@ -323,11 +324,11 @@ class _Stage:
         else:
             reason_error, error_type = error, type(error).__name__
         letter = DeadLetter.from_raw(
-            raw, stage=stage, error=reason_error, source=rec.topic, partition=rec.partition,
+            raw, step=step, error=reason_error, source=rec.topic, partition=rec.partition,
             offset=rec.offset, at=self.clock(),
         ).model_copy(update={"raw": raw_preview(raw), "error_type": error_type})
         result.out.append(Outbound(self.topics.dlq, rec.key, letter.to_bytes()))
-        result.count_dead_letter(stage)
+        result.count_dead_letter(step)
         log.warning("%s: dead letter for %s[%d]@%d: %s", self.name, rec.topic, rec.partition,
                     rec.offset, letter.reason)
 
@@ -400,7 +401,7 @@ def _empty_value_error(record: str) -> SchemaError:
 class SensoryStage(_Stage):
     """turns -> (compress, sensory buffer, topic segmentation) -> segments."""
 
-    name = "sensory"
+    name = Stage.SENSORY
 
     def parse(self, rec: Inbound) -> TurnEvent:
         """Decode one turn record.
@@ -689,7 +690,7 @@ class TopicSlot(BaseModel):
 class ShortTermStage(_Stage):
     """segments -> topic buffer -> one summarization per flush -> memory entries."""
 
-    name = "short-term"
+    name = Stage.SHORT_TERM
 
     def step(self, batch: Sequence[Inbound], slots: Mapping[bytes, bytes]) -> StepResult:
         """Apply a batch of segment records (and flush markers) in order.
@@ -788,7 +789,7 @@ class ShortTermStage(_Stage):
             payload = {"segment_ids": [s.segment_id for s in segments],
                        "segments": [s.model_dump(mode="json") for s in segments]}
             raw = json.dumps(payload, ensure_ascii=False).encode()
-            letter = DeadLetter.from_raw(raw, stage="summarize", error=poisoned,
+            letter = DeadLetter.from_raw(raw, step="summarize", error=poisoned,
                                          source=SUMMARIZER_SOURCE, at=self.clock())
             letter = letter.model_copy(update={"raw": raw_preview(raw),
                                                "error_type": type(poisoned.cause).__name__})
@@ -797,7 +798,7 @@ class ShortTermStage(_Stage):
             return
         if summary.dead_letter is not None:
             result.out.append(Outbound(self.topics.dlq, rec.key, summary.dead_letter.to_bytes()))
-            result.count_dead_letter(summary.dead_letter.stage or "summarize")
+            result.count_dead_letter(summary.dead_letter.step or "summarize")
         if self.events is not None:
             # The turns no memory covers (the model found nothing in them) leave the
             # searchable events now; the others when the index sink indexed their memories.
@@ -823,7 +824,7 @@ class IndexSink(_Stage):
             store).
     """
 
-    name = "index"
+    name = Stage.INDEX
 
     #: Recent writes remembered for an erasure that arrives just after them.
     RECENT_WRITES = 10_000

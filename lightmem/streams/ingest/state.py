@@ -8,7 +8,7 @@ offsets: a worker that takes a partition over reads its changelog partition from
 beginning (``read_committed``: aborted writes of a killed worker are invisible) and continues
 exactly where the previous owner's last committed batch ended.
 
-Changelog topic names carry the deployment's topic prefix *and* the app id, so two
+Changelog topic names carry the deployment's topic prefix *and* the ingest group, so two
 deployments never share state (:func:`changelog_topic`).
 """
 
@@ -32,11 +32,11 @@ class RecoveryError(RuntimeError):
     """A changelog partition could not be read to its end in time."""
 
 
-def changelog_topic(topics: Topics, app_id: str, table: str) -> str:
-    """``<prefix><stage prefix><app id>-<table>-changelog``: unique per deployment, run and
-    table (the old faust tables were named after the app id alone, so two deployments with
-    one app id shared their buffers)."""
-    return f"{topics.prefix}{topics.stage_prefix}{app_id}-{table}-changelog"
+def changelog_topic(topics: Topics, ingest_group: str, table: str) -> str:
+    """``<prefix><stage prefix><ingest group>-<table>-changelog``: unique per deployment, run and
+    table (the old faust tables were named after the ingest group alone, so two deployments with
+    one ingest group shared their buffers)."""
+    return f"{topics.prefix}{topics.stage_prefix}{ingest_group}-{table}-changelog"
 
 
 class ChangelogTable:

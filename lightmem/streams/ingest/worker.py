@@ -121,7 +121,7 @@ class WorkerOptions:
     """What one pipeline run reads, writes and is called.
 
     Args:
-        app_id: Consumer group id, prefix of the transactional id and part of the changelog
+        ingest_group: Consumer group id, prefix of the transactional id and part of the changelog
             topic names.
         topics: Topic names.
         index: Write this concrete Elasticsearch index instead of ``settings.es_alias``
@@ -132,13 +132,13 @@ class WorkerOptions:
             in the turns topic already).
         batch_size: Records per poll (default: ``settings.ingest_batch_turns``).
         instance: This worker's stable name within the group (``transactional.id`` =
-            ``<app id>-<instance>``). A restarted worker with the same instance aborts its
+            ``<ingest group>-<instance>``). A restarted worker with the same instance aborts its
             predecessor's open transaction at once; without one (a random name per
             process) that transaction blocks the next readers until it times out
             (``TRANSACTION_TIMEOUT_MS``). Two live workers must never share an instance.
     """
 
-    app_id: str
+    ingest_group: str
     topics: Topics
     index: str | None = None
     stop_offsets: Mapping[int, int] | None = None
@@ -148,7 +148,7 @@ class WorkerOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerOptions:
-        values: dict[str, Any] = {"app_id": settings.worker_id,
+        values: dict[str, Any] = {"ingest_group": settings.ingest_group,
                                   "topics": Topics.from_settings(settings)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -209,7 +209,7 @@ class IngestWorker:
         self.instance = options.instance or uuid.uuid4().hex[:12]
         self.counters: dict[str, _Counters] = {
             n: _Counters() for n in ("sensory", "short-term", "index")}
-        self.tables = {name: ChangelogTable(name, changelog_topic(self.topics, options.app_id,
+        self.tables = {name: ChangelogTable(name, changelog_topic(self.topics, options.ingest_group,
                                                                    name))
                        for name in TABLES}
         self.sensory = SensoryStage(settings, self.components, self.topics, clock=clock)
@@ -272,7 +272,7 @@ class IngestWorker:
 
     @property
     def transactional_id(self) -> str:
-        return f"{self.options.app_id}-{self.instance}"
+        return f"{self.options.ingest_group}-{self.instance}"
 
     def _stage_of(self, topic: str) -> str:
         return {self.topics.turns: "sensory", self.topics.segments: "short-term",
@@ -317,12 +317,12 @@ class IngestWorker:
 
     def _check_group(self, admin: Any) -> None:
         """Refuse a consumer group that already consumes another deployment's stage topics
-        (same app id, other topic prefix): the two would split one group's partitions."""
+        (same ingest group, other topic prefix): the two would split one group's partitions."""
         from confluent_kafka import TopicPartition
 
         from lightmem.streams.kafka.lag import committed_offsets, group_reader
 
-        group = self.options.app_id
+        group = self.options.ingest_group
         ours = {self.topics.turns, self.topics.segments, self.topics.entries}
         stage_bases = ("lightmem.turns.v1", "lightmem.segments.v1", "lightmem.entries.v1")
         try:
@@ -343,9 +343,9 @@ class IngestWorker:
         foreign = sorted({topic for topic, _ in committed})
         if foreign:
             raise DeploymentConflictError(
-                f"consumer group {group!r} (the app id) already consumes {foreign}, topics of "
-                f"another deployment; this one reads {sorted(ours)}: give it its own app id "
-                f"(--app-id / LIGHTMEM_WORKER_ID)")
+                f"ingest group {group!r} (a consumer group) already consumes {foreign}, topics "
+                f"of another deployment; this one reads {sorted(ours)}: give it its own ingest "
+                f"group (--ingest-group / LIGHTMEM_INGEST_GROUP)")
 
     # -- running
 
@@ -386,7 +386,7 @@ class IngestWorker:
             return EXIT_KAFKA_FATAL
         self._swept_version = self.erasures.version
         self._consumer = Consumer(kafka_config(self.settings, **{
-            "group.id": self.options.app_id,
+            "group.id": self.options.ingest_group,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
@@ -405,7 +405,7 @@ class IngestWorker:
                                  on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
         log.info("worker %s (group %s) reading %s, %s, %s", self.transactional_id,
-                 self.options.app_id, self.topics.turns, self.topics.segments,
+                 self.options.ingest_group, self.topics.turns, self.topics.segments,
                  self.topics.entries)
         status = 0
         next_progress = time.monotonic() + PROGRESS_LOG_S
@@ -888,7 +888,8 @@ class IngestWorker:
             if self._lag_reader is None:
                 from lightmem.streams.kafka.lag import LagReader
 
-                self._lag_reader = LagReader(self.settings, self.options.app_id, timeout_s=10.0)
+                self._lag_reader = LagReader(self.settings, self.options.ingest_group,
+                                             timeout_s=10.0)
             try:
                 lags = self._lag_reader.read(sorted({t for t, _ in owned}))
             except Exception as exc:  # noqa: BLE001 - a missed sample

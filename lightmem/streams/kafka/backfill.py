@@ -2,7 +2,7 @@
 
 A backfill run ``R`` is an ordinary worker with:
 
-- a new app id (``<worker_id>-replay-<R>``), so a new consumer group and new, empty tables;
+- a new ingest group (``<ingest_group>-replay-<R>``), so a new consumer group and new, empty tables;
 - the deployment's turns topic as input, read from a start offset per partition (earliest, or
   the first turn at/after a time) up to the end offsets seen when the run was planned
   (turns produced later belong to the live pipeline);
@@ -42,7 +42,7 @@ __all__ = [
 @dataclass(frozen=True)
 class BackfillPlan:
     run: str
-    app_id: str
+    ingest_group: str
     index: str
     topics: Topics
     #: turns partition -> first offset to replay
@@ -57,7 +57,8 @@ class BackfillPlan:
     def changelog_topics(self) -> list[str]:
         from lightmem.streams.ingest.state import changelog_topic
 
-        return [changelog_topic(self.topics, self.app_id, t) for t in ("sensory", "topic-buffers")]
+        return [changelog_topic(self.topics, self.ingest_group, t)
+                for t in ("sensory", "topic-buffers")]
 
 
 @dataclass
@@ -91,7 +92,7 @@ def plan_backfill(
     """Work out the offsets of a backfill into ``index``.
 
     Args:
-        settings: Kafka settings; ``worker_id`` names the app id.
+        settings: Kafka settings; ``ingest_group`` names the ingest group.
         index: The new Elasticsearch index.
         since: Replay turns from this time on (Kafka record timestamps); None = earliest.
         topics: The deployment's topics (default from ``settings``).
@@ -129,7 +130,7 @@ def plan_backfill(
                 start[tp.partition] = stop[tp.partition] if tp.offset < 0 else tp.offset
     finally:
         consumer.close()
-    return BackfillPlan(run=run, app_id=f"{settings.worker_id}-replay-{run}", index=index,
+    return BackfillPlan(run=run, ingest_group=f"{settings.ingest_group}-replay-{run}", index=index,
                         topics=base.for_replay(run), start=start, stop=stop)
 
 
@@ -138,7 +139,7 @@ def prepare_backfill(settings: Settings, plan: BackfillPlan) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
     create_topics(settings, plan.topics, only=plan.topics.stage_topics())
-    consumer = Consumer(kafka_config(settings, **{"group.id": plan.app_id,
+    consumer = Consumer(kafka_config(settings, **{"group.id": plan.ingest_group,
                                                   "enable.auto.commit": False}))
     try:
         offsets = [TopicPartition(plan.topics.turns, p, o) for p, o in plan.start.items()]
@@ -161,7 +162,7 @@ def backfill_progress(settings: Settings, plan: BackfillPlan, *,
             (leader elections, timeouts) are worth asking again.
     """
     own = reader is None
-    reader = reader or LagReader(settings, plan.app_id, timeout_s=timeout_s)
+    reader = reader or LagReader(settings, plan.ingest_group, timeout_s=timeout_s)
     try:
         turns = {p.partition: p for p in reader.read([plan.topics.turns])}
         per_partition = {}
@@ -193,7 +194,7 @@ def cleanup_backfill(settings: Settings, plan: BackfillPlan, *, keep_dlq: bool =
         names.append(plan.topics.dlq)
     delete_topics(settings, names)
     admin = AdminClient(kafka_config(settings))
-    for future in admin.delete_consumer_groups([plan.app_id], request_timeout=30).values():
+    for future in admin.delete_consumer_groups([plan.ingest_group], request_timeout=30).values():
         try:
             future.result(timeout=60)
         except KafkaException as exc:
@@ -205,7 +206,8 @@ def worker_args(plan: BackfillPlan, *, topic_prefix: str = "") -> list[str]:
     """``lightmem worker`` arguments that run ``plan``."""
     import json
 
-    args = ["worker", "--app-id", plan.app_id, "--index", plan.index, "--replay-run", plan.run,
+    args = ["worker", "--ingest-group", plan.ingest_group, "--index", plan.index,
+            "--replay-run", plan.run,
             "--stop-offsets", json.dumps({str(p): o for p, o in plan.stop.items()}),
             "--no-idle-timer"]
     if topic_prefix:

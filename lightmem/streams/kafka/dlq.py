@@ -120,7 +120,7 @@ def plan_replay(records: Iterable[DeadLetterRecord], topics: Topics) -> list[Rep
             header = ((REDELIVERY_HEADER, b"1"),)
             plans.append(ReplayTarget(rec, topics.segments, tuple(
                 (s.conversation_key.encode(), s.to_bytes(), header) for s in segments)))
-        elif letter.stage == "parse" and letter.partition is None:
+        elif letter.step == "parse" and letter.partition is None:
             # From a file: the turns topic, keyed by the turn when it parses now.
             try:
                 key: bytes | None = TurnEvent.parse(raw).conversation_key.encode()

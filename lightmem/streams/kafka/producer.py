@@ -328,7 +328,7 @@ def _file_dead_letter(body: bytes, error: Exception, *, path: Path, number: int,
                       at: datetime, limit: int) -> DeadLetter:
     """The dead letter of a rejected line; without its bytes when it would not fit the DLQ
     (the line is still in the file, and the reason says where)."""
-    letter = DeadLetter.from_raw(body, stage="parse", error=error, source=str(path),
+    letter = DeadLetter.from_raw(body, step="parse", error=error, source=str(path),
                                  offset=number, at=at).model_copy(
         update={"raw": raw_preview(body)})
     if len(letter.to_bytes()) > limit:

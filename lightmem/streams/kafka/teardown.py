@@ -1,6 +1,6 @@
 """Remove a throwaway deployment: its topics, consumer groups and Elasticsearch indices.
 
-Benchmarks and tests build private deployments (unique topic prefix, app id, alias) on shared
+Benchmarks and tests build private deployments (unique topic prefix, ingest group, alias) on shared
 servers; this is the one way they clean up after themselves.
 """
 

@@ -71,7 +71,7 @@ class Components:
             self.settings.llm_api_key.get_secret_value(),
             timeout=self.settings.llm_timeout_s,
             max_retries=self.settings.llm_max_retries,
-            # Counted per (stage, tenant) for reports, and in the process's metrics.
+            # Counted per (purpose, tenant) for reports, and in the process's metrics.
             meter=PrometheusUsageMeter(),
         )
 

@@ -50,7 +50,7 @@ _PLACEHOLDER_KEY = "not-needed"
 
 
 class OpenAIChatModel:
-    """Chat completions from an OpenAI-compatible endpoint, metered per stage and tenant.
+    """Chat completions from an OpenAI-compatible endpoint, metered per purpose and tenant.
 
     Thread-safe: the underlying ``openai.OpenAI`` client (an httpx connection pool) may be
     shared by concurrent callers, e.g. the consolidator's worker threads.
@@ -123,16 +123,17 @@ class OpenAIChatModel:
         self,
         messages: Sequence[ChatMessage],
         *,
-        stage: str,
+        purpose: str,
         tenant: str,
         json_mode: bool = False,
         max_tokens: int | None = None,
     ) -> Completion:
-        """Send one chat completion request and meter it under ``(stage, tenant)``.
+        """Send one chat completion request and meter it under ``(purpose, tenant)``.
 
         Args:
             messages: The conversation to complete.
-            stage: Pipeline stage the call is billed to ("summarize", "consolidate", ...).
+            purpose: What the call is for, the key it is billed under ("summarize", "consolidate",
+                "answer", ...).
             tenant: Tenant the call is billed to.
             json_mode: Ask for a JSON object (``response_format={"type": "json_object"}``).
                 If the endpoint answers 400 to that, the request is sent once more without
@@ -163,7 +164,7 @@ class OpenAIChatModel:
                 # Many OpenAI-compatible servers reject response_format outright. The 400
                 # might also be about something else, so only remember "unsupported" when
                 # the same request without it goes through.
-                self.meter.record_error(stage, tenant, time.perf_counter() - started)
+                self.meter.record_error(purpose, tenant, time.perf_counter() - started)
                 started = time.perf_counter()
                 response = self._create(payload, json_mode=False, max_tokens=max_tokens)
                 with self._lock:
@@ -173,16 +174,16 @@ class OpenAIChatModel:
                     with self._lock:
                         self._json_mode_supported = True
         except openai.APIError as exc:
-            self.meter.record_error(stage, tenant, time.perf_counter() - started)
+            self.meter.record_error(purpose, tenant, time.perf_counter() - started)
             raise self._translate(exc) from exc
         latency = time.perf_counter() - started
 
         try:
             completion = self._to_completion(response, payload, latency)
         except LLMError:
-            self.meter.record_error(stage, tenant, latency)
+            self.meter.record_error(purpose, tenant, latency)
             raise
-        self.meter.record(stage, tenant, completion)
+        self.meter.record(purpose, tenant, completion)
         return completion
 
     def _create(

@@ -20,10 +20,10 @@ lightmem_stage_errors_total             counter     stage, kind (transient | bug
 lightmem_dead_letters_total             counter     stage, reason (parse, compress, ...)
 lightmem_batch_seconds                  histogram   stage (one step, delivery included)
 lightmem_partition_rereads_total        counter     stage (held batches left to be re-read)
-lightmem_llm_calls_total                counter     stage, tenant
-lightmem_llm_errors_total               counter     stage, tenant
-lightmem_llm_tokens_total               counter     stage, tenant, kind (prompt | completion)
-lightmem_llm_latency_seconds            histogram   stage
+lightmem_llm_calls_total                counter     purpose, tenant
+lightmem_llm_errors_total               counter     purpose, tenant
+lightmem_llm_tokens_total               counter     purpose, tenant, kind (prompt | completion)
+lightmem_llm_latency_seconds            histogram   purpose
 lightmem_es_bulk_seconds                histogram   (one bulk upsert call)
 lightmem_es_docs_total                  counter     outcome (written|failed), kind (memories|events)
 lightmem_consumer_lag                   gauge       topic, partition
@@ -59,6 +59,7 @@ from prometheus_client import (
 )
 
 from lightmem.processors.llm import Completion, UsageMeter
+from lightmem.schemas import Stage
 
 __all__ = [
     "REGISTRY",
@@ -80,7 +81,7 @@ __all__ = [
 ]
 
 #: The pipeline's stage names, as label values.
-STAGES = ("sensory", "short-term", "index", "sleep")
+STAGES: tuple[Stage, ...] = tuple(Stage)
 #: ``tenant`` label of a sleep window that covers every tenant.
 ALL_TENANTS = "*"
 
@@ -118,14 +119,14 @@ REREADS = Counter("lightmem_partition_rereads",
                   "Batches held for a retry and dropped by a rebalance (re-read from the "
                   "committed offset).", ["stage"],
                   registry=REGISTRY)
-LLM_CALLS = Counter("lightmem_llm_calls", "Successful LLM calls.", ["stage", "tenant"],
+LLM_CALLS = Counter("lightmem_llm_calls", "Successful LLM calls.", ["purpose", "tenant"],
                     registry=REGISTRY)
 LLM_ERRORS = Counter("lightmem_llm_errors", "Failed LLM calls (after the client's retries).",
-                     ["stage", "tenant"], registry=REGISTRY)
+                     ["purpose", "tenant"], registry=REGISTRY)
 LLM_TOKENS = Counter("lightmem_llm_tokens", "LLM tokens billed, as reported by the endpoint.",
-                     ["stage", "tenant", "kind"], registry=REGISTRY)
+                     ["purpose", "tenant", "kind"], registry=REGISTRY)
 LLM_LATENCY = Histogram("lightmem_llm_latency_seconds",
-                        "Seconds per LLM call (client retries included).", ["stage"],
+                        "Seconds per LLM call (client retries included).", ["purpose"],
                         buckets=_LLM_BUCKETS, registry=REGISTRY)
 ES_BULK_SECONDS = Histogram("lightmem_es_bulk_seconds",
                             "Seconds per Elasticsearch bulk upsert call (retries included).",
@@ -259,20 +260,20 @@ def set_sleep_yielding(yielding: bool) -> None:
 class PrometheusUsageMeter(UsageMeter):
     """A :class:`UsageMeter` that also counts every call in :data:`REGISTRY`.
 
-    Calls, errors, prompt/completion tokens per (stage, tenant); latency per stage.
+    Calls, errors, prompt/completion tokens per (purpose, tenant); latency per purpose.
     """
 
-    def record(self, stage: str, tenant: str, completion: Completion) -> None:
-        super().record(stage, tenant, completion)
-        LLM_CALLS.labels(stage, tenant).inc()
-        LLM_TOKENS.labels(stage, tenant, "prompt").inc(completion.prompt_tokens)
-        LLM_TOKENS.labels(stage, tenant, "completion").inc(completion.completion_tokens)
-        LLM_LATENCY.labels(stage).observe(completion.latency_s)
+    def record(self, purpose: str, tenant: str, completion: Completion) -> None:
+        super().record(purpose, tenant, completion)
+        LLM_CALLS.labels(purpose, tenant).inc()
+        LLM_TOKENS.labels(purpose, tenant, "prompt").inc(completion.prompt_tokens)
+        LLM_TOKENS.labels(purpose, tenant, "completion").inc(completion.completion_tokens)
+        LLM_LATENCY.labels(purpose).observe(completion.latency_s)
 
-    def record_error(self, stage: str, tenant: str, latency_s: float = 0.0) -> None:
-        super().record_error(stage, tenant, latency_s)
-        LLM_ERRORS.labels(stage, tenant).inc()
-        LLM_LATENCY.labels(stage).observe(latency_s)
+    def record_error(self, purpose: str, tenant: str, latency_s: float = 0.0) -> None:
+        super().record_error(purpose, tenant, latency_s)
+        LLM_ERRORS.labels(purpose, tenant).inc()
+        LLM_LATENCY.labels(purpose).observe(latency_s)
 
 
 # -- serving -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Where each number comes from:
 
 - **memories**: Elasticsearch, counted per (tenant, user) through the alias
   (:meth:`~lightmem.streams.elastic.store.ElasticsearchStore.count_entries`);
-- **LLM spend** (calls, prompt/completion tokens, errors per stage and tenant): the workers'
+- **LLM spend** (calls, prompt/completion tokens, errors per purpose and tenant): the workers'
   ``/metrics`` endpoints, scraped and summed (counters since each worker started; a
   Prometheus server keeps the long-run totals);
 - **lag**: Kafka, per stage topic and partition, the high watermark minus the worker group's
@@ -100,7 +100,7 @@ class StreamStats:
             "tenants": [{**vars(t), "lag_total": sum(t.lag.values())} for t in self.tenants()],
             "memories": [{"tenant": t, "user": u, "count": n}
                          for (t, u), n in sorted(self.memories.items())],
-            "llm_usage": [{"stage": s, "tenant": t, **vars(v)}
+            "llm_usage": [{"purpose": s, "tenant": t, **vars(v)}
                           for (s, t), v in sorted(self.usage.items())],
             "lag": [{"stage": s, "topic": p.topic, "partition": p.partition,
                      "committed": p.committed, "end": p.high, "lag": p.lag}
@@ -112,27 +112,27 @@ class StreamStats:
 
 
 def usage_from_metrics(texts: Iterable[str]) -> dict[tuple[str, str], UsageTotals]:
-    """LLM usage per (stage, tenant), summed over Prometheus text expositions (one per
+    """LLM usage per (purpose, tenant), summed over Prometheus text expositions (one per
     worker): ``lightmem_llm_calls_total``, ``lightmem_llm_errors_total`` and
-    ``lightmem_llm_tokens_total`` (latency is labelled per stage only: not included)."""
+    ``lightmem_llm_tokens_total`` (latency is labelled per purpose only: not included)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[tuple[str, str], UsageTotals] = {}
 
-    def totals(stage: str, tenant: str) -> UsageTotals:
-        return out.setdefault((stage, tenant), UsageTotals())
+    def totals(purpose: str, tenant: str) -> UsageTotals:
+        return out.setdefault((purpose, tenant), UsageTotals())
 
     for text in texts:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 labels = s.labels
-                stage, tenant = labels.get("stage", ""), labels.get("tenant", "")
+                purpose, tenant = labels.get("purpose", ""), labels.get("tenant", "")
                 if s.name == "lightmem_llm_calls_total":
-                    totals(stage, tenant).calls += int(s.value)
+                    totals(purpose, tenant).calls += int(s.value)
                 elif s.name == "lightmem_llm_errors_total":
-                    totals(stage, tenant).errors += int(s.value)
+                    totals(purpose, tenant).errors += int(s.value)
                 elif s.name == "lightmem_llm_tokens_total":
-                    t = totals(stage, tenant)
+                    t = totals(purpose, tenant)
                     if labels.get("kind") == "prompt":
                         t.prompt_tokens += int(s.value)
                     else:
@@ -223,7 +223,7 @@ def stream_stats(
     Args:
         settings: Kafka and Elasticsearch connections; ``es_alias`` is the index read.
         topics: The pipeline's topics.
-        group: The workers' consumer group (default ``settings.worker_id``).
+        group: The workers' consumer group (default ``settings.ingest_group``).
         metrics_urls: The workers' ``/metrics`` URLs (LLM usage is summed over them; none =
             no LLM usage reported).
         max_scan: Uncommitted records read per partition for the per-tenant lag.
@@ -235,7 +235,7 @@ def stream_stats(
     from lightmem.streams.elastic.store import ElasticsearchStore, es_client
     from lightmem.streams.kafka.lag import LagReader
 
-    group = group or settings.worker_id
+    group = group or settings.ingest_group
     own_es = es is None
     client = es if es is not None else es_client(settings)
     try:

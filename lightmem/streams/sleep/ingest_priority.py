@@ -5,7 +5,7 @@ manual window left open, a schedule that meets a burst). Sleep workers share Ela
 Kafka and often hosts with the ingest workers, so every consolidation target they run
 (kNN, update, re-embedding, an LLM call) slows ingest down. To keep ingest throughput
 unchanged while a window is open, a sleep worker watches the ingest pipeline's consumer
-group (``worker_id``) on its topics (turns, segments, entries): while more than
+group (``ingest_group``) on its topics (turns, segments, entries): while more than
 ``sleep_yield_lag`` records wait there, it starts no new target (the ones in flight finish
 and commit, the rest are read again later) and pauses its partitions; it resumes once the
 backlog is back under half of that (hysteresis, so it does not flap at the threshold).
@@ -78,7 +78,7 @@ class IngestBacklogMonitor:
     A failed sample keeps the last decision (logged once per failure streak).
 
     Args:
-        settings: Kafka connection; ``worker_id`` names the ingest group,
+        settings: Kafka connection; ``ingest_group`` names the ingest group,
             ``sleep_yield_lag`` the threshold.
         topics: The deployment's topics (turns, segments and entries are watched).
         interval_s: Sampling period.
@@ -127,7 +127,7 @@ class IngestBacklogMonitor:
             while not self._stop.is_set():
                 try:
                     if reader is None:
-                        reader = LagReader(self.settings, self.settings.worker_id,
+                        reader = LagReader(self.settings, self.settings.ingest_group,
                                            timeout_s=max(5.0, self.interval_s))
                     lags = reader.read(self.watched)
                     self.backlog = ingest_backlog(lags)

@@ -233,7 +233,7 @@ class ControlFollower:
             return  # dead-lettered before (by this or another worker)
         if self._producer is None:
             self._producer = RecordProducer(self.settings, self.topics)
-        letter = DeadLetter.from_raw(msg.value() or b"", stage="sleep-control", error=exc,
+        letter = DeadLetter.from_raw(msg.value() or b"", step="sleep-control", error=exc,
                                      source=msg.topic(), partition=msg.partition(),
                                      offset=msg.offset(), at=self.clock())
         self._producer.dead_letter(letter, key=msg.key())

@@ -48,7 +48,7 @@ own); entries consumed (``events_in``, stage ``sleep``, replays included), chang
 (``stage_errors`` kind ``transient``: replayed) and a crash (kind ``bug``), dead letters
 (stage ``sleep``, reason ``parse`` for entries, ``control`` for control commands), and the
 consumer lag of the assigned partitions, sampled every ``LAG_SAMPLE_S`` by a thread of its
-own. LLM calls are counted by the chat model (stage ``consolidate``).
+own. LLM calls are counted by the chat model (purpose ``consolidate``).
 
 Erasure: the worker follows the erasure ledger (:class:`~lightmem.streams.erasure.forget.
 ErasureFollower`) and drops the entries of a scope erased after their source turns were
@@ -94,6 +94,7 @@ from lightmem.schemas import (
     MemoryChange,
     MemoryEntry,
     SchemaError,
+    Stage,
     scope_key,
     utc_now,
 )
@@ -111,7 +112,7 @@ __all__ = ["SleepWorker", "BatchReport", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
-STAGE = "sleep"
+STAGE = Stage.SLEEP
 #: Seconds between two samples of the ``lightmem_consumer_lag`` gauge (when metrics are on).
 LAG_SAMPLE_S = 5.0
 
@@ -304,7 +305,7 @@ class SleepWorker:
             log.info("%s: window %s", self.name, self.scope.describe())
             if self.ingest.enabled:
                 log.info("%s: ingest first: no new target while group %r has more than %d "
-                         "records waiting", self.name, self.settings.worker_id,
+                         "records waiting", self.name, self.settings.ingest_group,
                          self.settings.sleep_yield_lag)
             self.ingest.start()
             # The first sample tells which entries are indexed: nothing is processed before.
@@ -720,7 +721,7 @@ class SleepWorker:
 
     def _dead_letter(self, r: _Record, exc: Exception) -> None:
         assert self._producer is not None
-        letter = DeadLetter.from_raw(r.value or b"", stage=STAGE, error=exc,
+        letter = DeadLetter.from_raw(r.value or b"", step=STAGE, error=exc,
                                      source=self.topics.entries, partition=r.partition,
                                      offset=r.offset, at=self.clock())
         self._producer.dead_letter(letter, key=r.key)
