@@ -4,6 +4,8 @@ backfill.
 ::
 
     lightmem topics create               create the pipeline topics (idempotent)
+    lightmem topics migrate-changes [--dry-run] [--delete-old]
+                                         copy the memory-changes topic v1 into v2 (erasable)
     lightmem produce FILE.jsonl          produce turn events (bad lines -> DLQ, exit 1)
     lightmem flush [--tenant --conversation]
                                          in-band flush command on the turns topic
@@ -110,6 +112,63 @@ def topics_create(topic_prefix: PrefixOpt = None, bootstrap: BootstrapOpt = None
                      highlight=False)
     for name, change in sorted(result.altered.items()):
         _err().print(f"altered {name}: {change}", highlight=False)
+    from lightmem.streams.kafka.change_log import legacy_changes_topic
+
+    legacy = legacy_changes_topic(settings, topics)
+    if legacy is not None:
+        _err().print(f"[yellow]note[/yellow] {legacy} (the memory changes of an earlier "
+                     f"version) exists: workers now write {topics.memory_changes}; run "
+                     f"`lightmem topics migrate-changes` to copy the history over",
+                     highlight=False)
+
+
+@topics_app.command("migrate-changes")
+def topics_migrate_changes(
+    topic_prefix: PrefixOpt = None,
+    bootstrap: BootstrapOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Count what would be copied; produce and delete nothing")] = False,
+    delete_old: Annotated[bool, typer.Option(
+        "--delete-old", help="After the copy, delete the v1 topic (it still holds the text "
+        "of scopes erased before the upgrade)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")]
+    = False,
+) -> None:
+    """Copy the memory-changes topic v1 into v2 (one key per change, compacted: erasable),
+    leaving out the changes an erasure covers.
+
+    Run `lightmem topics create` first (it creates v2). Changes v2 already holds are
+    skipped, so running it again copies nothing twice. Exit 1 when v2 is missing or a copy
+    was not delivered (nothing is deleted then).
+    """
+    from lightmem.streams.kafka.change_log import migrate_changes
+    from lightmem.streams.kafka.producer import DeliveryError
+    from lightmem.streams.kafka.topics import TopicAdminError
+
+    settings = _settings(kafka_bootstrap=bootstrap)
+    topics = _topics(settings, topic_prefix)
+    err = _err()
+    try:
+        report = migrate_changes(settings, topics, dry_run=dry_run, delete_source=delete_old)
+    except (LookupError, TimeoutError, DeliveryError, TopicAdminError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if not report.source_exists:
+        err.print(f"{report.source} does not exist: nothing to migrate", highlight=False)
+    else:
+        verb = "would copy" if dry_run else "copied"
+        err.print(f"{report.source} -> {report.target}: read {report.read}, {verb} "
+                  f"{report.copied}, already there {report.already}, left out as erased "
+                  f"{report.erased}, duplicates {report.duplicates}, undecodable "
+                  f"{report.undecodable}", highlight=False)
+        if report.deleted_source:
+            err.print(f"deleted {report.source}", highlight=False)
+        elif not dry_run:
+            err.print(f"{report.source} is kept and no longer read; it still holds the text "
+                      f"of scopes erased before: delete it with --delete-old",
+                      highlight=False)
+    if as_json:
+        typer.echo(json.dumps(report.as_json()))
 
 
 # -- produce / flush -------------------------------------------------------------------------

@@ -20,14 +20,21 @@ delete-all route: on the embedded store it erases in one SQLite transaction
    written after step 2), and checks that nothing of the scope is left; both passes also
    delete the scope's pending changes in the sleep workers' outbox index
    (``<alias>.sleep-outbox``: they hold the memories' text until produced);
-5. produces a content-free ``erase`` change (scope, counts, time) for audit.
+5. produces a tombstone per change of the scope on the compacted memory-changes topic
+   (one key per change, :mod:`lightmem.streams.kafka.change_log`): no reader returns them
+   from then on, and the log cleaner removes their bytes;
+6. produces a content-free ``erase`` change (scope, counts, time) for audit.
 
-What remains until compaction or retention is reported, not hidden: the memory-changes and
-DLQ topics keep the scope's old records (``history`` and ``dlq list/replay`` skip them; both
-topics keep records forever by default, so the report says so), the
-changelog topics keep superseded slot values until the log cleaner compacts them, and the
-raw turns stay in the turns topic until its retention deletes them (the ledger keeps them
-out of every stage and replay meanwhile).
+What remains until compaction or retention is reported, not hidden: the tombstoned
+changes' bytes until the log cleaner compacts them (the report says when, from the topic's
+settings), the scope's records in a legacy ``lightmem.memory-changes.v1`` topic (until
+``lightmem topics migrate-changes --delete-old``: the erasure does not confirm meanwhile),
+the DLQ's dead letters of the scope (keyed by their source record, so they cannot be
+tombstoned one by one: ``dlq list/replay`` skip them, and the topic keeps records forever
+by default, so the report says so; a dead letter whose bytes name no scope cannot be
+attributed to anyone and is counted), the changelog topics' superseded slot values until
+the log cleaner compacts them, and the raw turns in the turns topic until its retention
+deletes them (the ledger keeps them out of every stage and replay meanwhile).
 """
 
 from __future__ import annotations
@@ -51,12 +58,12 @@ from lightmem.schemas import (
     MemoryChange,
     SchemaError,
     SegmentTurn,
-    scope_key,
     stable_id,
     utc_now,
 )
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import SensorySlot, TopicSlot
+from lightmem.streams.kafka.change_log import tombstone
 from lightmem.streams.kafka.topics import Topics, kafka_config
 
 __all__ = [
@@ -590,6 +597,62 @@ def _retention(settings: Settings, topic: str, since: datetime,
             f"segment later)")
 
 
+def _changes_sink(settings: Settings, topics: Topics, changes: Any, legacy: Any, *,
+                  tombstoned: int | None = None) -> SinkReport:
+    """The memory-changes sink's report from :func:`~lightmem.streams.kafka.change_log.
+    scan_scope` of the topic and of the legacy v1 topic; ``tombstoned``: what ``forget``
+    just tombstoned (None: a status check, which tombstones nothing)."""
+    from lightmem.streams.kafka.change_log import compaction_terms
+
+    topic = topics.memory_changes
+    if tombstoned is not None:
+        hist = SinkReport("memory-changes", found=tombstoned + legacy.unkeyed,
+                          removed={"change records tombstoned": tombstoned})
+        live = 0
+    else:
+        live = len(changes.live)
+        hist = SinkReport("memory-changes", found=live + changes.unkeyed + legacy.unkeyed)
+    compacted, terms = compaction_terms(settings, topic)
+    waiting = (tombstoned or 0) + changes.awaiting_compaction
+    if waiting:
+        hist.pending.append(f"{waiting} tombstoned change record(s) of the scope on {topic}: "
+                            f"no reader returns them; {terms}")
+        hist.confirmed = hist.confirmed and compacted
+    if live:
+        hist.confirmed = False
+        hist.pending.append(f"{live} change record(s) of the scope from before the erasure on "
+                            f"{topic} are not tombstoned (written after `forget` ran?): run "
+                            f"`lightmem forget` again")
+    if changes.unkeyed:
+        hist.confirmed = False
+        hist.pending.append(f"{changes.unkeyed} change record(s) of the scope on {topic} have "
+                            f"no per-change key, so no tombstone can reach them")
+    if legacy.unkeyed:
+        hist.confirmed = False
+        hist.pending.append(
+            f"{legacy.unkeyed} change record(s) of the scope in the legacy topic "
+            f"{legacy.topic}, which cannot be erased record by record (nothing reads it any "
+            f"more): run `lightmem topics migrate-changes --delete-old` (copies what no "
+            f"erasure covers into {topic}, then deletes {legacy.topic})")
+    return hist
+
+
+def _dlq_notes(dlq: SinkReport, settings: Settings, topics: Topics, request: ErasureRequest,
+               hidden: int, letters: Sequence[Any]) -> None:
+    """What stays on the DLQ: the scope's hidden dead letters, and the ones nobody's."""
+    if hidden:
+        dlq.pending.append(f"{hidden} dead letter(s) stay in {topics.dlq}, keyed by their "
+                           f"source record so not erasable one by one (dlq list and replay "
+                           f"skip them): "
+                           + _retention(settings, topics.dlq, request.requested_at,
+                                        _SET_TOPIC_RETENTION))
+    anonymous = sum(1 for r in letters if r.letter is None or not dead_letter_scopes(r.letter))
+    if anonymous:
+        dlq.pending.append(f"{anonymous} dead letter(s) in {topics.dlq} name no tenant or "
+                           f"user (bytes that are not JSON, or no scope fields): they cannot "
+                           f"be attributed to a scope, so no erasure hides or removes them")
+
+
 def forget_stream(
     settings: Settings,
     request: ErasureRequest,
@@ -617,7 +680,7 @@ def forget_stream(
     Raises:
         DeliveryError: the request could not be recorded (nothing was erased).
     """
-    from lightmem.streams.kafka.changes import read_changes
+    from lightmem.streams.kafka.change_log import ChangeRouter, produce_change, scan_scope
     from lightmem.streams.kafka.dlq import read_dead_letters
     from lightmem.streams.kafka.producer import RecordProducer
 
@@ -648,14 +711,13 @@ def forget_stream(
 
     # 3. the workers' buffers and the group's progress
     held = _held_slots(settings, topics, ingest_group, ledger)
-    changes = [r for r in read_changes(settings, topics, erasures=ErasureLedger())
-               if r.change.tenant == tenant and (user is None or r.change.user == user)
-               and r.change.op is not ChangeOp.erase]
-    letters = [r for r in read_dead_letters(settings, topics, skip_erased=False)
+    changes = scan_scope(settings, topics.memory_changes, tenant, user, ledger)
+    all_letters = read_dead_letters(settings, topics, skip_erased=False)
+    letters = [r for r in all_letters
                if r.letter is not None and dead_letter_erased(r.letter, ledger)]
-    users |= {r.change.user for r in changes}
     held_before = sum(held.values())
-    found_before = sum(deleted.values()) + sum(held.values()) + len(changes) + len(letters)
+    found_before = (sum(deleted.values()) + sum(held.values()) + len(changes.live)
+                    + changes.unkeyed + len(letters))
     behind = 0
     if found_before:
         deadline = time.monotonic() + wait_s
@@ -670,6 +732,13 @@ def forget_stream(
     boxed += outbox.erase(tenant, user, erased_at)
     remaining = _es_remaining(store, tenant, user, erased_at)
     boxed_left = len(outbox.of_scope(tenant, user, erased_at))
+    # 5. the memory changes: read again now that the workers passed the erasure (a batch in
+    # flight may have written a change meanwhile), a tombstone per change of the scope
+    changes = scan_scope(settings, topics.memory_changes, tenant, user, ledger)
+    users |= changes.users()
+    tombstoned = tombstone(settings, topics.memory_changes,
+                           [(p, k) for k, (p, _) in changes.live.items()], topics)
+    legacy = scan_scope(settings, topics.memory_changes_v1, tenant, user, ledger)
     memories = sum(deleted.values()) + sum(again.values())
     es = SinkReport("elasticsearch", found=memories + boxed)
     es.removed = {"memories": memories, "sleep outbox changes": boxed}
@@ -701,22 +770,12 @@ def forget_stream(
                                "the log cleaner compacts them")
     report.sinks.append(buffers)
 
-    hist = SinkReport("memory-changes", found=len(changes),
-                      removed={"hidden from history": len(changes)})
-    if changes:
-        hist.pending.append(f"{len(changes)} change record(s) stay in "
-                            f"{topics.memory_changes} (history and read_changes skip them): "
-                            + _retention(settings, topics.memory_changes,
-                                         request.requested_at, _SET_TOPIC_RETENTION))
+    hist = _changes_sink(settings, topics, changes, legacy, tombstoned=tombstoned)
     report.sinks.append(hist)
 
     dlq = SinkReport("dlq", found=len(letters), removed={"hidden from dlq list/replay":
                                                          len(letters)})
-    if letters:
-        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} (dlq list "
-                           f"and replay skip them): "
-                           + _retention(settings, topics.dlq, request.requested_at,
-                                        _SET_TOPIC_RETENTION))
+    _dlq_notes(dlq, settings, topics, request, len(letters), all_letters)
     report.sinks.append(dlq)
 
     turns = SinkReport("turns", found=0)
@@ -728,13 +787,13 @@ def forget_stream(
     # 5. the audit record (content-free)
     if report.found:
         now = clock()
-        counts = {"memories": memories, "changes_hidden": len(changes),
+        counts = {"memories": memories, "changes_tombstoned": tombstoned,
                   "dead_letters_hidden": len(letters)}
+        router = ChangeRouter(settings)
         with RecordProducer(settings, topics) as producer:
             for u in sorted(users):
-                change = erase_change(request, u, counts, now)
-                producer.produce(topics.memory_changes, change.to_bytes(),
-                                 key=scope_key(tenant, u).encode())
+                produce_change(producer, topics.memory_changes,
+                               erase_change(request, u, counts, now), router)
             producer.flush()
     return report
 
@@ -803,7 +862,7 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
 
             runtime = EmbeddedRuntime(settings)
         return embedded_status(runtime.store, tenant, user)
-    from lightmem.streams.kafka.changes import read_changes
+    from lightmem.streams.kafka.change_log import scan_scope
     from lightmem.streams.kafka.dlq import read_dead_letters
 
     topics = topics or Topics.from_settings(settings)
@@ -831,28 +890,17 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
     if held:
         buffers.pending.append(f"{held} table slot(s) of the scope not yet deleted by an "
                                f"ingest worker (group {ingest_group})")
-    changes = [r for r in read_changes(settings, topics, erasures=ErasureLedger())
-               if r.change.tenant == tenant and (user is None or r.change.user == user)
-               and r.change.op is not ChangeOp.erase
-               and ledger.drops(r.change.tenant, r.change.user, to_ms(r.change.at))]
-    hist = SinkReport("memory-changes", found=len(changes),
-                      removed={"hidden from history": len(changes)})
-    if changes:
-        hist.pending.append(f"{len(changes)} change record(s) stay in {topics.memory_changes} "
-                            f"(history skips them): "
-                            + _retention(settings, topics.memory_changes,
-                                         request.requested_at, _SET_TOPIC_RETENTION))
-    letters = [r for r in read_dead_letters(settings, topics, skip_erased=False)
+    changes = scan_scope(settings, topics.memory_changes, tenant, user, ledger)
+    legacy = scan_scope(settings, topics.memory_changes_v1, tenant, user, ledger)
+    hist = _changes_sink(settings, topics, changes, legacy)
+    all_letters = read_dead_letters(settings, topics, skip_erased=False)
+    letters = [r for r in all_letters
                if r.letter is not None and dead_letter_erased(r.letter, ledger)
                and any(t == tenant and (user is None or u == user)
                        for t, u in dead_letter_scopes(r.letter))]
     dlq = SinkReport("dlq", found=len(letters), removed={"hidden from dlq list/replay":
                                                          len(letters)})
-    if letters:
-        dlq.pending.append(f"{len(letters)} dead letter(s) stay in {topics.dlq} (dlq list "
-                           f"and replay skip them): "
-                           + _retention(settings, topics.dlq, request.requested_at,
-                                        _SET_TOPIC_RETENTION))
+    _dlq_notes(dlq, settings, topics, request, len(letters), all_letters)
     turns = SinkReport("turns", pending=[
         f"raw turns in {topics.turns}: "
         f"{_retention(settings, topics.turns, request.requested_at)}; the ledger "

@@ -28,6 +28,7 @@ from lightmem.streams.ingest.step import (
     entry_origin,
     is_transient,
 )
+from lightmem.streams.kafka.change_log import ChangeRouter, change_key, scope_partition
 from lightmem.streams.kafka.topics import Topics
 from lightmem.streams.models.components import Components
 
@@ -56,6 +57,9 @@ class IndexSink(StageStep):
                  **kwargs: Any) -> None:
         super().__init__(settings, components, topics, **kwargs)
         self.store = store
+        #: Where a scope's changes go on the changes topic (the worker sets it from the
+        #: topic's partition count; without one, ``settings.kafka_partitions``).
+        self.change_router: ChangeRouter | None = None
         #: (entry id, tenant, user, origin ms) of the latest writes, oldest first.
         self.written: deque[tuple[str, str, str, int | None]] = deque(
             maxlen=self.RECENT_WRITES)
@@ -118,13 +122,22 @@ class IndexSink(StageStep):
         # change twice, never two different ones. An entry already present (possibly updated
         # since by the sleep-time stage) is left as it is: the first write wins.
         for entry in stored:
-            result.out.append(Outbound(self.topics.memory_changes, entry.scope.encode(),
-                                       added_change(entry, now).to_bytes()))
+            change = added_change(entry, now)
+            result.out.append(Outbound(self.topics.memory_changes, change_key(change),
+                                       change.to_bytes(),
+                                       partition=self._change_partition(entry)))
             self.written.append((entry.id, entry.tenant, entry.user,
                                  entry_origin(entries[entry.id][0])))
         result.applied += len(stored)
         result.skipped += len(pairs) - len(stored) - (result.dead_letters - poisoned_before)
         return result
+
+    def _change_partition(self, entry: MemoryEntry) -> int:
+        """The scope's partition of the changes topic (its own key would scatter them)."""
+        if self.change_router is not None:
+            return self.change_router.partition(self.topics.memory_changes, entry.tenant,
+                                                entry.user)
+        return scope_partition(entry.tenant, entry.user, self.settings.kafka_partitions)
 
     def _write_all(self, pairs: list[tuple[Inbound, MemoryEntry]], result: StepResult
                    ) -> list[MemoryEntry]:

@@ -78,6 +78,7 @@ from lightmem.streams.ingest.stages import (
     StepResult,
     is_transient,
 )
+from lightmem.streams.kafka.change_log import ChangeRouter
 from lightmem.streams.kafka.flush_commands import FlushCommand, flush_headers
 from lightmem.streams.kafka.producer import produce_when_room
 from lightmem.streams.kafka.topics import Topics, dead_letter_max_bytes, kafka_config
@@ -258,6 +259,7 @@ class IngestWorker:
             self._sink = IndexSink(self.settings, self.components, self.topics, self.store,
                                    clock=self.clock)
             self._sink.erasures = self.erasures
+            self._sink.change_router = ChangeRouter(self.settings)
         return self._sink
 
     def enable_events(self) -> None:

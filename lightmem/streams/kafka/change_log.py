@@ -47,13 +47,9 @@ from lightmem.schemas import (
     scope_key,
 )
 from lightmem.settings import Settings
-from lightmem.streams.kafka.topics import Topics, kafka_config
+from lightmem.streams.kafka.topics import Topics, changes_topic_configs, kafka_config
 
 __all__ = [
-    "CHANGES_SEGMENT_MS",
-    "CHANGES_DELETE_RETENTION_MS",
-    "CHANGES_MIN_CLEANABLE_DIRTY_RATIO",
-    "CHANGES_MAX_COMPACTION_LAG_MS",
     "changes_topic_configs",
     "murmur2",
     "scope_partition",
@@ -65,38 +61,18 @@ __all__ = [
     "ChangeRouter",
     "produce_change",
     "tombstone",
+    "ScopeScan",
+    "scan_scope",
+    "compaction_terms",
+    "legacy_changes_topic",
     "MigrationReport",
     "migrate_changes",
 ]
 
 log = logging.getLogger(__name__)
 
-#: A segment rolls at the first write after it is this old (1 h): only closed segments are
-#: compacted, so a tombstoned record's bytes are cleanable at most about this long after
-#: the erasure (the erasure's own ``erase`` change is such a write).
-CHANGES_SEGMENT_MS = 3_600_000
-#: Compact as soon as 1 % of the log is dirty: an erasure's tombstones are a tiny share of
-#: a large history, and the default (50 %) would leave the erased text for a long time.
-CHANGES_MIN_CLEANABLE_DIRTY_RATIO = "0.01"
-#: And in any case within a day (KIP-354), whatever the dirty ratio.
-CHANGES_MAX_COMPACTION_LAG_MS = 86_400_000
-#: A tombstone stays a day after compaction: a consumer mirroring the topic that reads it
-#: within a day also deletes its copy.
-CHANGES_DELETE_RETENTION_MS = 86_400_000
-
 #: The order of ops that share a version and a time.
 _OP_RANK = {ChangeOp.add: 0, ChangeOp.update: 1, ChangeOp.delete: 2, ChangeOp.erase: 3}
-
-
-def changes_topic_configs() -> dict[str, str]:
-    """Topic configs of the memory-changes topic v2 (compacted, cleaned promptly)."""
-    return {
-        "cleanup.policy": "compact",
-        "segment.ms": str(CHANGES_SEGMENT_MS),
-        "min.cleanable.dirty.ratio": CHANGES_MIN_CLEANABLE_DIRTY_RATIO,
-        "max.compaction.lag.ms": str(CHANGES_MAX_COMPACTION_LAG_MS),
-        "delete.retention.ms": str(CHANGES_DELETE_RETENTION_MS),
-    }
 
 
 # -- keys and partitions --------------------------------------------------------------------
@@ -255,6 +231,103 @@ def tombstone(settings: Settings, topic: str, records: Iterable[tuple[int, bytes
                              label=f"tombstone {key.decode(errors='replace')}")
         producer.flush()
     return len(unique)
+
+
+@dataclass
+class ScopeScan:
+    """What one changes topic holds of an erased scope (:func:`scan_scope`)."""
+
+    topic: str
+    #: The topic exists.
+    exists: bool = True
+    #: Live changes the erasure covers, by v2 key: (partition, change id); each needs a
+    #: tombstone.
+    live: dict[bytes, tuple[int, str]] = field(default_factory=dict)
+    #: Value records already tombstoned whose bytes are still in the log (the log cleaner
+    #: has not compacted them yet).
+    awaiting_compaction: int = 0
+    #: Records of the scope the erasure covers that have no v2 key (a v1 topic): they can
+    #: only go with the whole topic.
+    unkeyed: int = 0
+
+    def users(self) -> set[str]:
+        """The users of the live changes (a whole tenant's erasure finds several)."""
+        return {named[1] for key in self.live if (named := decode_change_key(key))}
+
+
+def scan_scope(settings: Settings, topic: str, tenant: str, user: str | None,
+               ledger: ErasureLedger, *, timeout_s: float = 120.0) -> ScopeScan:
+    """Read ``topic`` to its end and sort out the records of (tenant, user) (``user`` None:
+    the whole tenant) that ``ledger`` erases: live ones, tombstoned ones not yet compacted,
+    ones without a v2 key.
+
+    Every partition is read, also for one user: a record is found wherever it is (a topic
+    whose partition count was changed keeps a scope's older records elsewhere).
+    """
+    from lightmem.streams.kafka.topic_reader import read_to_end
+
+    scan = ScopeScan(topic)
+    values: dict[bytes, int] = {}
+    try:
+        for msg in read_to_end(settings, topic, timeout_s=timeout_s, purpose="erasure"):
+            key, value = msg.key(), msg.value()
+            named = decode_change_key(key)
+            if named is not None and (named[0] != tenant
+                                      or (user is not None and named[1] != user)):
+                continue
+            if value is None:
+                if key is not None and scan.live.pop(key, None) is not None:
+                    scan.awaiting_compaction += values.pop(key, 0)
+                continue
+            try:
+                change = MemoryChange.parse(value)
+            except SchemaError:
+                continue
+            if (change.tenant != tenant or (user is not None and change.user != user)
+                    or not change_erased(change, ledger)):
+                continue
+            if named is None or key is None:
+                scan.unkeyed += 1
+                continue
+            scan.live[key] = (msg.partition(), change.change_id)
+            values[key] = values.get(key, 0) + 1
+    except LookupError:
+        scan.exists = False
+    return scan
+
+
+def compaction_terms(settings: Settings, topic: str) -> tuple[bool, str]:
+    """Whether ``topic`` is compacted, and when its cleaner removes tombstoned records, in
+    words (from the topic's own configuration)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    names = ("cleanup.policy", "segment.ms", "min.cleanable.dirty.ratio",
+             "max.compaction.lag.ms", "delete.retention.ms")
+    try:
+        admin = AdminClient(kafka_config(settings))
+        res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        conf = admin.describe_configs([res])[res].result(timeout=30)
+        got = {n: conf[n].value for n in names}
+    except Exception as exc:  # noqa: BLE001 - the report says it is unknown
+        return True, f"the topic's compaction settings are unknown ({exc!r})"
+    if "compact" not in (got["cleanup.policy"] or ""):
+        return False, (f"cleanup.policy={got['cleanup.policy']}: the topic is not compacted, "
+                       f"so its tombstones remove nothing (set cleanup.policy=compact)")
+    return True, (f"their bytes stay in the log until the log cleaner compacts the segments "
+                  f"holding them: a segment is closed at the first write after segment.ms="
+                  f"{got['segment.ms']}, then cleaned once min.cleanable.dirty.ratio="
+                  f"{got['min.cleanable.dirty.ratio']} of the log is dirty, within "
+                  f"max.compaction.lag.ms={got['max.compaction.lag.ms']} at the latest; the "
+                  f"tombstones go delete.retention.ms={got['delete.retention.ms']} after that")
+
+
+def legacy_changes_topic(settings: Settings, topics: Topics) -> str | None:
+    """The legacy changes topic v1's name when it exists (else None)."""
+    from confluent_kafka.admin import AdminClient
+
+    name = topics.memory_changes_v1
+    listed = AdminClient(kafka_config(settings)).list_topics(timeout=30).topics
+    return name if name in listed else None
 
 
 # -- migration ------------------------------------------------------------------------------

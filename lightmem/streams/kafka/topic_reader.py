@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from lightmem.settings import Settings
@@ -21,7 +21,8 @@ __all__ = ["read_to_end"]
 
 
 def read_to_end(settings: Settings, topic: str, *, timeout_s: float = 60.0,
-                purpose: str = "read") -> Iterator[Any]:
+                purpose: str = "read", partitions: Collection[int] | None = None
+                ) -> Iterator[Any]:
     """Every committed record of ``topic``, from the beginning to the end offsets read at the
     start, in partition order (confluent-kafka ``Message`` objects, errors never yielded).
 
@@ -30,6 +31,8 @@ def read_to_end(settings: Settings, topic: str, *, timeout_s: float = 60.0,
         topic: The topic.
         timeout_s: Deadline for reaching the end of every partition.
         purpose: Part of the throwaway group id (never joined, never committed).
+        partitions: Read only these partitions (default every one; e.g. the partition
+            of one scope).
 
     Raises:
         LookupError: the topic does not exist.
@@ -57,6 +60,8 @@ def read_to_end(settings: Settings, topic: str, *, timeout_s: float = 60.0,
             raise LookupError(f"topic {topic!r} does not exist: run `lightmem topics create`")
         ends: dict[int, int] = {}
         for p in meta.partitions:
+            if partitions is not None and p not in partitions:
+                continue
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
                                                        timeout=timeout_s)
             if high > low:

@@ -8,12 +8,21 @@ Topics (DESIGN.md section 2); the partition key keeps what must stay ordered tog
                                                            settings.turns_retention, 7 days)
     lightmem.segments.v1         key tenant/conversation  topic segments (sensory stage out)
     lightmem.entries.v1          key tenant/user          memory entries (short-term stage out)
-    lightmem.memory-changes.v1   key tenant/user          every add/update/delete (audit)
+    lightmem.memory-changes.v2   key tenant/user/memory/change
+                                                           every add/update/delete (audit);
+                                                           compacted, so an erasure
+                                                           tombstones a scope's changes; the
+                                                           partition is the scope's
+                                                           (:mod:`.change_log`)
     lightmem.dlq.v1              key = the source key      dead letters, nothing is dropped
     lightmem.sleep-control.v1    key = command scope       sleep-window commands (compacted)
     lightmem.erasures.v1         key = the erased scope    erasure ledger (compacted): every
                                                            stage, sleep worker and replay drops
                                                            what an erasure covers
+
+``lightmem.memory-changes.v1`` (key tenant/user, never compacted) is the changes topic of
+earlier versions: nothing writes or reads it any more; ``lightmem topics migrate-changes``
+copies it into v2 (:func:`~lightmem.streams.kafka.change_log.migrate_changes`).
 
 Turns, segments, entries and memory changes share one partition count
 (``settings.kafka_partitions``): the ingest workers' changelog-backed tables are
@@ -53,6 +62,7 @@ __all__ = [
     "TopicAdminError",
     "TopicsResult",
     "topic_specs",
+    "changes_topic_configs",
     "create_topics",
     "delete_topics",
     "kafka_config",
@@ -66,7 +76,9 @@ __all__ = [
 TURNS = "lightmem.turns.v1"
 SEGMENTS = "lightmem.segments.v1"
 ENTRIES = "lightmem.entries.v1"
-MEMORY_CHANGES = "lightmem.memory-changes.v1"
+#: v2: one key per change, compacted (erasable); v1: keyed by scope, kept forever (legacy).
+MEMORY_CHANGES = "lightmem.memory-changes.v2"
+MEMORY_CHANGES_V1 = "lightmem.memory-changes.v1"
 DLQ = "lightmem.dlq.v1"
 SLEEP_CONTROL = "lightmem.sleep-control.v1"
 ERASURES = "lightmem.erasures.v1"
@@ -81,6 +93,31 @@ BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 #: Room for what a record batch adds to the value: batch and record headers, key, headers.
 RECORD_OVERHEAD_BYTES = 64 * 1024
 _FOREVER = "-1"
+
+
+#: The memory-changes topic's segments roll at the first write after this (1 h): only closed
+#: segments are compacted, so a tombstoned change's bytes are cleanable about this long after
+#: the erasure at most (the erasure's own ``erase`` change is such a write).
+CHANGES_SEGMENT_MS = 3_600_000
+#: Compact as soon as 1 % of the log is dirty: an erasure's tombstones are a tiny share of a
+#: large history, and the default (50 %) would leave the erased text there for long.
+CHANGES_MIN_CLEANABLE_DIRTY_RATIO = "0.01"
+#: And in any case within a day (KIP-354), whatever the dirty ratio.
+CHANGES_MAX_COMPACTION_LAG_MS = 86_400_000
+#: A tombstone stays a day after compaction: a consumer mirroring the topic that reads it
+#: within a day also deletes its copy.
+CHANGES_DELETE_RETENTION_MS = 86_400_000
+
+
+def changes_topic_configs() -> dict[str, str]:
+    """Topic configs of the memory-changes topic (v2: compacted, cleaned promptly)."""
+    return {
+        "cleanup.policy": "compact",
+        "segment.ms": str(CHANGES_SEGMENT_MS),
+        "min.cleanable.dirty.ratio": CHANGES_MIN_CLEANABLE_DIRTY_RATIO,
+        "max.compaction.lag.ms": str(CHANGES_MAX_COMPACTION_LAG_MS),
+        "delete.retention.ms": str(CHANGES_DELETE_RETENTION_MS),
+    }
 
 
 @dataclass(frozen=True)
@@ -172,6 +209,11 @@ class Topics:
         return self._stage(MEMORY_CHANGES)
 
     @property
+    def memory_changes_v1(self) -> str:
+        """The legacy changes topic (read only by the migration and the erasure's check)."""
+        return self._stage(MEMORY_CHANGES_V1)
+
+    @property
     def dlq(self) -> str:
         return self._stage(DLQ)
 
@@ -216,7 +258,8 @@ def topic_specs(settings: Settings, topics: Topics) -> list[TopicSpec]:
         TopicSpec(topics.segments, n, raw),
         # The sleep-time group replays entries (within the retention).
         TopicSpec(topics.entries, n, raw),
-        TopicSpec(topics.memory_changes, n, keep),
+        # Compacted, one key per change: an erasure tombstones the scope's changes.
+        TopicSpec(topics.memory_changes, n, changes_topic_configs()),
         TopicSpec(topics.dlq, 1,
                   {**keep, "max.message.bytes": str(dead_letter_max_bytes(settings))}),
         TopicSpec(topics.sleep_control, 1, {"cleanup.policy": "compact"}),
