@@ -17,9 +17,10 @@ EntropyBackend`): one 22M-parameter encoder pass per turn instead of a 135M caus
   pairwise logistic loss over the word pairs the teacher orders, on frozen encoder states.
   :func:`agreement` measures the kept sets against the teacher's (F1, Jaccard).
 
-**Deterministic per text**, as the entropy backend: the encoder runs in float32, each
-window alone (a batch of one, no padding), so a turn keeps the same words whatever batch it
-arrives in; see :class:`MiniLMRetentionBackend`.
+**Deterministic per text**, as the entropy backend: the encoder runs in float32 and every
+window is computed as if alone (packed with the others, no padding: see
+:class:`~lightmem.processors.packed_encoder.PackedEncoder`), so a turn keeps the same words
+whatever batch it arrives in; see :class:`MiniLMRetentionBackend`.
 
 Everything here is pure: the encoder, tokenizer and head come in as arguments
 (``lightmem.streams.models.retention`` loads them from the package); nothing reads the
@@ -43,6 +44,8 @@ import torch
 from torch import nn
 
 from .compress import SHORT_TEXT_WORDS, _check_fp32_matmuls, keep_count, validate_rate
+from .packed_encoder import PackedEncoder
+from .turn_embeddings import TurnEmbeddings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -183,10 +186,13 @@ class MiniLMRetentionBackend:
     """The ``minilm`` compression backend: a :class:`RetentionHead` over encoder states.
 
     **Deterministic per text.** The encoder must be float32 (the constructor refuses
-    another dtype) and every window runs alone: no padding, no batch whose shape or
-    neighbours could change the rounding, so a turn's kept words are a function of its own
-    text (as in :class:`~lightmem.processors.compress.EntropyBackend`). MiniLM is small
-    enough that this costs little: a LoCoMo turn is ~30 tokens.
+    another dtype) and every window is computed as if alone: the windows of a call are
+    packed into one pass without padding, attention runs per window with a lone pass's
+    shapes (:class:`~lightmem.processors.packed_encoder.PackedEncoder`), so a turn's kept
+    words are a function of its own text (as in :class:`~lightmem.processors.compress.
+    EntropyBackend`), bit for bit the same as one forward call per window. Packing is what
+    makes it fast: a LoCoMo turn is ~40 tokens, too few rows for the CPU's matmuls alone
+    (300 turns, 2 threads: ~64 turns/s one by one, ~148 packed).
 
     Texts longer than the encoder's window are scored in independent windows of
     ``max_tokens - 2`` tokens, each between [CLS] and [SEP].
@@ -232,6 +238,10 @@ class MiniLMRetentionBackend:
         self.tokenizer = tokenizer
         self.head = head.eval()
         self.max_tokens = max_tokens
+        self.packed = PackedEncoder(encoder)
+        #: Where the pass's per-turn sentence embeddings go (B2 reads them; see
+        #: :class:`~lightmem.processors.turn_embeddings.TurnEmbeddings`); None: nowhere.
+        self.turn_embeddings: TurnEmbeddings | None = None
 
     def _windows(self, text: str) -> tuple[list[str], list[tuple[list[int], list[int]]]]:
         """The text's words and its windows: (input ids with [CLS]/[SEP], token words)."""
@@ -253,15 +263,33 @@ class MiniLMRetentionBackend:
         ]
         return [m.group() for m in words], windows
 
-    def _run(self, input_ids: list[int]) -> torch.Tensor:
-        """The head's input for one window, computed alone: the chosen layers' states,
-        concatenated, special positions dropped."""
-        ids = torch.tensor([input_ids], dtype=torch.long)
-        out = self.encoder(
-            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
-        )
-        states = torch.cat([out.hidden_states[x][0, 1:-1] for x in self.head.layers], dim=-1)
-        return states
+    def _states(self, texts: Sequence[str]) -> list[TextStates]:
+        """The head's input for every text: all windows of the call in one packed pass,
+        each computed as if alone; the chosen layers' states concatenated, special
+        positions dropped, a text's windows joined."""
+        plans = [self._windows(text) for text in texts]
+        flat = [ids for _, windows in plans for ids, _ in windows]
+        sink = self.turn_embeddings
+        last = self.packed.depth
+        # The segmenter's turn embeddings come from the same pass: its last layer.
+        layers = (*self.head.layers, last) if sink is not None else self.head.layers
+        width = len(self.head.layers)
+        per_window = self.packed.hidden_states(flat, layers) if flat else []
+        out: list[TextStates] = []
+        at = 0
+        for text, (words, windows) in zip(texts, plans, strict=True):
+            mine = per_window[at : at + len(windows)]
+            at += len(windows)
+            if sink is not None and mine:
+                sink.put(text, [window[-1] for window in mine])
+            parts = [
+                torch.cat([layer[1:-1] for layer in window[:width]], dim=-1).float()
+                for window in mine
+            ]
+            token_words = [word for _, tw in windows for word in tw]
+            states = torch.cat(parts) if parts else torch.zeros((0, self.head.dim))
+            out.append(TextStates(states=states, token_words=token_words, words=words))
+        return out
 
     def text_states(self, text: str) -> TextStates:
         """The encoder's token states for one text (the head's input; also for training).
@@ -276,15 +304,7 @@ class MiniLMRetentionBackend:
             RuntimeError: torch is set to run fp32 matmuls at reduced precision.
         """
         _check_fp32_matmuls()
-        words, windows = self._windows(text)
-        parts: list[torch.Tensor] = []
-        token_words: list[int] = []
-        with torch.inference_mode():
-            for ids, tw in windows:
-                parts.append(self._run(ids).float())
-                token_words.extend(tw)
-        states = torch.cat(parts) if parts else torch.zeros((0, self.head.dim))
-        return TextStates(states=states, token_words=token_words, words=words)
+        return self._states([text])[0]
 
     def scores(self, texts: Sequence[str]) -> list[list[float] | None]:
         """Each word's keep score (max of its tokens' head logits).
@@ -294,17 +314,19 @@ class MiniLMRetentionBackend:
 
         Returns:
             Per text, one score per word, or ``None`` for texts with at most
-            ``SHORT_TEXT_WORDS`` words (kept whole, never scored).
+            ``SHORT_TEXT_WORDS`` words (kept whole, never scored). A text's scores do not
+            depend on the other texts of the call.
+
+        Raises:
+            RuntimeError: torch is set to run fp32 matmuls at reduced precision.
         """
-        out: list[list[float] | None] = []
-        for text in texts:
-            if len(text.split()) <= SHORT_TEXT_WORDS:
-                out.append(None)
-                continue
-            ts = self.text_states(text)
-            with torch.inference_mode():
-                logits = self.head(ts.states)
-            out.append(word_scores(logits, ts.token_words, len(ts.words)))
+        _check_fp32_matmuls()
+        out: list[list[float] | None] = [None] * len(texts)
+        todo = [i for i, text in enumerate(texts) if len(text.split()) > SHORT_TEXT_WORDS]
+        with torch.inference_mode():
+            for i, ts in zip(todo, self._states([texts[i] for i in todo]), strict=True):
+                # The head runs per text: its matmuls have the text's own shape.
+                out[i] = word_scores(self.head(ts.states), ts.token_words, len(ts.words))
         return out
 
     def compress(self, texts: Sequence[str], rate: float) -> list[str]:
@@ -331,15 +353,15 @@ class MiniLMRetentionBackend:
         Returns:
             Token positions processed ([CLS]/[SEP] included).
         """
-        tokens = 0
-        with torch.inference_mode():
-            for text in texts:
-                if len(text.split()) <= SHORT_TEXT_WORDS:
-                    continue
-                for ids, _ in self._windows(text)[1]:
-                    self._run(ids)
-                    tokens += len(ids)
-        return tokens
+        flat = [
+            ids
+            for text in texts
+            if len(text.split()) > SHORT_TEXT_WORDS
+            for ids, _ in self._windows(text)[1]
+        ]
+        if flat:
+            self.packed.hidden_states(flat, self.head.layers)
+        return sum(len(ids) for ids in flat)
 
 
 # --------------------------------------------------------------------------------------
