@@ -226,3 +226,32 @@ def test_query_batcher_batches_concurrent_queries_in_order() -> None:
     with pytest.raises(RuntimeError, match="encoder failed"):
         batcher(["boom"])
     batcher.close()
+
+
+def test_admin_keys_have_no_tenant(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    admin_key, record = create_key(path, None, admin=True)
+    tenant_key, _ = create_key(path, "acme")
+    ring = KeyRing.load(path)
+    admin = ring.authenticate(admin_key)
+    assert admin is not None and admin.admin and admin.tenant is None and record.admin
+    tenant = ring.authenticate(tenant_key)
+    assert tenant is not None and not tenant.admin and tenant.tenant == "acme"
+    for bad in ({"tenant": "acme", "admin": True}, {"tenant": None, "admin": False}):
+        with pytest.raises(ValueError):
+            create_key(path, bad["tenant"], admin=bad["admin"])  # type: ignore[arg-type]
+    assert len(KeyRing.load(path)) == 2  # nothing written by the refused ones
+
+
+def test_keys_create_admin_from_the_cli(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    result = CliRunner().invoke(cli, ["keys", "create", "--admin", "--keys-file", str(path)])
+    assert result.exit_code == 0, result.output
+    record = KeyRing.load(path).authenticate(result.stdout.strip())
+    assert record is not None and record.admin and record.tenant is None
+    listed = CliRunner().invoke(cli, ["keys", "list", "--keys-file", str(path)])
+    assert "(admin)" in listed.stdout
+    for args in ([], ["--admin", "--tenant", "acme"]):
+        refused = CliRunner().invoke(cli, ["keys", "create", "--keys-file", str(path), *args])
+        assert refused.exit_code == 2, refused.output
+    assert len(KeyRing.load(path)) == 1

@@ -13,6 +13,7 @@ from .client import MemoryClient
 from .core import MemoryService, erase_user
 from .errors import (
     Conflict,
+    Forbidden,
     InvalidInput,
     MemoryServiceError,
     NotFound,
@@ -40,6 +41,7 @@ __all__ = [
     "MemoryServiceError",
     "InvalidInput",
     "Unauthorized",
+    "Forbidden",
     "NotFound",
     "Conflict",
     "RateLimited",

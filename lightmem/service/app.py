@@ -14,11 +14,13 @@ Routes (JSON; the OpenAPI document is ``lightmem/service/openapi.json``, checked
 ``POST /add``, ``POST /search``            the Agent Memory Leaderboard contract
 ``GET /health``, ``GET /ready``            liveness; readiness (store, and Kafka)
 ``GET /metrics``                           Prometheus
+``/v1/admin/...``                          ops routes, admin keys only (:mod:`.admin`)
 =========================================  ==================================================
 
 The tenant of every ``/v1`` and AML route comes from the API key (``Authorization: Bearer``
 or ``X-API-Key``; :mod:`lightmem.service.auth`), never from the path or the body: bodies
-forbid unknown fields, so one naming a tenant is refused. Errors are always
+forbid unknown fields, so one naming a tenant is refused. An admin key has no tenant: those
+routes answer it 403, and the ops routes answer a tenant's key 403. Errors are always
 ``{"detail": [{"loc", "msg", "type"}]}``; bad input is a 4xx and writes nothing.
 Handlers are plain functions (FastAPI runs them in its thread pool): the stores and models
 are blocking.
@@ -41,9 +43,17 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .admin import (
+    AdminEraseRequest,
+    ErasureReportResponse,
+    TenantsResponse,
+    admin_erase,
+    admin_erasure_status,
+    tenant_stats,
+)
 from .auth import KeyRing, RateLimiter
 from .core import MAX_PAGE, MemoryService
-from .errors import MemoryServiceError, RateLimited, Unauthorized
+from .errors import Forbidden, MemoryServiceError, RateLimited, Unauthorized
 from .metrics import record_request, scrape
 from .models import (
     AddRequest,
@@ -67,7 +77,7 @@ from .models import (
     SearchResponse,
 )
 
-__all__ = ["Auth", "create_app", "API_VERSION"]
+__all__ = ["Auth", "Caller", "create_app", "API_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +94,8 @@ class Auth:
         keys: The configured API keys.
         limiter: Per-key rate limit.
         dev_tenant: Without keys: every request is this tenant (dev mode, 127.0.0.1 only;
-            ``lightmem serve`` refuses it on another address). None: keys are required.
+            ``lightmem serve`` refuses it on another address), and may call the ops routes
+            too (the one operator of a local service). None: keys are required.
     """
 
     keys: KeyRing
@@ -97,16 +108,26 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False,
 _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token.")
 
 
-def caller_tenant(
+@dataclass(frozen=True)
+class Caller:
+    """Who calls: the key's id, its tenant (None for an admin key) and whether it may call
+    the ops routes."""
+
+    key_id: str
+    tenant: str | None
+    admin: bool
+
+
+def caller(
     request: Request,
     api_key: Annotated[str | None, Security(_api_key)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
-) -> str:
-    """The caller's tenant, from its API key (the only source of a tenant)."""
+) -> Caller:
+    """The caller, from its API key (401 without a valid one; 429 over its rate)."""
     auth: Auth = request.app.state.auth
     key = api_key or (bearer.credentials if bearer is not None else None)
     if auth.dev_tenant is not None:
-        tenant, key_id = auth.dev_tenant, DEV_KEY_ID
+        who = Caller(key_id=DEV_KEY_ID, tenant=auth.dev_tenant, admin=True)
     elif not key:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or "
                            "'X-API-Key: <key>'", loc=("header", "authorization"))
@@ -114,15 +135,33 @@ def caller_tenant(
         record = auth.keys.authenticate(key)
         if record is None:
             raise Unauthorized("invalid API key", loc=("header", "authorization"))
-        tenant, key_id = record.tenant, record.key_id
-    wait = auth.limiter.take(key_id)
+        who = Caller(key_id=record.key_id, tenant=record.tenant, admin=record.admin)
+    wait = auth.limiter.take(who.key_id)
     if wait is not None:
         raise RateLimited(f"rate limit of this key exceeded: retry in {wait:.2f} s",
                           retry_after=wait)
-    return tenant
+    return who
+
+
+def caller_tenant(who: Annotated[Caller, Depends(caller)]) -> str:
+    """The caller's tenant, from its API key (the only source of a tenant); 403 for an
+    admin key, which has none."""
+    if who.tenant is None:
+        raise Forbidden("an admin key has no tenant: its routes are /v1/admin/...; use a "
+                        "tenant's key for its data", loc=("header", "authorization"))
+    return who.tenant
+
+
+def admin_caller(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    """The caller of an ops route: 403 unless its key is an admin key."""
+    if not who.admin:
+        raise Forbidden("an ops route: it needs an admin key (`lightmem keys create "
+                        "--admin`)", loc=("header", "authorization"))
+    return who
 
 
 Tenant = Annotated[str, Depends(caller_tenant)]
+Admin = Annotated[Caller, Depends(admin_caller)]
 
 
 def _service(request: Request) -> MemoryService:
@@ -135,6 +174,8 @@ User = Annotated[Name, Query(description="The end user whose memories these are.
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what} for code, what in (
         (401, "No API key, or not a valid one"),
+        (403, "A key that may not call this route (an admin key on tenant data, a "
+              "tenant's key on an ops route)"),
         (422, "Invalid input: every problem with its loc and msg"),
         (429, "Rate limit exceeded (see Retry-After)"),
     )
@@ -325,6 +366,36 @@ def create_app(service: MemoryService | None, auth: Auth, *,
     def delete(memory_id: str, tenant: Tenant, service: Service) -> DeleteResponse:
         """Delete one memory; a ``delete`` change is recorded in its history."""
         return service.delete(tenant, memory_id)
+
+    # -- ops routes (admin keys)
+
+    @app.post("/v1/admin/erasures", response_model=ErasureReportResponse, tags=["admin"],
+              responses=_ERRORS)
+    def admin_erasure(body: AdminEraseRequest, who: Admin, service: Service
+                      ) -> ErasureReportResponse:
+        """Forget a user of a tenant (or, with ``whole_tenant``, every user): the erasure
+        ``lightmem forget`` runs, on the store this service serves; its report says what
+        each store removed and what is not erased yet."""
+        return admin_erase(service, body, requested_by=f"admin key {who.key_id}")
+
+    @app.get("/v1/admin/erasures", response_model=ErasureReportResponse, tags=["admin"],
+             responses={**_ERRORS, 404: {"model": ErrorResponse,
+                                         "description": "No erasure of the scope recorded"}})
+    def admin_erasure_get(
+        who: Admin, service: Service,
+        tenant: Annotated[Name, Query(description="The tenant of the scope")],
+        user: Annotated[Name | None, Query(description="The user; none: the tenant's "
+                                                       "whole-tenant erasure")] = None,
+    ) -> ErasureReportResponse:
+        """What is left of the scope's recorded erasure (``lightmem forget --status``);
+        changes nothing."""
+        return admin_erasure_status(service, tenant, user)
+
+    @app.get("/v1/admin/tenants", response_model=TenantsResponse, tags=["admin"],
+             responses=_ERRORS)
+    def admin_tenants(who: Admin, service: Service) -> TenantsResponse:
+        """Memories and users per tenant (the store's counts)."""
+        return tenant_stats(service)
 
     # -- the Agent Memory Leaderboard contract
 

@@ -1,10 +1,13 @@
-"""API keys (each bound to one tenant, stored hashed) and the per-key rate limit.
+"""API keys (each bound to one tenant, or an admin key bound to none; stored hashed) and
+the per-key rate limit.
 
 A key looks like ``lmk_<key id>_<secret>``: the id (public, 12 hex digits) finds the record,
 the whole key's SHA-256 is compared in constant time. Keys are 32 random bytes, so a plain
 hash is as strong as a slow one (there is no dictionary to try); only hashes are stored, in
 a JSON keys file (``LIGHTMEM_API_KEYS_FILE``, default ``DATA_DIR/api-keys.json``, mode 0600)
-that ``lightmem keys create --tenant T`` appends to, printing the key once.
+that ``lightmem keys create --tenant T`` appends to, printing the key once. An admin key
+(``lightmem keys create --admin``) has no tenant: it may call the ops routes
+(:mod:`lightmem.service.admin`) and no route of a tenant's data.
 
 Rate limit: a token bucket per key (``LIGHTMEM_API_RATE_PER_S`` tokens per second, bursts of
 ``LIGHTMEM_API_RATE_BURST``); an empty bucket answers 429 with the seconds until the next
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 __all__ = ["KEY_PREFIX", "ApiKey", "KeysFile", "KeyRing", "RateLimiter", "create_key", "hash_key"]
 
@@ -37,12 +40,22 @@ def hash_key(key: str) -> str:
 
 
 class ApiKey(BaseModel):
-    """One configured key: its public id, its tenant and the hash of the key."""
+    """One configured key: its public id, its tenant (none for an admin key) and the hash
+    of the key."""
 
     key_id: str
-    tenant: str = Field(min_length=1, max_length=256)
+    tenant: str | None = Field(default=None, min_length=1, max_length=256)
+    #: Ops routes only; bound to no tenant.
+    admin: bool = False
     hash: str
     created_at: datetime
+
+    @model_validator(mode="after")
+    def _tenant_or_admin(self) -> ApiKey:
+        if (self.tenant is None) != self.admin:
+            raise ValueError(f"key {self.key_id}: a key has a tenant, or is an admin key "
+                             "with none (not both, not neither)")
+        return self
 
 
 class KeysFile(BaseModel):
@@ -88,15 +101,20 @@ class KeyRing:
         return record if hmac.compare_digest(record.hash, hash_key(key)) else None
 
 
-def create_key(path: Path, tenant: str, *, now: datetime | None = None) -> tuple[str, ApiKey]:
-    """Make a new key for ``tenant`` and add its hash to the keys file ``path``.
+def create_key(path: Path, tenant: str | None, *, admin: bool = False,
+               now: datetime | None = None) -> tuple[str, ApiKey]:
+    """Make a new key for ``tenant`` (or, with ``admin`` and no tenant, an admin key) and
+    add its hash to the keys file ``path``.
 
     Returns:
         The key (shown once; only its hash is stored) and its record.
+
+    Raises:
+        ValueError: both a tenant and ``admin``, or neither.
     """
     key_id = secrets.token_hex(6)
     key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-    record = ApiKey(key_id=key_id, tenant=tenant, hash=hash_key(key),
+    record = ApiKey(key_id=key_id, tenant=tenant, admin=admin, hash=hash_key(key),
                     created_at=now or datetime.now(UTC))
     current = KeysFile(keys=list(KeyRing.load(path)._by_id.values()))
     current.keys.append(record)

@@ -40,6 +40,8 @@ from lightmem.settings import Settings
 if TYPE_CHECKING:
     from lightmem.streams.erasure.forget import ErasureReport
 
+    from .retrieval import Plan
+
 __all__ = [
     "Backend",
     "EmbeddedBackend",
@@ -133,14 +135,30 @@ class Backend(Protocol):
         """Turns of the scope not summarized yet (provisional *events*), nearest first."""
         ...
 
+    def retrieve(self, tenant: str, user: str, vector: Sequence[float], plan: Plan
+                 ) -> list[ScoredEntry]:
+        """One search of the service (kNN or hybrid, events or not): the best ``plan.k``
+        (:mod:`lightmem.service.retrieval`)."""
+        ...
+
     def get(self, entry_id: str) -> MemoryEntry | None: ...
 
     def history(self, entry_id: str) -> list[MemoryChange]: ...
 
     def delete(self, entry: MemoryEntry, change: MemoryChange) -> None: ...
 
-    def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
-        """Forget ``(tenant, user)`` everywhere (the erasure of issue 14)."""
+    def erase(self, tenant: str, user: str | None, *, requested_by: str,
+              reason: str = "memory service: delete all of the user") -> ErasureReport:
+        """Forget ``(tenant, user)`` (``user`` None: the whole tenant) everywhere (the
+        erasure of issue 14, as ``lightmem forget`` runs it)."""
+        ...
+
+    def erasure_status(self, tenant: str, user: str | None) -> ErasureReport | None:
+        """What is left of the scope's recorded erasure (None: none is recorded)."""
+        ...
+
+    def count_entries(self) -> dict[tuple[str, str], int]:
+        """Memories per (tenant, user)."""
         ...
 
     def readiness(self) -> dict[str, str]: ...
@@ -315,13 +333,29 @@ class EmbeddedBackend:
             store.delete(entry.id, expected_version=entry.version)
             store.append_changes([change])
 
-    def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
+    def retrieve(self, tenant: str, user: str, vector: Sequence[float], plan: Plan
+                 ) -> list[ScoredEntry]:
+        from .retrieval import retrieve_with
+
+        return retrieve_with(self, tenant, user, vector, plan)
+
+    def erase(self, tenant: str, user: str | None, *, requested_by: str,
+              reason: str = "memory service: delete all of the user") -> ErasureReport:
         from lightmem.streams.erasure.forget import forget
 
         with self.lock:
             return forget(self.settings, tenant, user, requested_by=requested_by,
-                          reason="memory service: delete all of the user",
-                          runtime=self.runtime)
+                          reason=reason, runtime=self.runtime)
+
+    def erasure_status(self, tenant: str, user: str | None) -> ErasureReport | None:
+        from lightmem.streams.erasure.forget import erasure_status
+
+        with self.lock:
+            return erasure_status(self.settings, tenant, user, runtime=self.runtime)
+
+    def count_entries(self) -> dict[tuple[str, str], int]:
+        with self.lock:
+            return self.runtime.store.count_entries()
 
     def readiness(self) -> dict[str, str]:
         try:
@@ -594,11 +628,27 @@ class StreamBackend:
         # Searches and lists see the delete at once (the index is near real time).
         self.store.refresh()
 
-    def erase(self, tenant: str, user: str, *, requested_by: str) -> ErasureReport:
+    def retrieve(self, tenant: str, user: str, vector: Sequence[float], plan: Plan
+                 ) -> list[ScoredEntry]:
+        from .retrieval import retrieve_elasticsearch
+
+        # One _msearch for every candidate list, then the winners (see .retrieval).
+        return retrieve_elasticsearch(self, tenant, user, vector, plan)
+
+    def erasure_status(self, tenant: str, user: str | None) -> ErasureReport | None:
+        from lightmem.streams.erasure.forget import erasure_status
+
+        return erasure_status(self.settings, tenant, user, stream=True, topics=self.topics,
+                              store=self.store)
+
+    def count_entries(self) -> dict[tuple[str, str], int]:
+        return self.store.count_entries()
+
+    def erase(self, tenant: str, user: str | None, *, requested_by: str,
+              reason: str = "memory service: delete all of the user") -> ErasureReport:
         from lightmem.streams.erasure.forget import forget_stream, new_request
 
-        request = new_request(tenant, user, reason="memory service: delete all of the user",
-                              requested_by=requested_by)
+        request = new_request(tenant, user, reason=reason, requested_by=requested_by)
         # The workers confirm their part asynchronously: wait a little, report the rest.
         return forget_stream(self.settings, request, topics=self.topics, store=self.store,
                              wait_s=self.erase_wait_s)

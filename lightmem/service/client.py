@@ -29,6 +29,7 @@ from .models import (
     HistoryResponse,
     MemoryItem,
     MemoryPage,
+    Retrieval,
     SearchHit,
     SearchResponse,
 )
@@ -124,18 +125,26 @@ class MemoryClient:
 
     def search(self, query: str, *, user_id: str, k: int = 20,
                conversation_id: str | None = None, after: datetime | None = None,
-               before: datetime | None = None, hybrid: bool = False,
-               include_events: bool = True) -> list[SearchHit]:
-        """``user_id``'s memories nearest to ``query``, best first."""
-        body = {"user": user_id, "query": query, "k": k, "conversation": conversation_id,
-                "after": _time(after), "before": _time(before), "hybrid": hybrid,
-                "include_events": include_events}
+               before: datetime | None = None, retrieval: Retrieval = None,
+               include_events: bool = True, hybrid: bool = False) -> list[SearchHit]:
+        """``user_id``'s memories nearest to ``query``, best first; ``retrieval`` ``knn``
+        or ``hybrid`` (None: the server's; ``hybrid=True`` is the old spelling of
+        ``retrieval="hybrid"``)."""
+        body: dict[str, Any] = {
+            "user": user_id, "query": query, "k": k, "conversation": conversation_id,
+            "after": _time(after), "before": _time(before), "retrieval": retrieval,
+            "include_events": include_events}
+        if hybrid:  # only when set: a server from before `retrieval` still understands it
+            body["hybrid"] = True
         return SearchResponse.model_validate(
             self._request("POST", "/v1/search", json=body)).results
 
-    def answer(self, question: str, *, user_id: str, k: int = 20) -> AnswerResponse:
+    def answer(self, question: str, *, user_id: str, k: int = 20,
+               retrieval: Retrieval = None) -> AnswerResponse:
         """Answer ``question`` from ``user_id``'s memories."""
-        body = {"user": user_id, "question": question, "k": k}
+        body: dict[str, Any] = {"user": user_id, "question": question, "k": k}
+        if retrieval is not None:
+            body["retrieval"] = retrieval
         return AnswerResponse.model_validate(self._request("POST", "/v1/answer", json=body))
 
     def get_all(self, *, user_id: str, page_size: int = 100, include_events: bool = True

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from lightmem.processors.lexical import query_terms
-from lightmem.processors.retrieve import DEFAULT_CANDIDATES, Retriever, fuse_rankings
+from lightmem.processors.retrieve import DEFAULT_CANDIDATES, Retriever
 from lightmem.processors.store import ScoredEntry, VersionConflict
 from lightmem.schemas import (
     MemoryEntry,
@@ -67,6 +67,7 @@ from .models import (
     SearchRequest,
     SearchResponse,
 )
+from .retrieval import Plan
 
 __all__ = ["MemoryService", "RequestLedger", "erase_user", "MAX_PAGE"]
 
@@ -237,46 +238,34 @@ class MemoryService:
 
     def _hits(self, tenant: str, user: str, query: str, k: int, *,
               conversation: str | None = None, after: datetime | None = None,
-              before: datetime | None = None, hybrid: bool = False,
+              before: datetime | None = None, retrieval: str | None = None,
               events: bool = True) -> list[ScoredEntry]:
         if not query.strip():
             return []
         vector = [float(x) for x in (self.batcher or self.backend.embed)([query])[0]]
-        # The server's retrieval (LIGHTMEM_RETRIEVAL) unless the request asks for hybrid.
-        hybrid = hybrid or self.settings.retrieval == "hybrid"
-        n = max(k, DEFAULT_CANDIDATES) if hybrid else k
-        hits = self.backend.search(tenant, user, vector, n,
-                                   conversation=conversation, not_before=after,
-                                   not_after=before)
-        if events:
-            # Turns still in open buffers (freshness): searchable before their memories
-            # exist; a turn is in a buffer or summarized, never both, so nothing repeats.
-            hits += self.backend.search_events(tenant, user, vector, n,
-                                               conversation=conversation, not_before=after,
-                                               not_after=before)
-        hits = sorted(hits, key=lambda h: (-h.score, h.entry.id))
-        if hybrid:
-            # The Retriever's fusion: cosine ranks (memories and events) beside BM25 ranks.
-            terms = query_terms(query)
-            lexical = self.backend.lexical_search(
-                tenant, user, terms, n, conversation=conversation, not_before=after,
-                not_after=before) if terms else []
-            hits = fuse_rankings(
-                [hits, lexical],
-                [self.retriever.vector_weight, 1.0 - self.retriever.vector_weight],
-                rrf_k=self.retriever.rrf_k)
+        # The request's retrieval mode, else the server's (LIGHTMEM_RETRIEVAL).
+        hybrid = (retrieval or self.settings.retrieval) == "hybrid"
+        weight = self.retriever.vector_weight
+        # The Retriever's fusion under hybrid: cosine ranks (memories and events) beside
+        # BM25 ranks, over the same number of candidates each.
+        plan = Plan(k=k, n=max(k, DEFAULT_CANDIDATES) if hybrid else k, hybrid=hybrid,
+                    terms=tuple(query_terms(query)) if hybrid else (), events=events,
+                    weights=(weight, 1.0 - weight), rrf_k=self.retriever.rrf_k,
+                    conversation=conversation, not_before=after, not_after=before)
+        hits = self.backend.retrieve(tenant, user, vector, plan)
         # The backend filters by scope; re-checking makes a store bug unable to leak.
         return [h for h in hits if h.entry.tenant == tenant and h.entry.user == user][:k]
 
     def search(self, tenant: str, request: SearchRequest) -> SearchResponse:
         hits = self._hits(tenant, request.user, request.query, request.k,
                           conversation=request.conversation, after=request.after,
-                          before=request.before, hybrid=request.hybrid,
+                          before=request.before, retrieval=request.mode,
                           events=request.include_events)
         return SearchResponse(results=[_hit(h) for h in hits])
 
     def answer(self, tenant: str, request: AnswerRequest) -> AnswerResponse:
-        hits = self._hits(tenant, request.user, request.question, request.k)
+        hits = self._hits(tenant, request.user, request.question, request.k,
+                          retrieval=request.retrieval)
         answer = self.retriever.answer(request.question, hits, self.backend.chat,
                                        tenant=tenant, asked_at=self.clock())
         by_id = {h.entry.id: h for h in hits}

@@ -9,6 +9,8 @@ Exceptions::
      └── MemoryServiceError        base; ``status`` is the HTTP status it maps to
           ├── InvalidInput         422: every problem as {loc, msg, type}
           ├── Unauthorized         401: no API key, or not a valid one
+          ├── Forbidden            403: a valid key on routes it may not call (an admin key
+          │                        on tenant data, a tenant's key on ops routes)
           ├── NotFound             404: no such memory for this tenant (other tenants' ids too)
           ├── Conflict             409: a request id reused with another payload
           ├── RateLimited          429: ``retry_after`` seconds to wait
@@ -25,6 +27,7 @@ __all__ = [
     "MemoryServiceError",
     "InvalidInput",
     "Unauthorized",
+    "Forbidden",
     "NotFound",
     "Conflict",
     "RateLimited",
@@ -62,6 +65,11 @@ class Unauthorized(MemoryServiceError):
     kind = "unauthorized"
 
 
+class Forbidden(MemoryServiceError):
+    status = 403
+    kind = "forbidden"
+
+
 class NotFound(MemoryServiceError):
     status = 404
     kind = "not_found"
@@ -93,7 +101,7 @@ class ServerError(MemoryServiceError):
 
 
 _BY_STATUS: dict[int, type[MemoryServiceError]] = {
-    c.status: c for c in (InvalidInput, Unauthorized, NotFound, Conflict, Unavailable)
+    c.status: c for c in (InvalidInput, Unauthorized, Forbidden, NotFound, Conflict, Unavailable)
 }
 
 

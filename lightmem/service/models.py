@@ -14,7 +14,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from lightmem.schemas import MemoryChange, MemoryEntry
 from lightmem.schemas.records import RFC3339_PATTERN
@@ -24,6 +31,7 @@ __all__ = [
     "MessageIn",
     "AddRequest",
     "AddResponse",
+    "Retrieval",
     "SearchRequest",
     "MemoryItem",
     "SearchHit",
@@ -119,6 +127,11 @@ class AddResponse(BaseModel):
     not_searchable: list[str] = Field(default_factory=list)
 
 
+#: How a search ranks: ``knn`` (cosine similarity to the query) or ``hybrid`` (kNN and BM25
+#: ranks merged by reciprocal rank fusion); None: the server's ``LIGHTMEM_RETRIEVAL``.
+Retrieval = Literal["knn", "hybrid"] | None
+
+
 class SearchRequest(_Body):
     """Search one user's memories (``POST /v1/search``)."""
 
@@ -133,13 +146,27 @@ class SearchRequest(_Body):
     after: AwareDatetime | None = None
     #: Only memories whose event time is at or before this.
     before: AwareDatetime | None = None
-    #: Lexical + vector even where the server's retrieval (LIGHTMEM_RETRIEVAL) is knn: kNN and
-    #: BM25 ranks merged by reciprocal rank fusion, on both stores. Scores are then fused
-    #: rank scores, comparable only within one search. False: the server's setting (hybrid
-    #: unless configured otherwise).
+    #: ``knn``: cosine similarity to the query; ``hybrid``: kNN and BM25 ranks merged by
+    #: reciprocal rank fusion (scores are then fused rank scores, comparable only within
+    #: one search); null (default): the server's setting (LIGHTMEM_RETRIEVAL, hybrid
+    #: unless configured otherwise). Both on either store.
+    retrieval: Retrieval = None
+    #: Deprecated (use ``retrieval``): true is ``retrieval: hybrid``; false says nothing.
     hybrid: bool = False
     #: Also return turns not summarized yet, as provisional events (``kind: event``).
     include_events: bool = True
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> SearchRequest:
+        if self.hybrid and self.retrieval == "knn":
+            raise ValueError("hybrid: true contradicts retrieval: knn (hybrid is deprecated:"
+                             " send retrieval alone)")
+        return self
+
+    @property
+    def mode(self) -> str | None:
+        """The retrieval asked for (``hybrid: true`` included), None: the server's."""
+        return "hybrid" if self.hybrid else self.retrieval
 
 
 class MemoryItem(BaseModel):
@@ -178,7 +205,9 @@ class MemoryItem(BaseModel):
 
 
 class SearchHit(MemoryItem):
-    #: Cosine similarity to the query (1 = identical); the combined score when ``hybrid``.
+    #: With kNN retrieval: the cosine similarity to the query (1 = identical). With hybrid
+    #: retrieval: the reciprocal-rank-fusion score (weighted ``1 / (rrf_k + rank)`` summed
+    #: over the kNN and BM25 rankings), comparable only within one search.
     score: float
 
 
@@ -192,6 +221,8 @@ class AnswerRequest(_Body):
     user: Name
     question: Text
     k: int = Field(default=20, ge=1, le=MAX_K)
+    #: ``knn``, ``hybrid``, or null (default): the server's setting (see ``SearchRequest``).
+    retrieval: Retrieval = None
 
 
 class AnswerResponse(BaseModel):
@@ -322,6 +353,7 @@ class AmlSearchItem(BaseModel):
     id: str
     #: The memory rendered with its date: ``[YYYY-MM-DD, Weekday] text``.
     content: str
+    #: Cosine similarity, or the rank-fusion score under hybrid retrieval (the server's).
     score: float
     #: The memory's event time (when its source turn happened).
     created_at: datetime

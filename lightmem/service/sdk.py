@@ -34,6 +34,7 @@ from .models import (
     DeleteResponse,
     MemoryItem,
     MessageIn,
+    Retrieval,
     SearchHit,
     SearchRequest,
 )
@@ -99,17 +100,22 @@ class Memory:
 
     def search(self, query: str, *, user_id: str, k: int = 20,
                conversation_id: str | None = None, after: datetime | None = None,
-               before: datetime | None = None, hybrid: bool = False,
-               include_events: bool = True) -> list[SearchHit]:
-        """``user_id``'s memories nearest to ``query``, best first."""
+               before: datetime | None = None, retrieval: Retrieval = None,
+               include_events: bool = True, hybrid: bool = False) -> list[SearchHit]:
+        """``user_id``'s memories nearest to ``query``, best first; ``retrieval`` ``knn``
+        or ``hybrid`` (None: the configured ``retrieval``; ``hybrid=True`` is the old
+        spelling of ``retrieval="hybrid"``)."""
         request = _validated(SearchRequest, user=user_id, query=query, k=k,
                              conversation=conversation_id, after=after, before=before,
-                             hybrid=hybrid, include_events=include_events)
+                             retrieval=retrieval, hybrid=hybrid,
+                             include_events=include_events)
         return self._service.search(self.tenant, request).results
 
-    def answer(self, question: str, *, user_id: str, k: int = 20) -> AnswerResponse:
+    def answer(self, question: str, *, user_id: str, k: int = 20,
+               retrieval: Retrieval = None) -> AnswerResponse:
         """Answer ``question`` from ``user_id``'s memories."""
-        request = _validated(AnswerRequest, user=user_id, question=question, k=k)
+        request = _validated(AnswerRequest, user=user_id, question=question, k=k,
+                             retrieval=retrieval)
         return self._service.answer(self.tenant, request)
 
     def get_all(self, *, user_id: str, page_size: int = 100, include_events: bool = True

@@ -18,7 +18,8 @@ from lightmem.settings import Settings, load_settings
 
 __all__ = ["serve", "keys_app", "openapi_app"]
 
-keys_app = typer.Typer(help="API keys of the memory service (each bound to one tenant).",
+keys_app = typer.Typer(help="API keys of the memory service (each bound to one tenant, or an "
+                       "admin key for the ops routes).",
                        no_args_is_help=True)
 openapi_app = typer.Typer(help="The memory service's OpenAPI document.", no_args_is_help=True)
 
@@ -81,8 +82,11 @@ def serve(
     Leaderboard contract (/add, /search), /health, /ready and /metrics.
 
     Every option also reads its LIGHTMEM_* variable; LLM answers use LIGHTMEM_LLM_BASE_URL
-    (extractive without it). SIGTERM/SIGINT finish the requests in flight, then stop (the
-    process ends by that signal, as uvicorn re-raises it). Exit status 1: could not start.
+    (extractive without it); searches rank by LIGHTMEM_RETRIEVAL (hybrid or knn; a request
+    may choose); the encoder runs on LIGHTMEM_TORCH_THREADS threads, 1 unless set (the
+    service's parallelism is its concurrent requests, batched into one encoder call).
+    SIGTERM/SIGINT finish the requests in flight, then stop (the process ends by that
+    signal, as uvicorn re-raises it). Exit status 1: could not start.
     """
     import uvicorn
 
@@ -100,6 +104,10 @@ def serve(
     settings = _settings(data_dir=data_dir, serve_host=host, serve_port=port,
                          api_keys_file=keys_file, api_rate_per_s=rate, api_rate_burst=burst,
                          es_alias=alias, kafka_topic_prefix=topic_prefix)
+    if settings.torch_threads is None:
+        # Concurrent searches share one encoder call (the batcher); intra-op threads would
+        # only fight the request threads and Elasticsearch for the cores.
+        settings = settings.model_copy(update={"torch_threads": 1})
     err = _err()
     try:
         keys = KeyRing.load(settings.keys_file)
@@ -139,27 +147,39 @@ def serve(
 
 @keys_app.command("create")
 def keys_create(
-    tenant: Annotated[str, typer.Option("--tenant", help="The tenant the key acts for")],
+    tenant: Annotated[str | None, typer.Option(
+        "--tenant", help="The tenant the key acts for")] = None,
+    admin: Annotated[bool, typer.Option(
+        "--admin", help="An admin key instead: bound to no tenant, it may call the ops "
+        "routes (/v1/admin/...: erase a user of a tenant, erasure status, tenants' "
+        "counts) and no route of a tenant's data")] = False,
     keys_file: Annotated[Path | None, typer.Option(
         "--keys-file", help="(env LIGHTMEM_API_KEYS_FILE, default DATA_DIR/api-keys.json)")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir",
                                                   help="(env LIGHTMEM_DATA_DIR)")] = None,
 ) -> None:
-    """Make a new API key for TENANT: prints it once (stdout); only its hash is stored."""
+    """Make a new API key for --tenant T (or an --admin key): prints it once (stdout); only
+    its hash is stored."""
     from lightmem.service.auth import create_key
 
-    if not tenant.strip():
+    if (tenant is None) == (not admin):
+        _err().print("[red]error:[/red] give --tenant T (a tenant's key) or --admin (an ops "
+                     "key bound to no tenant), one of the two")
+        raise typer.Exit(2)
+    if tenant is not None and not tenant.strip():
         _err().print("[red]error:[/red] --tenant: must not be blank")
         raise typer.Exit(2)
     settings = _settings(api_keys_file=keys_file, data_dir=data_dir)
     try:
-        key, record = create_key(settings.keys_file, tenant.strip())
+        key, record = create_key(settings.keys_file, tenant.strip() if tenant else None,
+                                 admin=admin)
     except (OSError, ValueError) as exc:
         _err().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    _err().print(f"key {record.key_id} for tenant {record.tenant!r} added to "
-                 f"{settings.keys_file}; it is shown only now:", highlight=False)
+    what = "an admin key" if admin else f"for tenant {record.tenant!r}"
+    _err().print(f"key {record.key_id} {what} added to {settings.keys_file}; it is shown "
+                 "only now:", highlight=False)
     typer.echo(key)
 
 
@@ -168,14 +188,16 @@ def keys_list(
     keys_file: Annotated[Path | None, typer.Option("--keys-file")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,
 ) -> None:
-    """Key ids and their tenants (never the keys: only hashes are stored)."""
+    """Key ids and their tenants, ``(admin)`` for admin keys (never the keys: only hashes
+    are stored)."""
     from lightmem.service.auth import KeysFile
 
     settings = _settings(api_keys_file=keys_file, data_dir=data_dir)
     path = settings.keys_file
     records = KeysFile.model_validate_json(path.read_bytes()).keys if path.exists() else []
     for r in records:
-        typer.echo(f"{r.key_id}\t{r.tenant}\t{r.created_at.isoformat()}")
+        typer.echo(f"{r.key_id}\t{'(admin)' if r.admin else r.tenant}\t"
+                   f"{r.created_at.isoformat()}")
 
 
 @openapi_app.command("export")
