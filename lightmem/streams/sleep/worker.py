@@ -80,6 +80,7 @@ from lightmem.processors.consolidate import (
 )
 from lightmem.processors.erasure import ErasureLedger
 from lightmem.processors.llm import LLMConfigError, LLMError, LLMPermanentError
+from lightmem.processors.sleep_batches import commit_plan, incomplete_offsets
 from lightmem.processors.sleep_windows import WindowScope
 from lightmem.processors.store import VersionConflict
 from lightmem.processors.update import (
@@ -95,11 +96,11 @@ from lightmem.schemas import (
     MemoryEntry,
     SchemaError,
     Stage,
-    scope_key,
     utc_now,
 )
 from lightmem.settings import Settings
 from lightmem.streams.ingest.stages import ORIGIN_HEADER
+from lightmem.streams.kafka.change_log import ChangeRouter, produce_change
 from lightmem.streams.kafka.producer import RecordProducer
 from lightmem.streams.kafka.topics import Topics, kafka_config
 from lightmem.streams.models.components import Components
@@ -230,6 +231,8 @@ class SleepWorker:
         self._consumer: Any = None
         self._follower: ControlFollower | None = None
         self._producer: RecordProducer | None = None
+        #: Each change to its scope's partition of the changes topic.
+        self._changes = ChangeRouter(settings)
         self._pool: ThreadPoolExecutor | None = None
         self._next_sample = 0.0
         self._settle_partitions: list[int] = []
@@ -392,8 +395,7 @@ class SleepWorker:
         applied = settle(self.store, pending, self.erasures)
         assert self._producer is not None
         for change in applied:
-            self._producer.produce(self.topics.memory_changes, change.to_bytes(),
-                                   key=scope_key(change.tenant, change.user).encode())
+            produce_change(self._producer, self.topics.memory_changes, change, self._changes)
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in pending])
         self.stats.recovered += len(applied)
@@ -587,14 +589,12 @@ class SleepWorker:
             for n in w.newer_ids:
                 waits[w.target_id].update(offsets_of.get(n, ()))
         changes, done = self._run_targets(work, consolidator, offsets_of, now, report)
-        for w in work:
-            if w.target_id not in done:  # failed, or not started before the window closed
-                for p, o in waits[w.target_id]:
-                    incomplete[p].add(o)
+        # Failed targets, or not started before the window closed: their entries again.
+        for p, offsets in incomplete_offsets(waits, done).items():
+            incomplete[p].update(offsets)
         # Durable before the commit: the change records, then the outbox is cleared.
         for change in changes:
-            self._producer.produce(self.topics.memory_changes, change.to_bytes(),
-                                   key=scope_key(change.tenant, change.user).encode())
+            produce_change(self._producer, self.topics.memory_changes, change, self._changes)
         self._producer.flush()
         self.outbox.remove([c.memory_id for c in changes])
         self._commit(by_partition, held, incomplete, report)
@@ -696,28 +696,19 @@ class SleepWorker:
     def _commit(self, by_partition: dict[int, list[_Record]], held: dict[int, int],
                 incomplete: dict[int, set[int]], report: BatchReport) -> None:
         """Commit, per partition, up to the first offset that is held or incomplete; rewind
-        the partition there so that the rest is read again."""
-        commit: dict[int, int] = {}
-        rewind: dict[int, int] = {}
-        for p, recs in by_partition.items():
-            if p not in self._assigned:
-                continue  # revoked meanwhile: the new owner replays from the last commit
-            end = max(r.offset for r in recs) + 1
-            earlier_held = self._held.get(p)
-            stops = [o for o in (held.get(p), earlier_held, min(incomplete[p], default=None))
-                     if o is not None]
-            point = min([end, *stops])
-            commit[p] = point
-            if p in held:
-                self._held[p] = min(self._held.get(p, held[p]), held[p])
-            if incomplete[p] and point == min(incomplete[p]):
-                rewind[p] = point  # held entries are rewound when the window changes
-        if commit:
-            self._consumer.commit(offsets=self._partitions(sorted(commit), commit),
+        the partition there so that the rest is read again (:func:`commit_plan`)."""
+        # A partition revoked meanwhile is left alone: its new owner replays from the last
+        # commit.
+        ends = {p: max(r.offset for r in recs) + 1 for p, recs in by_partition.items()
+                if p in self._assigned}
+        plan = commit_plan(ends, held, self._held, incomplete)
+        self._held = plan.held
+        if plan.commit:
+            self._consumer.commit(offsets=self._partitions(sorted(plan.commit), plan.commit),
                                   asynchronous=False)
-        if rewind:
-            self._seek(rewind)
-        report.committed = commit
+        if plan.rewind:
+            self._seek(plan.rewind)
+        report.committed = plan.commit
 
     def _dead_letter(self, r: _Record, exc: Exception) -> None:
         assert self._producer is not None
