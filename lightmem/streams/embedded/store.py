@@ -9,6 +9,10 @@ partition key and the event time as a filterable column, which is the update-que
 (same scope, event time <= the entry's) as well as retrieval. apsw is used because CPython
 builds (pyenv's included) often ship ``sqlite3`` without extension loading.
 
+Why one module of ~600 lines: one class over one connection, whose tables (memories,
+vectors, FTS, buffers, ledger, usage, dead letters) are written in the same transactions and
+migrated together when an older file is opened.
+
 Lexical search (hybrid retrieval) is an FTS5 table ``entry_fts`` over each memory's fact and
 the original text of its source turn (a compressed fact is found by the words compression
 dropped: measured on the LoCoMo dev file, extractive R@10 0.619 -> 0.645), BM25-ranked,

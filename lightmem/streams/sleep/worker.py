@@ -7,6 +7,12 @@ worker at a time: parallel across partitions is parallel across user scopes, and
 worker the targets of a batch run concurrently (``settings.sleep_concurrency``, the LLM is the
 bottleneck) in the order :func:`~lightmem.processors.consolidate.schedule_targets` gives.
 
+Why one module of ~700 lines: it is one consumer's loop, and its parts (assignment and
+settling the outbox, the window follower, the batch, the target pool, the commit) share that
+consumer's state; what is pure lives below it (:mod:`lightmem.processors.sleep_batches`,
+:mod:`lightmem.processors.consolidate`, :mod:`lightmem.processors.sleep_windows`), the outbox
+in :mod:`.outbox`, the window control topic in :mod:`.windows`.
+
 The loop::
 
     follow the control topic (sleep_control.ControlFollower) -> window scope now
