@@ -30,7 +30,10 @@ For each store (``embedded``: SQLite + sqlite-vec under a fresh data directory;
    ``LIGHTMEM_IDLE_TIMEOUT_S``.
 
 The corpus is kept under ``--work-dir`` (embedded) between runs of the same size and seed;
-the Elasticsearch deployment is removed at the end.
+the Elasticsearch deployment is removed at the end, unless ``--keep-corpus``: then the
+corpus goes into the alias ``lmbench-serve-<memories>-<users>-<seed>-mem``, stays after the
+run (the freshness turns' memories and events removed), and a later run with the same size
+and seed finds it complete and reuses it (loading 100,000 memories takes minutes).
 """
 
 from __future__ import annotations
@@ -152,6 +155,46 @@ def build_embedded(data_dir: Path, memories: int, users: int, seed: int) -> floa
         store.close()
     marker.write_text(json.dumps(corpus))
     return time.perf_counter() - started
+
+
+def kept_alias(memories: int, users: int, seed: int) -> str:
+    """The alias of the Elasticsearch corpus ``--keep-corpus`` keeps and reuses."""
+    return f"lmbench-serve-{memories}-{users}-{seed}-mem"
+
+
+def _corpus_docs(settings: Settings) -> int:
+    """Corpus memories (ids ``bench-*``) behind ``settings.es_alias``; 0 when it is missing."""
+    from lightmem.streams.elastic.store import es_client
+
+    es = es_client(settings)
+    try:
+        if not es.indices.exists_alias(name=settings.es_alias):
+            return 0
+        es.indices.refresh(index=settings.es_alias)
+        return int(es.count(index=settings.es_alias,
+                            query={"prefix": {"id": "bench-"}})["count"])
+    finally:
+        es.close()
+
+
+def _drop_non_corpus(settings: Settings) -> None:
+    """Leave only the corpus behind a kept alias: the freshness turns' memories and the
+    events index go."""
+    from lightmem.streams.elastic.events import events_index
+    from lightmem.streams.elastic.store import es_client
+
+    es = es_client(settings)
+    try:
+        es.indices.delete(index=events_index(settings.es_alias), ignore_unavailable=True)
+        # Search + bulk delete: the integ-test distribution has no _delete_by_query.
+        resp = es.search(index=settings.es_alias, size=10_000, source=False,
+                         query={"bool": {"must_not": {"prefix": {"id": "bench-"}}}})
+        hits = resp["hits"]["hits"]
+        if hits:
+            es.bulk(operations=[{"delete": {"_index": h["_index"], "_id": h["_id"]}}
+                                for h in hits], refresh=True)
+    finally:
+        es.close()
 
 
 def build_elasticsearch(settings: Settings, memories: int, users: int, seed: int) -> float:
@@ -447,9 +490,13 @@ def _service_env(settings: Settings, extra: dict[str, Any]) -> dict[str, str]:
 
 def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
               queries: list[tuple[str, str]], clients: list[int], k: int, seed: int,
-              work_dir: Path, embed: Callable[[list[str]], Any], fresh: dict[str, Any]
-              ) -> dict[str, Any]:
-    """Build (or reuse) the corpus, start the service, measure search and freshness."""
+              work_dir: Path, embed: Callable[[list[str]], Any], fresh: dict[str, Any],
+              keep_corpus: bool = False) -> dict[str, Any]:
+    """Build (or reuse) the corpus, start the service, measure search and freshness.
+
+    ``keep_corpus`` (Elasticsearch): the corpus lives in :func:`kept_alias`, is reused when
+    complete and stays after the run.
+    """
     keys = work_dir / "no-keys.json"  # dev mode on loopback: no key files of the user's
     if store_name == "embedded":
         data_dir = work_dir / f"embedded-{memories}-{users}-{seed}"
@@ -473,18 +520,29 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
     from lightmem.streams.kafka.topics import Topics, create_topics
 
     deployment = StreamDeployment.new()
-    settings = settings.model_copy(update={"es_alias": deployment.alias,
+    alias = kept_alias(memories, users, seed) if keep_corpus else deployment.alias
+    settings = settings.model_copy(update={"es_alias": alias,
                                            "kafka_topic_prefix": deployment.prefix,
                                            "ingest_group": deployment.ingest_group,
                                            "data_dir": work_dir / f"es-{deployment.run}"})
-    env = _service_env(settings, {"es_alias": deployment.alias,
+    env = _service_env(settings, {"es_alias": alias,
                                   "kafka_topic_prefix": deployment.prefix,
                                   "ingest_group": deployment.ingest_group})
     worker = None
     try:
         create_topics(settings, Topics.from_settings(settings))
-        err.print(f"elasticsearch: loading {memories} memories into {deployment.alias} ...")
-        build_s = build_elasticsearch(settings, memories, users, seed)
+        if keep_corpus and _corpus_docs(settings) == memories:
+            err.print(f"elasticsearch: reusing the {memories} memories in {alias}")
+            build_s = 0.0
+        else:
+            if keep_corpus:  # an incomplete corpus (an interrupted load): start again
+                es = es_client(settings)
+                try:
+                    remove_deployment(settings, alias=alias, es=es)
+                finally:
+                    es.close()
+            err.print(f"elasticsearch: loading {memories} memories into {alias} ...")
+            build_s = build_elasticsearch(settings, memories, users, seed)
         service = Service.start([*_BENCH_SERVE_ARGS, "--stream", "--data-dir",
                                  str(settings.data_dir),
                                  "--keys-file", str(keys), "--dev-tenant", TENANT],
@@ -520,10 +578,14 @@ def run_store(store_name: str, settings: Settings, *, memories: int, users: int,
             _stop_worker(worker)
         es = es_client(settings)
         try:
-            remove_deployment(settings, topic_prefixes=[deployment.prefix, deployment.ingest_group],
-                              groups=[deployment.ingest_group], alias=deployment.alias, es=es)
+            remove_deployment(settings,
+                              topic_prefixes=[deployment.prefix, deployment.ingest_group],
+                              groups=[deployment.ingest_group],
+                              alias=None if keep_corpus else alias, es=es)
         finally:
             es.close()
+        if keep_corpus:
+            _drop_non_corpus(settings)
 
 
 def _ints(value: str) -> list[int]:
@@ -564,6 +626,11 @@ def serve_command(
         help="Embedded corpora and logs (default: a new temporary directory)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here")
                         ] = None,
+    keep_corpus: Annotated[bool, typer.Option(
+        "--keep-corpus", help="Elasticsearch: keep the corpus in the alias "
+        "lmbench-serve-<memories>-<users>-<seed>-mem after the run and reuse it when a "
+        "later run finds it complete (remove it with `curl -XDELETE "
+        "$LIGHTMEM_ES_URL/lmbench-serve-*`)")] = False,
 ) -> None:
     """Search q/s and p50/p95/p99 of `lightmem serve` at 1/8/32 clients beside the bare path
     (query embedding + the store's kNN in process), and produce -> searchable latency."""
@@ -592,7 +659,7 @@ def serve_command(
                   "(random unit vectors) ...")
         results.append(run_store(name, settings, memories=memories, users=users, queries=qs,
                                  clients=levels, k=k, seed=seed, work_dir=work, embed=embed,
-                                 fresh=fresh))
+                                 fresh=fresh, keep_corpus=keep_corpus))
     report = {"memories": memories, "users": users, "queries": queries, "k": k,
               "vectors": "random unit vectors (seeded); queries by the real encoder",
               "retrieval": settings.retrieval,
