@@ -20,8 +20,8 @@ The encoding is the same for every key kind; the name says which tuple a key hol
 
 - :func:`conversation_key`: ``(tenant, conversation)``: turns and segments topics, the
   stream stages' table slots, the embedded runtime's buffers and turn ledger;
-- :func:`scope_key`: ``(tenant, user)``: entries and memory-changes topics, the embedded
-  vector index's partition key.
+- :func:`scope_key`: ``(tenant, user)``: entries topic key, the memory-changes topic's
+  partition (its records are keyed per change), the embedded vector index's partition key.
 
 Pure: no I/O, no clock.
 
@@ -104,7 +104,8 @@ def decode_conversation_key(key: str | bytes) -> tuple[str, str]:
 
 
 def scope_key(tenant: str, user: str) -> str:
-    """Key of one memory scope: entries/memory-changes record key, vector partition key."""
+    """Key of one memory scope: entries record key (and the memory-changes partition), vector
+    partition key."""
     return encode_key(tenant, user)
 
 

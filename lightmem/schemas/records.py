@@ -389,7 +389,8 @@ class ChangeOp(StrEnum):
 
 
 class MemoryChange(Record):
-    """Every add/update/delete of a memory (topic ``lightmem.memory-changes.v1``)."""
+    """Every add/update/delete of a memory (topic ``lightmem.memory-changes.v2``: key
+    ``encode_key(tenant, user, memory_id, change_id)``, compacted, the scope's partition)."""
 
     #: Deterministic id: (memory id, op, resulting version).
     change_id: str
