@@ -32,7 +32,7 @@ from lightmem.streams.kafka.change_log import ChangeRouter, change_key, scope_pa
 from lightmem.streams.kafka.topics import Topics
 from lightmem.streams.models.components import Components
 
-__all__ = ['IndexSink']
+__all__ = ["IndexSink"]
 
 log = logging.getLogger(__name__)
 

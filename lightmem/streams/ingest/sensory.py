@@ -49,7 +49,7 @@ from lightmem.streams.kafka.flush_commands import (
 )
 from lightmem.streams.kafka.producer import OversizeError, oversize_error
 
-__all__ = ['SensorySlot', 'SensoryStage']
+__all__ = ["SensorySlot", "SensoryStage"]
 
 log = logging.getLogger(__name__)
 

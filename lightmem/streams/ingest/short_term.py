@@ -41,7 +41,7 @@ from lightmem.streams.kafka.flush_commands import (
 )
 from lightmem.streams.kafka.producer import raw_preview
 
-__all__ = ['TopicSlot', 'ShortTermStage']
+__all__ = ["TopicSlot", "ShortTermStage"]
 
 log = logging.getLogger(__name__)
 
