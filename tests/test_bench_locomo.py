@@ -372,6 +372,7 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     result = CliRunner().invoke(app, [
         "bench", "locomo", "--data", str(locomo_path), "--out", str(out),
         "--limit-conversations", "1", "--limit-turns", "40",
+        "--render-text", "original,compressed",
     ])
     assert result.exit_code == 0, result.output
     assert "STUB" in result.output
@@ -380,16 +381,23 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     assert "STUB LLM" in (out / "locomo.md").read_text()
     assert report["llm"]["source"] == "stub" and report["turns"] == 40
     assert report["questions"]["selected"] > 0
-    # Every system searched both ways (memory built once): kNN and hybrid side by side.
-    assert [(s["kind"], s["retrieval"]) for s in report["systems"]] == [
-        (kind, mode) for kind in ("naive", "extractive", "lightmem", "per-turn")
-        for mode in ("knn", "hybrid")]
+    # Every system searched both ways (memory built once): kNN and hybrid side by side; the
+    # extractive system's hits scored as each text shown (original first, as asked).
+    assert [(s["kind"], s["retrieval"], s["render_text"]) for s in report["systems"]] == [
+        (kind, mode, shown) for kind in ("naive", "extractive", "lightmem", "per-turn")
+        for mode in ("knn", "hybrid")
+        for shown in (("original", "compressed") if kind == "extractive" else (None,))]
     both = {(s["kind"], s["retrieval"]): s for s in report["systems"]}
     for kind in ("naive", "extractive", "lightmem", "per-turn"):
         knn, hybrid = both[(kind, "knn")], both[(kind, "hybrid")]
         assert knn["entries"] == hybrid["entries"] and knn["llm_calls"] == hybrid["llm_calls"]
         assert knn["search_ms"]["p50"] > 0 and hybrid["search_ms"]["p95"] > 0
+    # (the extractive system: the compressed lines, the last knn variant)
     systems = {s["kind"]: s for s in report["systems"] if s["retrieval"] == "knn"}
+    shows_original = next(s for s in report["systems"]
+                          if s["kind"] == "extractive" and s["render_text"] == "original")
+    assert systems["extractive"]["render_text"] == "compressed"
+    assert systems["extractive"]["embed_text"] == shows_original["embed_text"] == "original"
 
     # Expected counts from the data itself.
     turns = load_locomo(locomo_path, limit=1)[0].turns[:40]
@@ -418,7 +426,8 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     markdown = (out / "locomo.md").read_text()
     assert "## Aims" in markdown and "## Retrieval aims (issue 15)" in markdown
     assert {(a["system"], a["retrieval"]) for a in report["retrieval_aims"]} == {
-        ("LightMem extractive r=0.6", "knn"), ("LightMem extractive r=0.6", "hybrid")}
+        ("LightMem extractive r=0.6 embeds original", f"{mode}, shows {shown}")
+        for mode in ("knn", "hybrid") for shown in ("original", "compressed")}
     for s in report["systems"]:
         at_k = [s["recall_at_k"][k] for k in ("5", "10", "20")]
         at_s = [s["session_recall_at_k"][k] for k in ("5", "10", "20")]
@@ -438,6 +447,9 @@ def test_cli_run_on_a_tiny_slice(locomo_path: Path, tmp_path: Path,
     # compressed lines then earn less than whole turns.
     assert systems["extractive"]["recall_at_words"]["2048"] == 1.0
     assert systems["extractive"]["content_recall_at_words"]["2048"] < 1.0
+    # Shown as said (the default), extractive lines are whole turns again.
+    assert shows_original["content_recall_at_words"] == shows_original["recall_at_words"]
+    assert shows_original["recall_at_k"] == systems["extractive"]["recall_at_k"]
 
 
 def _routing_responder(request: dict[str, Any]) -> str | StubReply:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lightmem.processors.embed import Embedder
+from lightmem.processors.entry_text import entry_text
 from lightmem.schemas import EntryMode, MemoryEntry
 
 T0 = datetime(2023, 5, 8, 14, 0, tzinfo=UTC)
@@ -118,7 +119,7 @@ def test_other_errors_are_not_retried() -> None:
 
 def test_embed_entries_returns_copies_with_vectors() -> None:
     entries = [entry("e1", "a"), entry("e2", "bbbb")]
-    out = Embedder(FakeModel(), normalize=False).embed_entries(entries)
+    out = Embedder(FakeModel(), normalize=False, text="compressed").embed_entries(entries)
     assert [e.id for e in out] == ["e1", "e2"]
     assert out[0].embedding == [1.0, 1.0, 0.0, 2.0] and out[1].embedding == [4.0, 1.0, 0.0, 2.0]
     assert all(e.embedding is None for e in entries)  # inputs untouched
@@ -158,6 +159,11 @@ def test_minilm_ranks_a_paraphrase_above_an_unrelated_sentence(minilm: Embedder)
 
 @pytest.mark.models
 def test_minilm_embed_entries(minilm: Embedder) -> None:
-    (out,) = minilm.embed_entries([entry("e1", "Melanie paints sunsets.")])
+    e = entry("e1", "Melanie paints sunsets.")
+    (out,) = minilm.embed_entries([e])
     assert out.embedding is not None and len(out.embedding) == 384
-    np.testing.assert_allclose(out.embedding, minilm(["Melanie paints sunsets."])[0], atol=1e-5)
+    # The entry's text as the embedder is set to read it (an extractive memory: by default
+    # its original turn, speaker first).
+    assert entry_text(e, minilm.text) == "Caroline: Melanie paints sunsets."
+    np.testing.assert_allclose(out.embedding, minilm([entry_text(e, minilm.text)])[0],
+                               atol=1e-5)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lightmem.processors.entry_text import DEFAULT_EMBED_TEXT, EntryText, entry_text
 from lightmem.schemas import MemoryEntry
 
 __all__ = ["SentenceEncoder", "TextEncoder", "Embedder"]
@@ -56,6 +57,10 @@ class Embedder:
         model: Any object with sentence-transformers' ``encode`` (see :class:`SentenceEncoder`).
         batch_size: Texts per forward pass (default 64). Halved on out-of-memory errors.
         normalize: L2-normalise the vectors (default True), so a dot product is the cosine.
+        text: What :meth:`embed_entries` embeds of an extractive memory: ``compressed`` (its
+            fact) or ``original`` (its source turn; see
+            :func:`~lightmem.processors.entry_text.entry_text`); default: the measured
+            :data:`~lightmem.processors.entry_text.DEFAULT_EMBED_TEXT`.
 
     Example::
 
@@ -64,9 +69,13 @@ class Embedder:
         vectors = embed(["Caroline moved to Seattle."])  # shape (1, 384)
     """
 
-    def __init__(self, model: SentenceEncoder, *, batch_size: int = 64, normalize: bool = True):
+    def __init__(self, model: SentenceEncoder, *, batch_size: int = 64, normalize: bool = True,
+                 text: EntryText = DEFAULT_EMBED_TEXT):
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1 (got {batch_size!r})")
+        if text not in ("compressed", "original"):
+            raise ValueError(f"text: expected 'compressed' or 'original' (got {text!r})")
+        self.text: EntryText = text
         self.model = model
         self.batch_size = batch_size
         self.normalize = normalize
@@ -136,17 +145,18 @@ class Embedder:
         return vectors
 
     def embed_entries(self, entries: Sequence[MemoryEntry]) -> list[MemoryEntry]:
-        """Embed each entry's ``fact`` in one batched pass.
+        """Embed each entry's text in one batched pass: its ``fact``, or for an extractive
+        memory with ``text="original"`` its source turn (:func:`entry_text`).
 
         Args:
             entries: Entries to embed; they are not modified (records are frozen).
 
         Returns:
-            Copies of ``entries``, in order, with ``embedding`` set to the fact's vector.
+            Copies of ``entries``, in order, with ``embedding`` set to that text's vector.
         """
         if not entries:
             return []
-        vectors = self([e.fact for e in entries])
+        vectors = self([entry_text(e, self.text) for e in entries])
         return [
             e.model_copy(update={"embedding": v.tolist()})
             for e, v in zip(entries, vectors, strict=True)

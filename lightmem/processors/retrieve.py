@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from lightmem.processors.entry_text import DEFAULT_RENDER_TEXT, EntryText, entry_text
 from lightmem.processors.lexical import query_terms
 from lightmem.processors.llm import ChatMessage, ChatModel
 from lightmem.processors.store import LexicalStore, MemoryStore, ScoredEntry
@@ -75,17 +76,20 @@ def render_date(when: datetime) -> str:
     return f"{when:%Y-%m-%d}, {_WEEKDAYS[when.weekday()]}"
 
 
-def render(entry: MemoryEntry) -> str:
+def render(entry: MemoryEntry, text: EntryText = DEFAULT_RENDER_TEXT) -> str:
     """Render a memory for a prompt: ``[2023-05-08, Monday] fact``.
 
     Args:
         entry: The memory; its ``event_time`` gives the date and weekday.
+        text: ``compressed`` shows the fact; ``original`` shows an extractive memory's
+            source turn instead (``Settings.render_text``; see
+            :func:`~lightmem.processors.entry_text.entry_text`). Default: the measured
+            :data:`~lightmem.processors.entry_text.DEFAULT_RENDER_TEXT`.
 
     Returns:
-        One line (newlines in the fact are folded to spaces so one memory stays one line).
+        One line (newlines in the text are folded to spaces so one memory stays one line).
     """
-    fact = " ".join(entry.fact.split())
-    return f"[{render_date(entry.event_time)}] {fact}"
+    return f"[{render_date(entry.event_time)}] {entry_text(entry, text)}"
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class Retriever:
         vector_weight: Weight of the kNN list in the fusion, in [0, 1].
         rrf_k: Rank constant of the fusion.
         candidates: Memories each side ranks before fusion (raised to ``k`` when smaller).
+        render_text: What :meth:`answer` shows of an extractive memory (see :func:`render`).
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class Retriever:
         vector_weight: float = DEFAULT_VECTOR_WEIGHT,
         rrf_k: float = DEFAULT_RRF_K,
         candidates: int = DEFAULT_CANDIDATES,
+        render_text: EntryText = DEFAULT_RENDER_TEXT,
     ) -> None:
         if k < 1:
             raise ValueError(f"k: must be >= 1 (got {k!r})")
@@ -207,6 +213,7 @@ class Retriever:
         self.vector_weight = vector_weight
         self.rrf_k = rrf_k
         self.candidates = candidates
+        self.render_text: EntryText = render_text
 
     @property
     def hybrid(self) -> bool:
@@ -312,7 +319,7 @@ class Retriever:
             return Answer(text=NO_MEMORIES, mode="extractive")
         if chat is None:
             top = [h.entry for h in ranked[: self.extractive_n]]
-            memories = [render(e) for e in top]
+            memories = [render(e, self.render_text) for e in top]
             return Answer(
                 text="\n".join(memories),
                 mode="extractive",
@@ -320,7 +327,7 @@ class Retriever:
                 memory_ids=[e.id for e in top],
             )
         entries = sorted((h.entry for h in ranked), key=lambda e: (e.event_time, e.id))
-        memories = [render(e) for e in entries]
+        memories = [render(e, self.render_text) for e in entries]
         lines = ["Memories (oldest first):", *(f"- {m}" for m in memories), ""]
         if asked_at is not None:
             lines.append(f"Today is {render_date(asked_at)}.")

@@ -169,7 +169,8 @@ def search(
         from lightmem.processors.retrieve import render
 
         for h in hits:
-            out.print(f"{h.score:.3f}  {render(h.entry)}", markup=False, highlight=False)
+            out.print(f"{h.score:.3f}  {render(h.entry, runtime.settings.render_text)}",
+                      markup=False, highlight=False)
     if not hits:
         err.print(f"no memories for {tenant}/{user}")
     if answer:
@@ -305,8 +306,8 @@ def demo(
 
     err.rule("memory entries")
     for entry in runtime.store.iter_entries():
-        out.print(f"{render(entry)}   [dim]({entry.speaker}, topic {entry.topic_id[:8]})[/dim]",
-                  highlight=False)
+        out.print(f"{render(entry, settings.render_text)}   "
+                  f"[dim]({entry.speaker}, topic {entry.topic_id[:8]})[/dim]", highlight=False)
     err.rule("LLM calls and tokens")
     _print_usage(runtime.usage_this_run())
     err.rule("questions answered from memory")

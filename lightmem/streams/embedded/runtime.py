@@ -420,7 +420,7 @@ class EmbeddedRuntime(Components):
     @cached_property
     def retriever(self) -> Retriever:
         return Retriever(self.store, self.embedder, k=self.settings.retrieve_k,
-                         mode=self.settings.retrieval)
+                         mode=self.settings.retrieval, render_text=self.settings.render_text)
 
     def search(self, tenant: str, user: str, query: str, k: int | None = None) -> list[ScoredEntry]:
         """Search (tenant, user) the configured way (LIGHTMEM_RETRIEVAL: knn or hybrid)."""

@@ -53,7 +53,8 @@ class Components:
 
     @cached_property
     def embedder(self) -> Embedder:
-        return Embedder(self.encoder.sentence_model, batch_size=self.settings.embed_batch_size)
+        return Embedder(self.encoder.sentence_model, batch_size=self.settings.embed_batch_size,
+                        text=self.settings.embed_text)
 
     @cached_property
     def chat(self) -> ChatModel | None:

@@ -30,6 +30,12 @@ every system with that rate; the reused phase is charged the time it took when c
 Each system's memory is searched with every retrieval mode asked for (``--retrieval``,
 default both): ``knn`` (vector only) and ``hybrid`` (kNN + BM25 fused, see
 :mod:`lightmem.processors.retrieve`); memory is built once per system and searched per mode.
+The extractive system is built once per ``--embed-text`` choice (what the index embeds: the
+compressed turn or the original one) and its hits scored with every ``--render-text``
+choice (what the lines show); ``--topic-context N`` scores the same hits with N memories of
+each hit's topic segment after each of the best ``--context-hits`` hits (LightMem systems;
+see :mod:`lightmem.processors.entry_text` and :mod:`lightmem.processors.topic_context`).
+Variants of one build searched one way share one search per question (and its latency).
 
 Metrics, per system and retrieval mode:
 

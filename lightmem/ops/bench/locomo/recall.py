@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lightmem.processors.entry_text import EntryText
 from lightmem.processors.lexical import content_words
 from lightmem.processors.llm import ChatMessage, ChatModel
 from lightmem.processors.retrieve import render
@@ -60,9 +61,11 @@ class Retrieved:
     context: bool = False
 
     @classmethod
-    def from_hit(cls, hit: ScoredEntry, *, context: bool = False) -> Retrieved:
-        """The hit's rendered line (``[date, weekday] fact``): charged and credited."""
-        line = render(hit.entry)
+    def from_hit(cls, hit: ScoredEntry, *, context: bool = False,
+                 text: EntryText = "compressed") -> Retrieved:
+        """The hit's rendered line (``[date, weekday] text``, ``text`` as in
+        :func:`~lightmem.processors.retrieve.render`): charged and credited."""
+        line = render(hit.entry, text)
         return cls(frozenset(hit.entry.source_turn_ids), word_count(line),
                    frozenset(content_words(line)), context)
 

@@ -88,7 +88,7 @@ class BenchReport:
             recall, naive_recall = (s.recall_at_words.get(AIM_BUDGET),
                                     naive.recall_at_words.get(AIM_BUDGET) if naive else None)
             rows.append({
-                "system": s.spec.name, "retrieval": s.retrieval, "th": s.spec.th,
+                "system": s.spec.name, "retrieval": s.variant, "th": s.spec.th,
                 "rate": s.spec.rate,
                 "calls_over_per_turn": calls,
                 "calls_met": None if calls is None else calls <= AIM_CALLS_RATIO,
@@ -112,7 +112,7 @@ class BenchReport:
             r10 = s.recall_at_k.get(10)
             content = s.content_recall_at_words.get(AIM_BUDGET)
             rows.append({
-                "system": s.spec.name, "retrieval": s.retrieval,
+                "system": s.spec.name, "retrieval": s.variant,
                 "recall_at_10": r10,
                 "recall_at_10_met": None if r10 is None else r10 >= AIM_EXTRACTIVE_R10,
                 f"content_recall_at_{AIM_BUDGET}w": content,
@@ -194,6 +194,12 @@ def render_markdown(report: BenchReport) -> str:
         "credit (a line citing a turn earns all of it), kept beside it for one release",
         f"- retrieval: {', '.join(c.retrieval)} (knn: vector only; hybrid: kNN + BM25, "
         "reciprocal rank fusion); memory is built once per system and searched each way",
+        f"- extractive memories: the index embeds {' / '.join(c.embed_texts)} text (one build "
+        f"each: 'embeds ...'), the lines show {' / '.join(c.render_texts)} text ('shows ...'; "
+        "compressed: the memory's fact, original: its source turn as said)",
+        f"- topic context: {', '.join(map(str, c.topic_context))} memories of the hit's topic "
+        f"segment after each of the best {c.context_hits} hits ('ctx NxH'; LightMem systems; "
+        "charged at a budget, credited like any line there, no credit at k)",
         "- search ms: one search per question at the largest k, store + fusion (queries "
         "embedded beforehand, one batch per conversation), single caller",
         f"- run wall time: {report.wall_s:.1f} s",
@@ -208,7 +214,7 @@ def render_markdown(report: BenchReport) -> str:
         head.append("answer acc.")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.systems:
-        row = [r.spec.name, r.retrieval] + [fmt(r.recall_at_k.get(k)) for k in c.ks]
+        row = [r.spec.name, r.variant] + [fmt(r.recall_at_k.get(k)) for k in c.ks]
         row += [fmt(r.session_recall_at_k.get(k)) for k in c.ks]
         row += [fmt(r.content_recall_at_words.get(AIM_BUDGET)),
                 fmt(r.recall_at_words.get(AIM_BUDGET)),
@@ -222,7 +228,7 @@ def render_markdown(report: BenchReport) -> str:
             + [f"R@{w}w" for w in c.budgets])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.systems:
-        row = [r.spec.name, r.retrieval]
+        row = [r.spec.name, r.variant]
         row += [fmt(r.content_recall_at_words.get(w)) for w in c.budgets]
         row += [fmt(r.recall_at_words.get(w)) for w in c.budgets]
         lines.append("| " + " | ".join(row) + " |")
@@ -308,7 +314,7 @@ def render_markdown(report: BenchReport) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in sweep:
             lines.append(
-                f"| {r.spec.rate:g} | {r.spec.th} | {r.retrieval} | {fmt(r.recall_at_k.get(10))} | "
+                f"| {r.spec.rate:g} | {r.spec.th} | {r.variant} | {fmt(r.recall_at_k.get(10))} | "
                 f"{fmt(r.content_recall_at_words.get(512))} | "
                 f"{fmt(r.recall_at_words.get(512))} | {r.llm.calls} | {r.llm.prompt_tokens} | "
                 f"{r.llm.completion_tokens} | {r.phases_s.get('summarize', 0.0):.2f} | "

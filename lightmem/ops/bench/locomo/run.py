@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lightmem.ops.bench.locomo_data import DEFAULT_LOCOMO
+from lightmem.processors.entry_text import ENTRY_TEXTS, EntryText
 from lightmem.processors.llm import ChatModel
 from lightmem.settings import Settings, load_settings
 
@@ -131,19 +131,20 @@ def run_locomo_bench(
                 try:
                     for mode in config.retrieval:
                         # Same memory, searched another way: the build figures are shared.
-                        result = dataclasses.replace(built, retrieval=mode,
-                                                     phases_s=dict(built.phases_s))
-                        bench.evaluate(rt, result, samples, questions, progress, eval_chat)
-                        results.append(result)
-                        console.print(  # plain text: "[knn]" is not rich markup
-                            f"{result.name}: {result.entries} entries, "
-                            f"{result.llm.calls} LLM calls, "
-                            f"R@10 {result.recall_at_k.get(10, float('nan')):.3f}, "
-                            f"C@512w {result.content_recall_at_words.get(512, float('nan')):.3f}"
-                            f" ({result.build_wall_s:.1f} s build, search p50 "
-                            f"{result.search_ms.get('p50', float('nan')):.1f} ms)",
-                            markup=False,
-                        )
+                        variants = [v for v in config.variants(built) if v.retrieval == mode]
+                        bench.evaluate(rt, variants, samples, questions, progress, eval_chat)
+                        results += variants
+                        for result in variants:
+                            console.print(  # plain text: "[knn]" is not rich markup
+                                f"{result.name}: {result.entries} entries, "
+                                f"{result.llm.calls} LLM calls, "
+                                f"R@10 {result.recall_at_k.get(10, float('nan')):.3f}, "
+                                f"C@512w "
+                                f"{result.content_recall_at_words.get(512, float('nan')):.3f}"
+                                f" ({result.build_wall_s:.1f} s build, search p50 "
+                                f"{result.search_ms.get('p50', float('nan')):.1f} ms)",
+                                markup=False,
+                            )
                 finally:
                     rt.store.close()
     return BenchReport(
@@ -193,6 +194,14 @@ def _ints(text: str, name: str, *, low: int = 1) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _texts(text: str, name: str) -> tuple[EntryText, ...]:
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values or any(v not in ENTRY_TEXTS for v in values):
+        raise typer.BadParameter(f"expected {' and/or '.join(ENTRY_TEXTS)}, got {text!r}",
+                                 param_hint=name)
+    return values  # type: ignore[return-value]
+
+
 def locomo_command(
     data: Annotated[Path, typer.Option(help="LoCoMo JSON file")] = DEFAULT_LOCOMO,
     out: Annotated[Path, typer.Option(help="Directory for locomo.md/.json/_recall.png")] = Path(
@@ -235,6 +244,21 @@ def locomo_command(
     retrieval: Annotated[
         str, typer.Option(help="Retrieval modes searched side by side: knn,hybrid")
     ] = ",".join(DEFAULT_RETRIEVAL),
+    embed_text: Annotated[
+        str | None, typer.Option(help="What the extractive system embeds, side by side: "
+                                      "compressed,original (default: settings)")
+    ] = None,
+    render_text: Annotated[
+        str | None, typer.Option(help="What the extractive system shows, side by side: "
+                                      "compressed,original (default: settings)")
+    ] = None,
+    topic_context: Annotated[
+        str, typer.Option(help="Topic-context memories per hit, side by side, e.g. 0,2 "
+                               "(LightMem systems)")
+    ] = "0",
+    context_hits: Annotated[
+        int, typer.Option(min=1, help="How many of the best hits bring topic context")
+    ] = 3,
 ) -> None:
     """Evidence recall and build cost on LoCoMo: NaiveRAG, LightMem, per-turn extraction."""
     err = Console(stderr=True)
@@ -253,6 +277,9 @@ def locomo_command(
     if not modes or any(m not in ("knn", "hybrid") for m in modes):
         raise typer.BadParameter(f"expected knn and/or hybrid, got {retrieval!r}",
                                  param_hint="--retrieval")
+    embed_texts = _texts(embed_text, "--embed-text") if embed_text else (base.embed_text,)
+    render_texts = _texts(render_text, "--render-text") if render_text else (base.render_text,)
+    contexts = tuple(dict.fromkeys(_ints(topic_context, "--topic-context", low=0)))
     rates = _floats(rate, "--rate") if rate else (base.compression_rate,)
     if any(not 0 < r <= 1 for r in rates):
         raise typer.BadParameter(f"rates must be in (0, 1], got {rate!r}", param_hint="--rate")
@@ -271,6 +298,10 @@ def locomo_command(
         answer_words=answer_words,
         threads=threads,
         retrieval=tuple(m for m in modes if m in ("knn", "hybrid")),  # type: ignore[misc]
+        embed_texts=embed_texts,
+        render_texts=render_texts,
+        topic_context=contexts,
+        context_hits=context_hits,
     )
     try:
         report = run_locomo_bench(config, settings=base, console=err)

@@ -4,6 +4,7 @@ their results."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -17,10 +18,12 @@ from rich.console import Console
 from rich.progress import Progress
 
 from lightmem.ops.bench.locomo_data import DEFAULT_LOCOMO, LocomoSample
+from lightmem.processors.entry_text import DEFAULT_EMBED_TEXT, DEFAULT_RENDER_TEXT, EntryText
 from lightmem.processors.llm import ChatModel, UsageTotals
 from lightmem.processors.retrieve import RetrievalMode, Retriever
 from lightmem.processors.store import ScoredEntry
 from lightmem.processors.summarize import SummaryResult
+from lightmem.processors.topic_context import with_topic_context
 from lightmem.schemas import MemoryEntry, Segment
 from lightmem.settings import Settings
 
@@ -67,13 +70,17 @@ class SystemSpec:
     rate: float | None = None
     #: Topic-buffer threshold ``th`` in tokens (LightMem LLM systems).
     th: int | None = None
+    #: What the index embeds of an extractive memory (``Settings.embed_text``); a build
+    #: dimension of the extractive system only (NaiveRAG's entries are whole turns, LLM
+    #: facts are their fact).
+    embed_text: EntryText = DEFAULT_EMBED_TEXT
 
     @property
     def name(self) -> str:
         if self.kind == "naive":
             return "NaiveRAG"
         if self.kind == "extractive":
-            return f"LightMem extractive r={self.rate:g}"
+            return f"LightMem extractive r={self.rate:g} embeds {self.embed_text}"
         if self.kind == "lightmem":
             return f"LightMem r={self.rate:g} th={self.th}"
         return "Per-turn extractor"
@@ -117,6 +124,11 @@ class SystemResult:
     spec: SystemSpec
     #: Retrieval mode the quality figures were measured with.
     retrieval: RetrievalMode = "knn"
+    #: What the rendered lines show of an extractive memory (``Settings.render_text``).
+    render_text: EntryText = DEFAULT_RENDER_TEXT
+    #: Topic-context memories per hit for the best ``context_hits`` hits (0: none).
+    topic_context: int = 0
+    context_hits: int = 0
     entries: int = 0
     words_stored: int = 0
     llm: UsageTotals = field(default_factory=UsageTotals)
@@ -142,14 +154,30 @@ class SystemResult:
     answer: AnswerScore | None = None
 
     @property
+    def variant(self) -> str:
+        """How the memory was searched and shown, e.g. ``hybrid`` or ``hybrid, shows
+        original, ctx 2x3`` (what is shown is named for the extractive system only, where
+        it changes the text)."""
+        parts = [self.retrieval]
+        if self.spec.kind == "extractive":
+            parts.append(f"shows {self.render_text}")
+        if self.topic_context:
+            parts.append(f"ctx {self.topic_context}x{self.context_hits}")
+        return ", ".join(parts)
+
+    @property
     def name(self) -> str:
-        """The system and its retrieval mode, e.g. ``NaiveRAG [hybrid]``."""
-        return f"{self.spec.name} [{self.retrieval}]"
+        """The system and how it was searched, e.g. ``NaiveRAG [hybrid]``."""
+        return f"{self.spec.name} [{self.variant}]"
 
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.spec.name,
             "retrieval": self.retrieval,
+            "embed_text": self.spec.embed_text if self.spec.kind == "extractive" else None,
+            "render_text": self.render_text if self.spec.kind == "extractive" else None,
+            "topic_context": self.topic_context,
+            "context_hits": self.context_hits,
             "kind": self.spec.kind,
             "rate": self.spec.rate,
             "th": self.spec.th,
@@ -327,9 +355,35 @@ class BenchConfig:
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
     #: Retrieval modes, each system searched with every one (memory built once).
     retrieval: tuple[RetrievalMode, ...] = DEFAULT_RETRIEVAL
+    #: What the extractive system embeds: one build per choice.
+    embed_texts: tuple[EntryText, ...] = (DEFAULT_EMBED_TEXT,)
+    #: What the extractive system shows: each build's searches scored with every choice.
+    render_texts: tuple[EntryText, ...] = (DEFAULT_RENDER_TEXT,)
+    #: Topic-context memories per hit, each value scored on the same searches (0: none);
+    #: LightMem systems only (NaiveRAG's and the per-turn baseline's segments are one unit).
+    topic_context: tuple[int, ...] = (0,)
+    #: How many of the best hits bring topic context.
+    context_hits: int = 3
     answer: bool = False
     answer_words: int = 512
     threads: int | None = None
+
+    def variants(self, built: SystemResult) -> list[SystemResult]:
+        """The results one build is scored as, per retrieval mode: every render choice
+        (extractive) and topic-context value (LightMem systems), sharing one search per
+        question."""
+        renders = self.render_texts if built.spec.kind == "extractive" else self.render_texts[:1]
+        contexts = (self.topic_context if built.spec.kind in ("extractive", "lightmem")
+                    else (0,))
+        out = []
+        for mode in self.retrieval:
+            for render_text in renders:
+                for ctx in dict.fromkeys(contexts):
+                    out.append(dataclasses.replace(
+                        built, retrieval=mode, render_text=render_text, topic_context=ctx,
+                        context_hits=self.context_hits if ctx else 0,
+                        phases_s=dict(built.phases_s)))
+        return out
 
     def specs(self) -> list[SystemSpec]:
         """The systems, in report order."""
@@ -337,7 +391,8 @@ class BenchConfig:
         if "naive" in self.systems:
             specs.append(SystemSpec("naive"))
         if "extractive" in self.systems:
-            specs += [SystemSpec("extractive", rate=r) for r in self.rates]
+            specs += [SystemSpec("extractive", rate=r, embed_text=e)
+                      for r in self.rates for e in self.embed_texts]
         if "lightmem" in self.systems:
             specs += [SystemSpec("lightmem", rate=r, th=th) for r in self.rates for th in self.ths]
         if "per-turn" in self.systems:
@@ -424,7 +479,8 @@ class SystemBuilder:
         """LightMem (extractive or LLM): the embedded runtime with its parts timed, its
         models loaded and warmed up."""
         assert spec.rate is not None
-        overrides: dict[str, Any] = {"compression_rate": spec.rate}
+        overrides: dict[str, Any] = {"compression_rate": spec.rate,
+                                     "embed_text": spec.embed_text}
         if spec.th is not None:
             overrides["topic_buffer_tokens"] = spec.th
         overrides["llm_base_url"] = self.settings.llm_base_url if spec.uses_llm else None
@@ -479,26 +535,38 @@ class SystemBuilder:
     def evaluate(
         self,
         rt: EmbeddedRuntime,
-        result: SystemResult,
+        results: Sequence[SystemResult],
         samples: Sequence[LocomoSample],
         questions: Sequence[Sequence[Question]],
         progress: Progress,
         eval_chat: ChatModel | None,
     ) -> None:
-        """Retrieval metrics (and answers, in answer mode) over every question, searched
-        with ``result.retrieval``."""
+        """Retrieval metrics (and answers, in answer mode) over every question.
+
+        ``results`` are variants of one build searched the same way (one retrieval mode):
+        each question is searched once and the hits scored for every variant (what is
+        shown, topic context), so the variants share the search latency.
+        """
         cfg = self.config
-        acc = RecallAccumulator(cfg.ks, cfg.budgets)
+        modes = {r.retrieval for r in results}
+        if len(modes) != 1:
+            raise ValueError(f"results: one retrieval mode per call, got {sorted(modes)}")
+        accs = [RecallAccumulator(cfg.ks, cfg.budgets) for _ in results]
         queries = QueryEncoder(rt.embedder)
         # The bare store (not the timing probe): retrieval is timed here, per query.
         store = getattr(rt.store, "inner", rt.store)
-        retriever = Retriever(store, queries, k=max(cfg.ks), mode=result.retrieval)
+        retriever = Retriever(store, queries, k=max(cfg.ks), mode=results[0].retrieval)
         counts = store.count_entries()
+        segments: dict[str, list[MemoryEntry]] = {}
+        if any(r.topic_context for r in results):
+            for entry in store.iter_entries():
+                segments.setdefault(entry.topic_id, []).append(entry)
         total = sum(len(q) for q in questions)
-        task = progress.add_task(f"{result.name}: retrieve", total=total)
+        task = progress.add_task(f"{results[0].spec.name} [{results[0].retrieval}]: retrieve",
+                                 total=total)
         retrieve_s = 0.0
         latencies: list[float] = []
-        score = AnswerScore() if eval_chat is not None else None
+        scores = [AnswerScore() if eval_chat is not None else None for _ in results]
         for sample, qs in zip(samples, questions, strict=True):
             tenant, user = sample.turns[0].tenant, sample.turns[0].user
             available = counts.get((tenant, user), 0)
@@ -514,27 +582,35 @@ class SystemBuilder:
                 latencies.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 hits = deep_search(retriever, tenant, user, q.question,
-                                    min_k=max(cfg.ks), words=max(cfg.budgets),
-                                    available=available)
+                                   min_k=max(cfg.ks), words=max(cfg.budgets),
+                                   available=available)
                 retrieve_s += time.perf_counter() - t0
-                retrieved = [Retrieved.from_hit(h) for h in hits]
-                acc.add(q, retrieved)
-                if eval_chat is not None and score is not None:
-                    context = hits[: len(within_budget(retrieved, cfg.answer_words))]
-                    answer = retriever.answer(q.question, context, eval_chat, tenant=tenant,
-                                              asked_at=asked_at)
-                    score.add(q.category, judge_answer(eval_chat, q, answer.text,
-                                                       tenant=tenant))
+                for result, acc, score in zip(results, accs, scores, strict=True):
+                    lines = with_topic_context(
+                        hits, lambda e: segments.get(e.topic_id, ()),
+                        neighbours=result.topic_context, hits_with_context=result.context_hits)
+                    retrieved = [Retrieved.from_hit(line.hit, context=line.context,
+                                                    text=result.render_text)
+                                 for line in lines]
+                    acc.add(q, retrieved)
+                    if eval_chat is not None and score is not None:
+                        taken = len(within_budget(retrieved, cfg.answer_words))
+                        retriever.render_text = result.render_text
+                        answer = retriever.answer(q.question, [ln.hit for ln in lines[:taken]],
+                                                  eval_chat, tenant=tenant, asked_at=asked_at)
+                        score.add(q.category, judge_answer(eval_chat, q, answer.text,
+                                                           tenant=tenant))
                 progress.update(task, advance=1)
         progress.remove_task(task)
-        acc.fill(result)
-        result.phases_s["retrieve"] = retrieve_s
-        if latencies:
-            ms = np.asarray(latencies) * 1000.0
-            result.search_ms = {"p50": float(np.percentile(ms, 50)),
-                                "p95": float(np.percentile(ms, 95)),
-                                "mean": float(ms.mean())}
-        result.answer = score
+        for result, acc, score in zip(results, accs, scores, strict=True):
+            acc.fill(result)
+            result.phases_s["retrieve"] = retrieve_s
+            if latencies:
+                ms = np.asarray(latencies) * 1000.0
+                result.search_ms = {"p50": float(np.percentile(ms, 50)),
+                                    "p95": float(np.percentile(ms, 95)),
+                                    "mean": float(ms.mean())}
+            result.answer = score
 
 
 def deep_search(
@@ -580,5 +656,9 @@ def settings_summary(
         "limit_questions": config.limit_questions,
         "torch_threads": settings.torch_threads,
         "answer_words": config.answer_words if config.answer else None,
+        "embed_texts": list(config.embed_texts),
+        "render_texts": list(config.render_texts),
+        "topic_context": list(config.topic_context),
+        "context_hits": config.context_hits,
     }
 
