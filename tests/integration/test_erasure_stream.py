@@ -26,11 +26,11 @@ from lightmem.ops.cli import app as cli_app  # noqa: E402
 from lightmem.schemas import ChangeOp, conversation_key  # noqa: E402
 from lightmem.streams.erasure.forget import (  # noqa: E402
     ErasureReport,
-    _changelog_slots,
     forget_stream,
     new_request,
     read_ledger,
 )
+from lightmem.streams.erasure.sweeps import changelog_slots  # noqa: E402
 from lightmem.streams.ingest import changelog_topic  # noqa: E402
 from lightmem.streams.kafka.changes import read_changes  # noqa: E402
 from lightmem.streams.kafka.dlq import read_dead_letters  # noqa: E402
@@ -92,7 +92,7 @@ def test_forget_a_user_on_the_stream(stream_env: StreamEnv) -> None:
     add_turns(open_turns, senv.settings, topics=senv.topics)
     sensory_log = changelog_topic(senv.topics, senv.settings.ingest_group, "sensory")
     open_key = conversation_key("acme", "c-alice-open").encode()
-    wait_for(lambda: open_key in _changelog_slots(senv.settings, sensory_log),
+    wait_for(lambda: open_key in changelog_slots(senv.settings, sensory_log),
              what="alice's open buffer slot", workers=[w1])
     before = {e.id: e for e in senv.entries() if e.user != "alice" or e.tenant != "acme"}
     assert w1.stop() == 0
@@ -120,7 +120,7 @@ def test_forget_a_user_on_the_stream(stream_env: StreamEnv) -> None:
     assert report.sink("buffers").found >= 1
     assert report.sink("dlq").found >= 1
     assert report.sink("memory-changes").found >= 1
-    assert open_key not in _changelog_slots(senv.settings, sensory_log)
+    assert open_key not in changelog_slots(senv.settings, sensory_log)
 
     send_flush(senv.settings, topics=senv.topics)
     wait_for(lambda: indexed(senv) >= ids(bob_late), what="bob's late turns", workers=[w2])

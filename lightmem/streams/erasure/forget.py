@@ -1,5 +1,9 @@
 """Erasure on the streaming deployment: the ledger topic, the slot sweep, every sink's erase.
 
+This module is the flow (:func:`forget`, :func:`forget_stream`, :func:`erasure_status`) and
+re-exports its parts: the request, report and ledger topic in :mod:`.ledger`, what the
+ingest workers sweep themselves in :mod:`.sweeps`, the Elasticsearch side in :mod:`.es_sink`.
+
 One request (:func:`new_request`) forgets a user (tenant, user) or a whole tenant.
 :func:`forget` is the one function underneath ``lightmem forget`` and the memory service's
 delete-all route: on the embedded store it erases in one SQLite transaction
@@ -39,30 +43,40 @@ deletes them (the ledger keeps them out of every stage and replay meanwhile).
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
-from lightmem.processors.erasure import ErasureLedger, raw_scopes, strip_turns, to_ms
+from lightmem.processors.erasure import ErasureLedger
 from lightmem.schemas import (
-    ChangeOp,
-    DeadLetter,
     ErasureRequest,
-    MemoryChange,
-    SchemaError,
-    SegmentTurn,
-    stable_id,
     utc_now,
 )
 from lightmem.settings import Settings
-from lightmem.streams.ingest.stages import SensorySlot, TopicSlot
+from lightmem.streams.erasure.es_sink import (
+    delete_documents,
+    erase_elasticsearch,
+    es_remaining,
+    es_users,
+    sleep_outbox,
+)
+from lightmem.streams.erasure.ledger import (
+    ErasureFollower,
+    ErasureReport,
+    SinkReport,
+    erase_change,
+    new_request,
+    read_ledger,
+)
+from lightmem.streams.erasure.sweeps import (
+    dead_letter_erased,
+    dead_letter_scopes,
+    held_slots,
+    sweep_slot,
+)
 from lightmem.streams.kafka.change_log import tombstone
 from lightmem.streams.kafka.topics import Topics, kafka_config
 
@@ -84,450 +98,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-
-# -- the request and the report -----------------------------------------------------------------
-
-
-def new_request(tenant: str, user: str | None = None, *, reason: str = "",
-                requested_by: str = "ops", now: datetime | None = None) -> ErasureRequest:
-    """A new erasure request, effective ``now``.
-
-    Raises:
-        SchemaError: a malformed tenant or user name (empty, blank, too long).
-    """
-    try:
-        return ErasureRequest(erasure_id=uuid.uuid4().hex, tenant=tenant, user=user,
-                              requested_at=now or utc_now(), requested_by=requested_by,
-                              reason=reason)
-    except ValidationError as exc:
-        raise SchemaError("ErasureRequest", [
-            (".".join(str(p) for p in e["loc"]), e["msg"], repr(e.get("input")))
-            for e in exc.errors(include_url=False)]) from None
-
-
-@dataclass
-class SinkReport:
-    """What one sink did for an erasure."""
-
-    sink: str
-    #: What was removed, by kind (memories, slots, rows, ...).
-    removed: dict[str, int] = field(default_factory=dict)
-    #: What is still there, and until when (compaction, retention), in words.
-    pending: list[str] = field(default_factory=list)
-    #: The sink did its part (pending items are expected, e.g. compaction).
-    confirmed: bool = True
-    #: Records of the scope found in the sink (removed or hidden): 0 = nothing of it there.
-    found: int = 0
-
-    def as_json(self) -> dict[str, Any]:
-        return {"sink": self.sink, "confirmed": self.confirmed, "found": self.found,
-                "removed": self.removed, "pending": self.pending}
-
-
-@dataclass
-class ErasureReport:
-    """Every sink's answer to one erasure request."""
-
-    request: ErasureRequest
-    sinks: list[SinkReport] = field(default_factory=list)
-
-    @property
-    def confirmed(self) -> bool:
-        """Every sink confirmed (exit 0)."""
-        return all(s.confirmed for s in self.sinks)
-
-    @property
-    def found(self) -> bool:
-        """Something of the scope was found anywhere (False: an unknown scope)."""
-        return any(s.found for s in self.sinks)
-
-    def sink(self, name: str) -> SinkReport:
-        return next(s for s in self.sinks if s.sink == name)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"erasure_id": self.request.erasure_id, "tenant": self.request.tenant,
-                "user": self.request.user, "requested_at": self.request.requested_at.isoformat(),
-                "confirmed": self.confirmed, "found": self.found,
-                "sinks": [s.as_json() for s in self.sinks]}
-
-
-def erase_change(request: ErasureRequest, user: str, counts: dict[str, int],
-                 at: datetime) -> MemoryChange:
-    """The content-free ``erase`` change of one erased (tenant, user) scope."""
-    return MemoryChange(
-        change_id=stable_id(request.erasure_id, ChangeOp.erase.value, request.tenant, user),
-        op=ChangeOp.erase, memory_id=f"erasure:{request.erasure_id}", tenant=request.tenant,
-        user=user, reason=f"erasure {request.erasure_id}" + (
-            " (whole tenant)" if request.user is None else ""),
-        at=at, counts=counts)
-
-
-# -- the ledger topic ---------------------------------------------------------------------------
-
-
-def read_ledger(settings: Settings, topics: Topics | None = None, *,
-                timeout_s: float = 30.0) -> ErasureLedger:
-    """The erasure ledger as recorded now (empty when the topic does not exist yet)."""
-    from lightmem.streams.kafka.topic_reader import read_to_end
-
-    topics = topics or Topics.from_settings(settings)
-    ledger = ErasureLedger()
-    try:
-        for msg in read_to_end(settings, topics.erasures, timeout_s=timeout_s,
-                               purpose="erasures"):
-            _fold(ledger, msg.value())
-    except LookupError:
-        pass
-    return ledger
-
-
-def _fold(ledger: ErasureLedger, value: bytes | None) -> bool:
-    if value is None:  # a tombstone: an erasure is never undone by one
-        return False
-    try:
-        return ledger.apply(ErasureRequest.parse(value))
-    except SchemaError as exc:
-        log.warning("erasures: a record that is not an erasure request is ignored: %s", exc)
-        return False
-
-
-class ErasureFollower:
-    """Reads the erasures topic from the beginning, then keeps following it.
-
-    ``start`` reads to the current end (a worker knows every erasure before its first
-    batch); ``poll`` folds what arrived since (call it between batches). Assigns the
-    partitions itself: no group is joined and nothing is committed.
-
-    Args:
-        settings: Kafka connection.
-        topics: Topic names (the erasures topic is the deployment's, also for a replay).
-        ledger: The ledger to fold into (shared with the stages); default a new one.
-    """
-
-    def __init__(self, settings: Settings, topics: Topics, *,
-                 ledger: ErasureLedger | None = None) -> None:
-        self.settings = settings
-        self.topic = topics.erasures
-        self.ledger = ledger if ledger is not None else ErasureLedger()
-        self._consumer: Any = None
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        """Assign every partition from the beginning and read up to the current end.
-
-        Raises:
-            LookupError: the topic does not exist (run ``lightmem topics create``).
-            TimeoutError: the end was not reached in time.
-        """
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-        self._consumer = Consumer(kafka_config(self.settings, **{
-            "group.id": f"lightmem-erasures-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }))
-        meta = self._consumer.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
-        if meta is None or meta.error is not None:
-            raise LookupError(f"topic {self.topic!r} does not exist: run `lightmem topics "
-                              f"create`")
-        parts = sorted(meta.partitions)
-        ends = {}
-        for p in parts:
-            low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p),
-                                                             timeout=timeout_s)
-            if high > low:
-                ends[p] = high
-        self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
-        deadline = time.monotonic() + timeout_s
-        pending = set(ends)
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.topic}: end not reached within {timeout_s:.0f}s")
-            self.poll(0.5)
-            for tp in self._consumer.position([TopicPartition(self.topic, p) for p in pending]):
-                if tp.offset >= ends[tp.partition]:
-                    pending.discard(tp.partition)
-        log.info("erasure ledger: %d erased scope(s)", len(self.ledger))
-
-    def poll(self, timeout_s: float = 0.0) -> int:
-        """Fold the records available now; returns how many changed the ledger."""
-        if self._consumer is None:
-            return 0
-        changed = 0
-        for msg in self._consumer.consume(500, timeout=timeout_s):
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    from confluent_kafka import KafkaException
-
-                    raise KafkaException(err)
-                log.warning("erasures: consumer error: %s", err.str())
-                continue
-            if _fold(self.ledger, msg.value()):
-                changed += 1
-                log.info("erasure recorded at %s[%d]@%d", msg.topic(), msg.partition(),
-                         msg.offset())
-        return changed
-
-    def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
-
-
-# -- the workers' tables --------------------------------------------------------------------
-
-
-def _remaining_user(user: str, kept: Sequence[SegmentTurn]) -> str:
-    """The buffer's user after its erased turns left: its own while a turn still falls back
-    to it, else the first remaining turn's."""
-    if any(t.user is None or t.user == user for t in kept):
-        return user
-    return kept[0].user or user
-
-
-def _sweep_sensory(raw: bytes, ledger: ErasureLedger) -> bytes | None:
-    slot = SensorySlot.model_validate_json(raw)
-    if not ledger.tenant_touched(slot.tenant):
-        return raw
-    changed = False
-    buf = slot.buffer
-    if buf is not None and buf.turns:
-        kept = strip_turns(buf.turns, default_user=buf.user, user_of=lambda t: t.user,
-                           origin_of=lambda t: slot.origins.get(t.turn_id),
-                           tenant=slot.tenant, ledger=ledger)
-        if len(kept) != len(buf.turns):
-            changed = True
-            gone = {t.turn_id for t in buf.turns} - {t.turn_id for t in kept}
-            slot.recent = [t for t in slot.recent if t not in gone]
-            slot.buffer = buf.model_copy(update={
-                "turns": kept, "user": _remaining_user(buf.user, kept),
-                "last_event_time": max(t.event_time for t in kept)}) if kept else None
-            slot.prune_origins()
-    empty = slot.buffer is None or not slot.buffer.turns
-    arrived = None if slot.arrived_at is None else to_ms(slot.arrived_at)
-    if empty and ledger.drops(slot.tenant, slot.user, arrived):
-        return None  # nothing left but the erased user's name: delete the slot
-    if not changed:
-        return raw
-    if slot.buffer is not None and ledger.erased_at(slot.tenant, slot.user) is not None:
-        slot.user = slot.buffer.user
-    return slot.model_dump_json().encode()
-
-
-def _sweep_topic(raw: bytes, ledger: ErasureLedger) -> bytes | None:
-    slot = TopicSlot.model_validate_json(raw)
-    buf = slot.buffer
-    if buf is None or not ledger.tenant_touched(buf.tenant):
-        return raw
-    segments = []
-    changed = False
-    for seg in buf.segments:
-        kept = strip_turns(seg.turns, default_user=seg.user, user_of=lambda t: t.user,
-                           origin_of=lambda t: slot.origins.get(t.turn_id), tenant=seg.tenant,
-                           ledger=ledger)
-        if len(kept) == len(seg.turns):
-            segments.append(seg)
-            continue
-        changed = True
-        if kept:
-            segments.append(seg.model_copy(update={
-                "turns": kept, "user": _remaining_user(seg.user, kept)}))
-    if not changed:
-        return raw
-    if not segments:
-        return None
-    user = buf.user if ledger.erased_at(buf.tenant, buf.user) is None else segments[0].user
-    slot.buffer = buf.model_copy(update={"segments": segments, "user": user})
-    slot.prune_origins()
-    return slot.model_dump_json().encode()
-
-
-def sweep_slot(table: str, raw: bytes, ledger: ErasureLedger) -> bytes | None:
-    """One table slot without the erased scopes' turns.
-
-    Args:
-        table: ``sensory`` or ``topic-buffers``.
-        raw: The serialized slot.
-        ledger: The erasure ledger.
-
-    Returns:
-        ``raw`` itself when nothing in it is erased; None when the slot must be deleted
-        (a tombstone on the changelog); else the rewritten slot.
-    """
-    if not ledger:
-        return raw
-    if table == "sensory":
-        return _sweep_sensory(raw, ledger)
-    if table == "topic-buffers":
-        return _sweep_topic(raw, ledger)
-    raise ValueError(f"table: sensory or topic-buffers (got {table!r})")
-
-
-def _changelog_slots(settings: Settings, topic: str) -> dict[bytes, bytes]:
-    """The current slots of a changelog topic (the last value per key; tombstones delete)."""
-    from lightmem.streams.kafka.topic_reader import read_to_end
-
-    slots: dict[bytes, bytes] = {}
-    try:
-        for msg in read_to_end(settings, topic, timeout_s=60.0, purpose="erasure-check"):
-            if msg.value() is None:
-                slots.pop(msg.key(), None)
-            else:
-                slots[msg.key()] = msg.value()
-    except LookupError:
-        return {}
-    return slots
-
-
-def _held_slots(settings: Settings, topics: Topics, ingest_group: str,
-                ledger: ErasureLedger) -> dict[str, int]:
-    """Slots of the ingest group's tables that still hold something the ledger erases."""
-    from lightmem.streams.ingest.state import changelog_topic
-    from lightmem.streams.ingest.worker import TABLES
-
-    out = {}
-    for table in TABLES:
-        slots = _changelog_slots(settings, changelog_topic(topics, ingest_group, table))
-        out[table] = sum(1 for raw in slots.values()
-                         if sweep_slot(table, raw, ledger) is not raw)
-    return out
-
-
-# -- dead letters -------------------------------------------------------------------------------
-
-
-def dead_letter_scopes(letter: DeadLetter) -> set[tuple[str, str | None]]:
-    """The (tenant, user) scopes a dead letter's original record belongs to, as far as it
-    says (a record without a user gives (tenant, None); undecodable bytes give nothing)."""
-    try:
-        raw = base64.b64decode(letter.raw_b64)
-    except (ValueError, TypeError):
-        return set()
-    return raw_scopes(raw)
-
-
-def dead_letter_erased(letter: DeadLetter, ledger: ErasureLedger) -> bool:
-    """Whether a dead letter holds a record of a scope erased after it was written."""
-    if not ledger:
-        return False
-    at = to_ms(letter.at)
-    return any(ledger.drops(tenant, user, at) for tenant, user in dead_letter_scopes(letter))
-
-
-# -- Elasticsearch ------------------------------------------------------------------------------
-
-
-def _scope_query(tenant: str, user: str | None, before: datetime | None = None
-                 ) -> dict[str, Any]:
-    filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}]
-    if user is not None:
-        filters.append({"term": {"user": user}})
-    if before is not None:
-        # Memories written after the erasure are of turns produced after it (a new
-        # beginning): an erasure never deletes them, however late it runs.
-        filters.append({"range": {"ingest_time": {"lte": before.astimezone(UTC).isoformat()}}})
-    return {"bool": {"filter": filters}}
-
-
-def _memory_indices(store: Any) -> list[str]:
-    """Every memory index: behind the alias and every ``<alias>-*`` version."""
-    from elasticsearch import NotFoundError
-
-    names = set(store.alias_indices())
-    try:
-        names |= set(store.client.indices.get(index=f"{store.alias}-*",
-                                               expand_wildcards="open"))
-    except NotFoundError:
-        pass
-    return sorted(names)
-
-
-def erase_elasticsearch(store: Any, tenant: str, user: str | None,
-                        before: datetime | None = None) -> dict[str, int]:
-    """Delete the scope's documents from every memory index (delete by query on the scope
-    fields, then refresh); returns index -> documents deleted.
-
-    ``before``: only documents written (``ingest_time``) at or before it, the erasure time.
-
-    A cluster without the ``reindex`` module (which serves ``_delete_by_query``; the
-    integ-test distribution has none) is answered by search + bulk delete rounds instead.
-    """
-    from elasticsearch import BadRequestError, NotFoundError
-
-    out = {}
-    for name in _memory_indices(store):
-        query = _scope_query(tenant, user, before)
-        try:
-            resp = store.client.delete_by_query(index=name, query=query, conflicts="proceed",
-                                                refresh=True, wait_for_completion=True)
-            out[name] = int(resp.get("deleted", 0))
-        except (BadRequestError, NotFoundError) as exc:
-            if "no handler found" not in str(exc):
-                raise
-            out[name] = _delete_by_search(store.client, name, query)
-    return out
-
-
-def _delete_by_search(client: Any, index: str, query: dict[str, Any]) -> int:
-    """Delete what ``query`` finds, 1,000 ids per round, refreshing between rounds."""
-    from elasticsearch.helpers import bulk
-
-    deleted = 0
-    client.indices.refresh(index=index)
-    while True:
-        hits = client.search(index=index, query=query, size=1000, source=False,
-                             track_total_hits=False)["hits"]["hits"]
-        if not hits:
-            return deleted
-        ok, errors = bulk(client, ({"_op_type": "delete", "_index": index, "_id": h["_id"]}
-                                   for h in hits), raise_on_error=False)
-        if not ok:
-            raise RuntimeError(f"{index}: no document of the scope could be deleted: "
-                               f"{errors!r:.500}")
-        deleted += ok
-        client.indices.refresh(index=index)
-
-
-def delete_documents(store: Any, ids: Sequence[str]) -> int:
-    """Delete documents by id from the store's index (missing ids are fine), then refresh;
-    returns how many were deleted."""
-    from elasticsearch.helpers import bulk
-
-    if not ids or not hasattr(store, "client"):
-        return 0
-    ok, _ = bulk(store.client, ({"_op_type": "delete", "_index": store.target, "_id": i}
-                                for i in ids), raise_on_error=False)
-    store.client.indices.refresh(index=store.target)
-    return ok
-
-
-def _outbox(store: Any) -> Any:
-    """The sleep workers' outbox beside the store's alias (pending changes hold memories'
-    text until the worker that wrote them produced them)."""
-    from lightmem.streams.sleep.outbox import Outbox, outbox_index
-
-    return Outbox(store.client, outbox_index(store.alias))
-
-
-def _es_remaining(store: Any, tenant: str, user: str | None,
-                  before: datetime | None = None) -> int:
-    names = _memory_indices(store)
-    if not names:
-        return 0
-    store.client.indices.refresh(index=",".join(names))
-    return int(store.client.count(index=",".join(names),
-                                  query=_scope_query(tenant, user, before))["count"])
-
-
-def _es_users(store: Any, tenant: str) -> set[str]:
-    names = _memory_indices(store)
-    if not names:
-        return set()
-    resp = store.client.search(index=",".join(names), size=0, query=_scope_query(tenant, None),
-                               aggs={"users": {"terms": {"field": "user", "size": 10_000}}})
-    return {b["key"] for b in resp["aggregations"]["users"]["buckets"]}
 
 
 # -- the stream ----------------------------------------------------------------------------------
@@ -703,14 +273,14 @@ def forget_stream(
     ends = _ends(settings, [topics.turns, topics.segments, topics.entries])
 
     # 2. Elasticsearch, first pass
-    users = {user} if user is not None else _es_users(store, tenant)
+    users = {user} if user is not None else es_users(store, tenant)
     erased_at = request.requested_at
     deleted = erase_elasticsearch(store, tenant, user, erased_at)
-    outbox = _outbox(store)
+    outbox = sleep_outbox(store)
     boxed = outbox.erase(tenant, user, erased_at)
 
     # 3. the workers' buffers and the group's progress
-    held = _held_slots(settings, topics, ingest_group, ledger)
+    held = held_slots(settings, topics, ingest_group, ledger)
     changes = scan_scope(settings, topics.memory_changes, tenant, user, ledger)
     all_letters = read_dead_letters(settings, topics, skip_erased=False)
     letters = [r for r in all_letters
@@ -723,14 +293,14 @@ def forget_stream(
         deadline = time.monotonic() + wait_s
         while True:
             behind = _behind(settings, ingest_group, ends)
-            held = _held_slots(settings, topics, ingest_group, ledger)
+            held = held_slots(settings, topics, ingest_group, ledger)
             if (behind == 0 and not any(held.values())) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)  # polling interval: the workers sweep between batches
     # 4. Elasticsearch, second pass (a batch in flight at step 1 may have written since)
     again = erase_elasticsearch(store, tenant, user, erased_at)
     boxed += outbox.erase(tenant, user, erased_at)
-    remaining = _es_remaining(store, tenant, user, erased_at)
+    remaining = es_remaining(store, tenant, user, erased_at)
     boxed_left = len(outbox.of_scope(tenant, user, erased_at))
     # 5. the memory changes: read again now that the workers passed the erasure (a batch in
     # flight may have written a change meanwhile), a tombstone per change of the scope
@@ -877,15 +447,15 @@ def erasure_status(settings: Settings, tenant: str, user: str | None = None, *,
         store = ElasticsearchStore(es_client(settings), alias=settings.es_alias)
     request = _request_of(erased)
     report = ErasureReport(request)
-    left = _es_remaining(store, tenant, user, request.requested_at)
-    outbox = _outbox(store)
+    left = es_remaining(store, tenant, user, request.requested_at)
+    outbox = sleep_outbox(store)
     boxed = len(outbox.of_scope(tenant, user, request.requested_at))
     es = SinkReport("elasticsearch", found=left + boxed, confirmed=not left and not boxed)
     if left:
         es.pending.append(f"{left} document(s) of the scope from before the erasure")
     if boxed:
         es.pending.append(f"{boxed} pending sleep change(s) of the scope in {outbox.name}")
-    held = sum(_held_slots(settings, topics, ingest_group, ledger).values())
+    held = sum(held_slots(settings, topics, ingest_group, ledger).values())
     buffers = SinkReport("buffers", found=held, confirmed=not held)
     if held:
         buffers.pending.append(f"{held} table slot(s) of the scope not yet deleted by an "

@@ -386,7 +386,7 @@ def migrate_changes(settings: Settings, topics: Topics | None = None, *,
         LookupError: the target topic does not exist (run ``lightmem topics create``).
         DeliveryError: some changes were not delivered (nothing is deleted then).
     """
-    from lightmem.streams.erasure.forget import read_ledger
+    from lightmem.streams.erasure.ledger import read_ledger
     from lightmem.streams.kafka.producer import RecordProducer
     from lightmem.streams.kafka.topic_reader import read_to_end
     from lightmem.streams.kafka.topics import delete_topics

@@ -72,7 +72,7 @@ def read_changes(settings: Settings, topics: Topics | None = None, *,
     topics = topics or Topics.from_settings(settings)
     topic = topic or topics.memory_changes
     if erasures is None:
-        from lightmem.streams.erasure.forget import read_ledger
+        from lightmem.streams.erasure.ledger import read_ledger
 
         erasures = read_ledger(settings, topics)
     partitions = None

@@ -69,7 +69,7 @@ def read_dead_letters(
     topics = topics or Topics.from_settings(settings)
     ledger = None
     if skip_erased:
-        from lightmem.streams.erasure.forget import read_ledger
+        from lightmem.streams.erasure.ledger import read_ledger
 
         ledger = read_ledger(settings, topics)
     out: list[DeadLetterRecord] = []
@@ -79,7 +79,7 @@ def read_dead_letters(
         except SchemaError as exc:
             letter, error = None, str(exc)
         if ledger and letter is not None:
-            from lightmem.streams.erasure.forget import dead_letter_erased
+            from lightmem.streams.erasure.sweeps import dead_letter_erased
 
             if dead_letter_erased(letter, ledger):
                 continue
