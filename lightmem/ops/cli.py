@@ -11,7 +11,7 @@ from rich.console import Console
 
 from lightmem.settings import load_settings
 
-from .commands import bench, embedded, forget, memories, schemas, serve, sleep, stream, train
+from .commands import bench, dlq, embedded, forget, memories, schemas, serve, sleep, stream, train
 
 app = typer.Typer(
     name="lightmem",
@@ -20,7 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # A sub-app added without a name puts its commands at the top level (`lightmem worker`).
-app.add_typer(stream.app)  # the streaming deployment: produce, flush, worker, replay, topics, dlq
+app.add_typer(stream.app)  # the streaming deployment: produce, flush, worker, replay, topics
+app.add_typer(dlq.app)  # dlq list | replay
 app.add_typer(forget.app)  # erasure on request, embedded or --stream
 app.add_typer(memories.app)  # memories list | get | delete: operator housekeeping
 app.add_typer(sleep.app)  # sleep windows and the sleep-time worker

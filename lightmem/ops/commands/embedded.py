@@ -26,13 +26,13 @@ out = Console()
 
 
 DataDir = Annotated[
-    Path | None, typer.Option("--data-dir", help="Embedded data directory [env LIGHTMEM_DATA_DIR]")
+    Path | None, typer.Option("--data-dir", help="Embedded data directory (env LIGHTMEM_DATA_DIR)")
 ]
 LlmUrl = Annotated[
     str | None,
     typer.Option(
         "--llm-base-url",
-        help="OpenAI-compatible endpoint; none = extractive mode [env LIGHTMEM_LLM_BASE_URL]",
+        help="OpenAI-compatible endpoint; none = extractive mode (env LIGHTMEM_LLM_BASE_URL)",
     ),
 ]
 Tenant = Annotated[str, typer.Option("--tenant", help="Tenant of the memory scope")]
@@ -226,7 +226,7 @@ def stats(
     topic_prefix: stream_cli.PrefixOpt = None,
     ingest_group: Annotated[str | None, typer.Option(
         "--ingest-group", "--app-id", help="--stream: the ingest workers' consumer group "
-        "(--app-id: old name) [env LIGHTMEM_INGEST_GROUP]")]
+        "(--app-id: old name) (env LIGHTMEM_INGEST_GROUP)")]
     = None,
     metrics_url: Annotated[list[str] | None, typer.Option(
         "--metrics-url", help="--stream: a worker's /metrics URL (repeatable); LLM spend is "

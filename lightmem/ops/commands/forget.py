@@ -34,7 +34,7 @@ def forget(
     wait: Annotated[float, typer.Option(
         help="--stream: seconds to wait for the ingest workers to pass the erasure")] = 120.0,
     data_dir: Annotated[Path | None, typer.Option(
-        "--data-dir", help="Embedded data directory [env LIGHTMEM_DATA_DIR]")] = None,
+        "--data-dir", help="Embedded data directory (env LIGHTMEM_DATA_DIR)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout")]
     = False,
     status: Annotated[bool, typer.Option(

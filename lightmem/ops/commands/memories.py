@@ -35,15 +35,15 @@ err = Console(stderr=True)
 
 Tenant = Annotated[str, typer.Option("--tenant", help="Tenant of the memory scope")]
 DataDir = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Embedded data directory [env LIGHTMEM_DATA_DIR]")]
+    "--data-dir", help="Embedded data directory (env LIGHTMEM_DATA_DIR)")]
 Stream = Annotated[bool, typer.Option(
     "--stream", help="The streaming deployment (the Elasticsearch alias, the memory-changes "
     "topic) instead of the embedded store")]
 Alias = Annotated[str | None, typer.Option(
-    "--alias", help="--stream: the index alias [env LIGHTMEM_ES_ALIAS]")]
+    "--alias", help="--stream: the index alias (env LIGHTMEM_ES_ALIAS)")]
 Prefix = Annotated[str | None, typer.Option(
     "--topic-prefix", help="--stream: prefix of every topic name "
-    "[env LIGHTMEM_KAFKA_TOPIC_PREFIX]")]
+    "(env LIGHTMEM_KAFKA_TOPIC_PREFIX)")]
 
 
 @contextmanager

@@ -174,15 +174,15 @@ def sleep_worker(
     ctx: typer.Context,
     topic_prefix: PrefixOpt = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Targets in flight "
-                                                    "[env LIGHTMEM_SLEEP_CONCURRENCY]")] = None,
-    group: Annotated[str | None, typer.Option(help="Consumer group [env "
-                                              "LIGHTMEM_SLEEP_GROUP]")] = None,
+                                                    "(env LIGHTMEM_SLEEP_CONCURRENCY)")] = None,
+    group: Annotated[str | None, typer.Option(help="Consumer group (env "
+                                              "LIGHTMEM_SLEEP_GROUP)")] = None,
     ingest_group: Annotated[str | None, typer.Option(
         "--ingest-group", "--app-id", help="The ingest workers' consumer group, whose backlog "
-        "this worker yields to (--app-id: old name) [env LIGHTMEM_INGEST_GROUP]")] = None,
+        "this worker yields to (--app-id: old name) (env LIGHTMEM_INGEST_GROUP)")] = None,
     yield_lag: Annotated[int | None, typer.Option(
         min=0, help="Start no new target while the ingest group has more records waiting "
-        "(0 = never yield) [env LIGHTMEM_SLEEP_YIELD_LAG]")] = None,
+        "(0 = never yield) (env LIGHTMEM_SLEEP_YIELD_LAG)")] = None,
     loglevel: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     metrics_port: MetricsPortOpt = None,
     log_format: LogFormatOpt = None,

@@ -1,5 +1,5 @@
-"""The streaming deployment's commands: topics, producing, the worker, flushes, dead letters,
-backfill.
+"""The streaming deployment's commands: topics, producing, the worker, flushes, backfill
+(the dead-letter topic's in :mod:`.dlq`).
 
 ::
 
@@ -10,9 +10,7 @@ backfill.
     lightmem flush [--tenant --conversation]
                                          in-band flush command on the turns topic
     lightmem worker                      run the ingest worker (all three stages)
-    lightmem dlq list [--json]           every dead letter: step, reason, source position
-    lightmem dlq replay --offset N ... | --step S | --all
-                                         re-produce the original bytes to their source
+    lightmem dlq list | replay           the dead-letter topic (:mod:`.dlq`)
     lightmem replay --from earliest|ISO --index NEW
                                          backfill a new index; then `lightmem index promote`
 
@@ -34,7 +32,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -44,28 +42,27 @@ from rich.table import Table
 
 from lightmem.settings import Settings, load_settings
 
-__all__ = ["topics_app", "dlq_app", "produce", "flush", "worker", "replay"]
+__all__ = ["topics_app", "produce", "flush", "worker", "replay"]
 
 topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
-dlq_app = typer.Typer(help="The dead-letter topic: list and replay.", no_args_is_help=True)
 
 PrefixOpt = Annotated[
     str | None,
-    typer.Option("--topic-prefix", help="Prefix of every topic name [env "
-                 "LIGHTMEM_KAFKA_TOPIC_PREFIX]."),
+    typer.Option("--topic-prefix", help="Prefix of every topic name (env "
+                 "LIGHTMEM_KAFKA_TOPIC_PREFIX)."),
 ]
 BootstrapOpt = Annotated[
-    str | None, typer.Option("--bootstrap", help="Kafka bootstrap servers [env "
-                             "LIGHTMEM_KAFKA_BOOTSTRAP]."),
+    str | None, typer.Option("--bootstrap", help="Kafka bootstrap servers (env "
+                             "LIGHTMEM_KAFKA_BOOTSTRAP)."),
 ]
 MetricsPortOpt = Annotated[
     int | None, typer.Option("--metrics-port", min=0, max=65535,
                              help="Serve Prometheus /metrics on this port (127.0.0.1 unless "
-                             "LIGHTMEM_METRICS_ADDR); 0 = off [env LIGHTMEM_METRICS_PORT]."),
+                             "LIGHTMEM_METRICS_ADDR); 0 = off (env LIGHTMEM_METRICS_PORT)."),
 ]
 LogFormatOpt = Annotated[
     str | None, typer.Option("--log-format", help="text | json (one JSON object per line) "
-                             "[env LIGHTMEM_LOG_FORMAT]."),
+                             "(env LIGHTMEM_LOG_FORMAT)."),
 ]
 
 
@@ -245,9 +242,9 @@ def worker(
     ingest_group: Annotated[str | None, typer.Option(
         "--ingest-group", "--app-id", help="The ingest workers' consumer group, also part of the "
         "transactional ids and changelog topic names (--app-id: old name) "
-        "[env LIGHTMEM_INGEST_GROUP]")] = None,
+        "(env LIGHTMEM_INGEST_GROUP)")] = None,
     index: Annotated[str | None, typer.Option(help="Write this index instead of the alias "
-                                              "[env LIGHTMEM_ES_ALIAS]")] = None,
+                                              "(env LIGHTMEM_ES_ALIAS)")] = None,
     topic_prefix: PrefixOpt = None,
     loglevel: Annotated[str, typer.Option(help="worker log level")] = "info",
     instance: Annotated[str | None, typer.Option(
@@ -330,112 +327,6 @@ def print_stream_stats(*, topic_prefix: str | None, ingest_group: str | None,
                     "-" if p.committed is None else str(p.committed), str(p.high), str(p.lag))
     err.print(lag)
     typer.echo(json.dumps(s.as_json()))
-
-
-# -- dlq -------------------------------------------------------------------------------------
-
-
-def _dead_letters(settings: Settings, topics: Any) -> list[Any]:
-    """Every record of the DLQ topic; exit 1 with the reason when it cannot be read."""
-    from lightmem.streams.kafka.dlq import read_dead_letters
-
-    try:
-        return read_dead_letters(settings, topics)
-    except (LookupError, TimeoutError) as exc:
-        _err().print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-
-
-@dlq_app.command("list")
-def dlq_list(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line on "
-                                          "stdout")] = False,
-    step: Annotated[str | None, typer.Option("--step", "--stage",
-                                             help="Only this failed step (parse, compress, "
-                                                  "summarize, ...); --stage: old name")] = None,
-    topic_prefix: PrefixOpt = None,
-    bootstrap: BootstrapOpt = None,
-) -> None:
-    """Every dead letter, oldest first: DLQ offset, step, source position, reason."""
-    settings = _settings(kafka_bootstrap=bootstrap)
-    topics = _topics(settings, topic_prefix)
-    records = _dead_letters(settings, topics)
-    if step is not None:
-        records = [r for r in records if r.letter is not None and r.letter.step == step]
-    if as_json:
-        for r in records:
-            body = {"dlq_partition": r.partition, "dlq_offset": r.offset,
-                    "key": r.key.decode("utf-8", "replace") if r.key is not None else None}
-            if r.letter is not None:
-                body.update(r.letter.model_dump(mode="json", exclude={"raw_b64"}))
-            else:
-                body["error"] = r.error
-            typer.echo(json.dumps(body))
-        return
-    table = Table(title=f"dead letters on {topics.dlq} ({len(records)})")
-    for col in ("offset", "step", "source", "partition", "src offset", "error", "reason"):
-        table.add_column(col, overflow="fold")
-    for r in records:
-        x = r.letter
-        if x is None:
-            table.add_row(str(r.offset), "?", "?", "", "", "undecodable", r.error or "")
-            continue
-        table.add_row(str(r.offset), x.step, x.source,
-                      "" if x.partition is None else str(x.partition),
-                      "" if x.offset is None else str(x.offset), x.error_type, x.reason)
-    Console().print(table)
-
-
-@dlq_app.command("replay")
-def dlq_replay(
-    offset: Annotated[list[int] | None, typer.Option("--offset", help="DLQ offset to replay "
-                                                     "(repeatable)")] = None,
-    step: Annotated[str | None, typer.Option("--step", "--stage",
-                                             help="Every dead letter of this failed step; "
-                                                  "--stage: old name")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Show what would be sent")] = False,
-    topic_prefix: PrefixOpt = None,
-    bootstrap: BootstrapOpt = None,
-) -> None:
-    """Re-produce the original bytes of selected dead letters to their source topic.
-
-    The original key goes with them; events that are still bad are dead-lettered again.
-    """
-    from lightmem.streams.kafka.dlq import plan_replay, replay_dead_letters
-    from lightmem.streams.kafka.producer import DeliveryError
-
-    if not (offset or step or all_):
-        _err().print("[red]error:[/red] select dead letters: --offset N, --step S or --all")
-        raise typer.Exit(2)
-    settings = _settings(kafka_bootstrap=bootstrap)
-    topics = _topics(settings, topic_prefix)
-    records = _dead_letters(settings, topics)
-    wanted = set(offset or [])
-    chosen = [r for r in records if all_ or r.offset in wanted or (
-        step is not None and r.letter is not None and r.letter.step == step)]
-    missing = wanted - {r.offset for r in records}
-    plans = plan_replay(chosen, topics)
-    err = _err()
-    for plan in plans:
-        if plan.topic is None:
-            err.print(f"[yellow]skip[/yellow] offset {plan.record.offset}: {plan.problem}",
-                      highlight=False)
-        else:
-            err.print(f"{'would send' if dry_run else 'send'} offset {plan.record.offset} -> "
-                      f"{plan.topic} ({len(plan.records)} record(s))", highlight=False)
-    for m in sorted(missing):
-        err.print(f"[red]no dead letter at offset {m}[/red]")
-    sent = 0
-    if not dry_run:
-        try:
-            sent = replay_dead_letters(settings, plans, topics)
-        except DeliveryError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from None
-    err.print(f"{len(chosen)} dead letter(s) selected, {sent} record(s) sent")
-    failed = missing or any(p.topic is None for p in plans)
-    raise typer.Exit(1 if failed else 0)
 
 
 # -- replay (backfill) -------------------------------------------------------------------------
@@ -559,4 +450,3 @@ app = typer.Typer()
 for _command in (produce, flush, worker, replay):
     app.command()(_command)
 app.add_typer(topics_app, name="topics")
-app.add_typer(dlq_app, name="dlq")
