@@ -400,6 +400,7 @@ class StreamBackend:
         self.components = Components(settings)
         self.producer = RecordProducer(settings, self.topics)
         self._produce_lock = threading.Lock()
+        self._changes: Any = None  # the changes topic's router, made at the first delete
 
     def _needed_topics(self) -> list[str]:
         return [self.topics.turns, self.topics.memory_changes, self.topics.erasures]
@@ -617,13 +618,21 @@ class StreamBackend:
     def history(self, entry_id: str) -> list[MemoryChange]:
         from lightmem.streams.kafka.changes import memory_history
 
-        return memory_history(self.settings, entry_id, self.topics)
+        # A memory still stored says its scope: read its scope's partition only. A deleted
+        # one does not: every partition is read (record keys select its changes).
+        entry = self.get(entry_id)
+        scope = {"tenant": entry.tenant, "user": entry.user} if entry is not None else {}
+        return memory_history(self.settings, entry_id, self.topics, **scope)
 
     def delete(self, entry: MemoryEntry, change: MemoryChange) -> None:
+        from lightmem.streams.kafka.change_log import ChangeRouter, produce_change
+
         self.store.delete(entry.id, expected_version=entry.version)
         with self._produce_lock:
-            self.producer.produce(self.topics.memory_changes, change.to_bytes(),
-                                  key=entry.scope.encode(), label=f"delete {entry.id}")
+            if self._changes is None:
+                self._changes = ChangeRouter(self.settings)
+            produce_change(self.producer, self.topics.memory_changes, change, self._changes,
+                           label=f"delete {entry.id}")
             self.producer.flush(timeout_s=30.0)
         # Searches and lists see the delete at once (the index is near real time).
         self.store.refresh()
