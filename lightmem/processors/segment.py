@@ -45,6 +45,8 @@ __all__ = [
     "MiniLMAttention",
     "TopicSegmenter",
     "FlushReason",
+    "B2Input",
+    "B2_TAU_START",
     "to_segment_turn",
     "group_exchanges",
     "adjacent_attention",
@@ -58,6 +60,16 @@ __all__ = [
 ]
 
 FlushReason = Literal["session_end", "idle"]
+
+#: What B2 embeds: ``"exchanges"``, each exchange's compressed text (one encoder pass per
+#: exchange and cut), or ``"turns"``, each turn's original text (one embedding per turn,
+#: shared with the ``minilm`` compressor's pass), an exchange the mean of its turns'.
+B2Input = Literal["exchanges", "turns"]
+
+#: B2's first threshold per input. Per-turn means are smoother (adjacent exchanges look
+#: more alike), so ``"turns"`` starts higher; measured with ``lightmem bench segment
+#: --compressor minilm --b2-input exchanges,turns`` (numbers in the issue 16 note).
+B2_TAU_START: dict[str, float] = {"exchanges": 0.2, "turns": 0.3}
 
 
 # --------------------------------------------------------------------------------------
@@ -601,13 +613,18 @@ class TopicSegmenter:
         encode: Sentence encoder for B2, returning normalised rows.
         tolerance: Largest distance between a kept B2 boundary and a B1 boundary
             (default 3, measured: see :func:`combine_boundaries`; 0 = strict intersection).
-        tau_start: First B2 threshold (default 0.2).
+        tau_start: First B2 threshold (default: :data:`B2_TAU_START` of ``b2_input``).
         tau_step: B2 threshold increment (default 0.05).
         tau_max: Last B2 threshold (default 0.5).
         extremum: Which local extremum of ``M[k, k-1]`` B1 reports (default ``"min"``;
             ``"max"`` is DESIGN.md's formula, measured worse: see
             :func:`attention_boundaries`).
         fallback_to_b2: Use B2 alone when no B2 boundary is confirmed by B1 (default True).
+        b2_input: What B2 embeds (see :data:`B2Input`): ``"exchanges"`` (``encode`` gets
+            each exchange's compressed text) or ``"turns"`` (``encode`` gets each turn's
+            original text, e.g. :class:`~lightmem.processors.turn_embeddings.
+            TurnEmbeddings`, which the ``minilm`` compressor's pass fills; an exchange is
+            the normalised mean of its turns' rows).
     """
 
     def __init__(
@@ -615,13 +632,18 @@ class TopicSegmenter:
         attention: SentenceAttention,
         encode: TextEncoder,
         tolerance: int = 3,
-        tau_start: float = 0.2,
+        tau_start: float | None = None,
         tau_step: float = 0.05,
         tau_max: float = 0.5,
         *,
         extremum: Literal["max", "min"] = "min",
         fallback_to_b2: bool = True,
+        b2_input: B2Input = "exchanges",
     ) -> None:
+        if b2_input not in B2_TAU_START:
+            raise ValueError(f"b2_input: expected one of {list(B2_TAU_START)} (got {b2_input!r})")
+        if tau_start is None:
+            tau_start = B2_TAU_START[b2_input]
         if tolerance < 0:
             raise ValueError(f"tolerance: must be >= 0 (got {tolerance!r})")
         if tau_step <= 0:
@@ -634,6 +656,7 @@ class TopicSegmenter:
         self.tau_max = tau_max
         self.extremum: Literal["max", "min"] = extremum
         self.fallback_to_b2 = fallback_to_b2
+        self.b2_input: B2Input = b2_input
 
     def b1(self, units: Sequence[Exchange]) -> list[int]:
         """B1 boundaries over the exchanges' user texts (needs at least 4 exchanges)."""
@@ -642,11 +665,25 @@ class TopicSegmenter:
         m = self.attention([u.user_text for u in units])
         return attention_boundaries(m, extremum=self.extremum)
 
+    def embed(self, units: Sequence[Exchange]) -> np.ndarray:
+        """B2's exchange embeddings (rows), as ``b2_input`` says."""
+        if self.b2_input == "exchanges":
+            return np.asarray(self.encode([u.text for u in units]))
+        rows = np.asarray(
+            self.encode([t.original_text for u in units for t in u.turns]), dtype=np.float64
+        )
+        out = np.empty((len(units), rows.shape[1]))
+        at = 0
+        for i, u in enumerate(units):
+            out[i] = rows[at : at + len(u.turns)].mean(axis=0)
+            at += len(u.turns)
+        return out  # adjacent_similarity normalises the rows
+
     def b2(self, units: Sequence[Exchange]) -> list[int]:
-        """B2 boundaries over embeddings of the exchanges' full text."""
+        """B2 boundaries over the exchanges' embeddings (see :meth:`embed`)."""
         if len(units) < 2:
             return []
-        sims = adjacent_similarity(self.encode([u.text for u in units]))
+        sims = adjacent_similarity(self.embed(units))
         found, _ = similarity_boundaries(
             sims, tau_start=self.tau_start, tau_step=self.tau_step, tau_max=self.tau_max
         )

@@ -80,40 +80,56 @@ class TurnEmbeddings:
         #: Texts embedded here (cache misses), for benchmarks and tests.
         self.computed = 0
 
-    def put(self, text: str, window_states: Sequence[torch.Tensor]) -> None:
+    def clear(self) -> None:
+        """Forget every cached embedding (benchmarks start cold)."""
+        self._cache.clear()
+        self.computed = 0
+
+    def put(self, text: str, window_states: Sequence[torch.Tensor]) -> np.ndarray:
         """Record a turn's embedding from the last-layer states of its windows.
 
         Args:
             text: The turn's text.
             window_states: ``(positions, hidden)`` last-layer states of each of
                 :func:`turn_windows` ``(text)``, special positions included.
+
+        Returns:
+            The embedding.
         """
         vector = mean_pool(torch.cat(list(window_states))).numpy().astype(np.float32)
         self._cache[text] = vector
         self._cache.move_to_end(text)
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
+        return vector
 
-    def compute(self, texts: Sequence[str]) -> None:
-        """Embed ``texts`` (one packed pass for all their windows) into the cache."""
+    def compute(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Embed ``texts`` (one packed pass for all their windows) into the cache.
+
+        Returns:
+            The embeddings by text.
+        """
         plans = [turn_windows(self.tokenizer, t, self.max_tokens) for t in texts]
         flat = [w for windows in plans for w in windows]
         states = self.packed.hidden_states(flat, (self.layer,)) if flat else []
         at = 0
+        out: dict[str, np.ndarray] = {}
         for text, windows in zip(texts, plans, strict=True):
-            self.put(text, [states[at + i][0] for i in range(len(windows))])
+            out[text] = self.put(text, [states[at + i][0] for i in range(len(windows))])
             at += len(windows)
         self.computed += len(texts)
+        return out
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """One L2-normalised row per text, ``(len(texts), hidden)`` float32."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            self.compute(missing)
-        rows = []
-        for t in texts:
-            self._cache.move_to_end(t)
-            rows.append(self._cache[t])
+            found.update(self.compute(missing))
+        rows = [found[t] for t in texts]
+        for t in found:
+            if t in self._cache:
+                self._cache.move_to_end(t)
         if not rows:
             return np.zeros((0, int(self.packed.model.config.hidden_size)), dtype=np.float32)
         return np.stack(rows)

@@ -247,6 +247,7 @@ def detector_outputs(
     *,
     b1_modes: Sequence[B1Mode] = B1_MODES,
     tolerances: Sequence[int] = TOLERANCES,
+    tau_start: float = 0.2,
 ) -> dict[str, list[int]]:
     """Every compared detector's boundaries for one buffer.
 
@@ -254,7 +255,7 @@ def detector_outputs(
     default) and ``B <mode> tol <t> no-fallback``. B is empty when B2 is, as in
     :meth:`~lightmem.processors.segment.TopicSegmenter.boundaries`.
     """
-    b2, _ = similarity_boundaries(signals.similarity)
+    b2, _ = similarity_boundaries(signals.similarity, tau_start=tau_start)
     found: dict[str, list[int]] = {"B2": b2}
     for mode in b1_modes:
         b1 = b1_boundaries(signals.matrix, mode) if signals.n >= 4 else []
@@ -421,6 +422,7 @@ def score(
     signals: Sequence[Signals],
     *,
     match_tolerances: Sequence[int] = MATCH_TOLERANCES,
+    tau_start: float = 0.2,
 ) -> dict[str, DetectorScore]:
     """Score every detector on every buffer (micro average over the set).
 
@@ -428,13 +430,14 @@ def score(
         buffers: The spliced buffers.
         signals: Their model outputs, in the same order.
         match_tolerances: Boundary-match tolerances to score at.
+        tau_start: B2's first threshold (the segmenter's for its B2 input).
 
     Returns:
         Scores by detector name (see :func:`detector_outputs`).
     """
     scores: dict[str, DetectorScore] = {}
     for buf, sig in zip(buffers, signals, strict=True):
-        found = detector_outputs(sig)
+        found = detector_outputs(sig, tau_start=tau_start)
         b2 = found["B2"]
         for name, cuts in found.items():
             s = scores.setdefault(name, DetectorScore())
@@ -467,10 +470,11 @@ def _pct(x: float) -> str:
 
 
 def _signals(attention: Callable[[Sequence[str]], np.ndarray],
-             encode: Callable[[Sequence[str]], np.ndarray], buf: SplicedBuffer) -> Signals:
-    """Run the segmenter's two models once over a buffer (B1: user texts, B2: exchanges)."""
+             embed: Callable[[Sequence[Exchange]], np.ndarray], buf: SplicedBuffer) -> Signals:
+    """Run the segmenter's two models once over a buffer (B1: user texts, B2: exchanges as
+    the segmenter embeds them, see :meth:`~lightmem.processors.segment.TopicSegmenter.embed`)."""
     m = attention([ex.user_text for ex in buf.exchanges])
-    e = encode([ex.text for ex in buf.exchanges])
+    e = embed(buf.exchanges)
     return Signals(attention=adjacent_attention(m), matrix=m, similarity=adjacent_similarity(e))
 
 
@@ -493,8 +497,18 @@ def segment_command(
     piece_min: Annotated[int, typer.Option(min=1, help="Fewest exchanges per piece")] = 3,
     piece_max: Annotated[int, typer.Option(min=1, help="Most exchanges per piece")] = 8,
     compressor: Annotated[
-        str, typer.Option(help="none | entropy | llmlingua2: pre-compress the turns first")
+        str, typer.Option(help="none | entropy | minilm | llmlingua2: pre-compress the turns "
+                          "first")
     ] = "none",
+    b2_input: Annotated[
+        str, typer.Option(help="What B2 embeds: exchanges (compressed exchange text) | turns "
+                          "(original turns, one embedding each, as the minilm compressor's "
+                          "pass gives them)")
+    ] = "exchanges",
+    tau_start: Annotated[
+        float | None, typer.Option(help="B2's first threshold (default: the segmenter's for "
+                                   "--b2-input)")
+    ] = None,
     rate: Annotated[float, typer.Option(min=0.05, max=1.0, help="Compression rate r")] = 0.6,
     seed: Annotated[int, typer.Option(help="Random seed of the splices")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
@@ -503,6 +517,8 @@ def segment_command(
     ] = None,
 ) -> None:
     """Boundary precision / recall of B1, B2 and B on spliced LoCoMo buffers."""
+    from lightmem.processors.segment import B2_TAU_START, TopicSegmenter
+    from lightmem.processors.turn_embeddings import TurnEmbeddings
     from lightmem.streams.models.components import Components
 
     wanted = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -513,6 +529,10 @@ def segment_command(
     if piece_min > piece_max:
         err.print("[red]--piece-min must be <= --piece-max[/red]")
         raise typer.Exit(2)
+    if b2_input not in B2_TAU_START:
+        err.print(f"[red]--b2-input: {b2_input!r} (choose from {', '.join(B2_TAU_START)})[/red]")
+        raise typer.Exit(2)
+    tau = B2_TAU_START[b2_input] if tau_start is None else tau_start
     try:
         samples = load_locomo(data, limit=conversations)
     except FileNotFoundError as exc:
@@ -526,6 +546,9 @@ def segment_command(
     )
     parts = Components(settings)
     seg = parts.segmenter  # the workers' own MiniLM attention (B1) and embedder (B2)
+    if b2_input == "turns":
+        turn_embeddings = TurnEmbeddings(parts.encoder.attention_model, parts.encoder.tokenizer)
+        seg = TopicSegmenter(seg.attention, turn_embeddings, b2_input="turns", tau_start=tau)
     turns = [t for s in samples for t in s.turns]
     compressed: dict[tuple[str, str], str] | None = None
     t0 = time.perf_counter()
@@ -542,6 +565,8 @@ def segment_command(
         "conversations": len(samples),
         "compressor": compressor,
         "rate": rate if compressor != "none" else None,
+        "b2_input": b2_input,
+        "tau_start": tau,
         "budget_user_tokens": budget,
         "piece_exchanges": [piece_min, piece_max],
         "seed": seed,
@@ -567,10 +592,10 @@ def segment_command(
                       TimeElapsedColumn(), console=err) as progress:
             task = progress.add_task(f"{kind} splices", total=len(buffers))
             for buf in buffers:
-                signals.append(_signals(seg.attention, seg.encode, buf))
+                signals.append(_signals(seg.attention, seg.embed, buf))
                 progress.advance(task)
         model_s = time.perf_counter() - t1
-        scores = score(buffers, signals)
+        scores = score(buffers, signals, tau_start=tau)
         all_scores[kind] = scores
         n_true = sum(len(b.boundaries) for b in buffers)
         n_ex = sum(len(b.exchanges) for b in buffers)
@@ -626,7 +651,8 @@ def _print(report: dict[str, Any], all_scores: Mapping[str, Mapping[str, Detecto
     )
     comp = report["compressor"] if report["compressor"] == "none" else (
         f"{report['compressor']} r={report['rate']}")
-    table = Table(title=f"bench segment (compressor {comp}; {head})\n"
+    table = Table(title=f"bench segment (compressor {comp}; B2 input {report['b2_input']}, "
+                        f"tau from {report['tau_start']}; {head})\n"
                         "P/R/F1: exact match; F1±1: cut within one exchange of the splice")
     table.add_column("detector")
     for k in kinds:

@@ -16,8 +16,10 @@ from pathlib import Path
 from lightmem.processors.compress import CompressionBackend, SensoryCompressor
 from lightmem.processors.embed import Embedder
 from lightmem.processors.llm import ChatModel
+from lightmem.processors.retention import MiniLMRetentionBackend
 from lightmem.processors.segment import MiniLMAttention, SensoryBuffer, TopicSegmenter
 from lightmem.processors.summarize import Summarizer, TopicBuffer
+from lightmem.processors.turn_embeddings import TurnEmbeddings
 from lightmem.settings import Settings
 from lightmem.streams.models.encoder import MiniLMEncoder, configure_torch, load_encoder
 
@@ -32,6 +34,14 @@ def _compression_backend(
     from lightmem.streams.models.causal_lm import load_compression_backend
 
     return load_compression_backend(name, cache_dir=cache_dir, model=model, batch_size=batch_size)
+
+
+@cache
+def _turn_embeddings() -> TurnEmbeddings:
+    """One cache of turn embeddings per process: the minilm compressor's pass fills it and
+    every segmenter's B2 (``segment_b2_input = turns``) reads it."""
+    encoder = load_encoder()
+    return TurnEmbeddings(encoder.attention_model, encoder.tokenizer)
 
 
 class Components:
@@ -84,6 +94,11 @@ class Components:
             model=self.settings.compressor_model,
             batch_size=self.settings.compress_batch_size,
         )
+        if self.settings.segment_b2_input == "turns" and isinstance(
+            backend, MiniLMRetentionBackend
+        ):
+            # B2's turn embeddings come out of the compressor's MiniLM pass.
+            backend.turn_embeddings = _turn_embeddings()
         return SensoryCompressor(backend, rate=self.settings.compression_rate)
 
     @cached_property
@@ -93,6 +108,9 @@ class Components:
     @cached_property
     def segmenter(self) -> TopicSegmenter:
         attention = MiniLMAttention(self.encoder.attention_model, self.encoder.tokenizer)
+        if self.settings.segment_b2_input == "turns":
+            return TopicSegmenter(attention, _turn_embeddings(),
+                                  tolerance=self.settings.segment_tolerance, b2_input="turns")
         return TopicSegmenter(attention, self.embedder, tolerance=self.settings.segment_tolerance)
 
     @cached_property

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,18 @@ class MiniLMEncoder:
         return int(self.sentence_model.get_embedding_dimension())
 
     def count_tokens(self, text: str) -> int:
-        """Encoder tokens in ``text`` (no special tokens)."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Encoder tokens in ``text`` (no special tokens); cached per text: the sensory
+        buffer recounts every buffered turn at each push."""
+        return _count_tokens(self.tokenizer, text)
 
     @property
     def token_counter(self) -> Callable[[str], int]:
         return self.count_tokens
+
+
+@lru_cache(maxsize=16384)
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @cache
