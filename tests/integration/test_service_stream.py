@@ -40,8 +40,11 @@ def _entry(i: int, tenant: str, user: str, fact: str) -> MemoryEntry:
     when = datetime(2024, 3, 4 + i, 18, 0, tzinfo=UTC)
     return MemoryEntry(id=f"{tenant}-{user}-{i}", tenant=tenant, user=user, conversation="c1",
                        topic_id="t1", speaker=user, fact=fact, event_time=when,
-                       ingest_time=when, source_turn_ids=[f"turn-{i}"], original_text=fact,
-                       compressed_text=fact, mode=EntryMode.extractive)
+                       ingest_time=when, source_turn_ids=[f"turn-{i}"],
+                       # As said, without the "speaker: " the fact starts with (what an
+                       # extractive memory keeps beside its compressed line).
+                       original_text=fact.split(": ", 1)[-1],
+                       compressed_text=fact.split(": ", 1)[-1], mode=EntryMode.extractive)
 
 
 @pytest.fixture
