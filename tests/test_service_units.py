@@ -255,3 +255,22 @@ def test_keys_create_admin_from_the_cli(tmp_path: Path) -> None:
         refused = CliRunner().invoke(cli, ["keys", "create", "--keys-file", str(path), *args])
         assert refused.exit_code == 2, refused.output
     assert len(KeyRing.load(path)) == 1
+
+
+def test_items_show_what_render_text_says() -> None:
+    """LIGHTMEM_RENDER_TEXT reaches the service's items: an extractive memory shows its
+    source turn as said (default) or its compressed line."""
+    from datetime import UTC, datetime
+
+    from lightmem.schemas import EntryMode, MemoryEntry
+    from lightmem.service.models import MemoryItem
+
+    when = datetime(2024, 3, 5, 18, 0, tzinfo=UTC)
+    entry = MemoryEntry(id="m1", tenant="acme", user="alice", conversation="c1", topic_id="t1",
+                        speaker="alice", fact="alice: adopted dog Rex", event_time=when,
+                        ingest_time=when, source_turn_ids=["turn-1"],
+                        original_text="I adopted a dog, his name is Rex",
+                        compressed_text="adopted dog Rex", mode=EntryMode.extractive)
+    assert "I adopted a dog, his name is Rex" in MemoryItem.of(entry).rendered
+    assert "I adopted a dog" not in MemoryItem.of(entry, "compressed").rendered
+    assert "adopted dog Rex" in MemoryItem.of(entry, "compressed").rendered

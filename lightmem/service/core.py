@@ -150,7 +150,8 @@ class MemoryService:
         self.backend = backend
         self.settings = settings
         self.clock = clock
-        self.retriever = Retriever(_NoStore(), backend.embed, k=settings.retrieve_k)
+        self.retriever = Retriever(_NoStore(), backend.embed, k=settings.retrieve_k,
+                                   render_text=settings.render_text)
         #: Query embeddings, batched across concurrent requests (see .batching).
         self.batcher = QueryBatcher(backend.embed) if settings.serve_batch_queries else None
         self._ledger: RequestLedger | None = None
@@ -261,7 +262,7 @@ class MemoryService:
                           conversation=request.conversation, after=request.after,
                           before=request.before, retrieval=request.mode,
                           events=request.include_events)
-        return SearchResponse(results=[_hit(h) for h in hits])
+        return SearchResponse(results=[_hit(h, self.settings.render_text) for h in hits])
 
     def answer(self, tenant: str, request: AnswerRequest) -> AnswerResponse:
         hits = self._hits(tenant, request.user, request.question, request.k,
@@ -270,8 +271,8 @@ class MemoryService:
                                        tenant=tenant, asked_at=self.clock())
         by_id = {h.entry.id: h for h in hits}
         return AnswerResponse(answer=answer.text, mode=answer.mode,
-                              memories=[_hit(by_id[i]) for i in answer.memory_ids
-                                        if i in by_id])
+                              memories=[_hit(by_id[i], self.settings.render_text)
+                                        for i in answer.memory_ids if i in by_id])
 
     def list(self, tenant: str, user: str, *, limit: int = 100, cursor: str | None = None,
              include_events: bool = False) -> MemoryPage:
@@ -289,7 +290,7 @@ class MemoryService:
                                  events=include_events)
         more = len(rows) > limit
         rows = rows[:limit]
-        return MemoryPage(results=[MemoryItem.of(e) for e, _ in rows],
+        return MemoryPage(results=[MemoryItem.of(e, self.settings.render_text) for e, _ in rows],
                           next_cursor=_encode_cursor(rows[-1][1]) if more else None)
 
     def iter_all(self, tenant: str, user: str, *, page_size: int = 500
@@ -310,14 +311,15 @@ class MemoryService:
         return entry
 
     def get(self, tenant: str, memory_id: str) -> MemoryItem:
-        return MemoryItem.of(self._entry(tenant, memory_id))
+        return MemoryItem.of(self._entry(tenant, memory_id), self.settings.render_text)
 
     def history(self, tenant: str, memory_id: str) -> HistoryResponse:
         """Every change of one memory, deleted ones included (404 for another tenant's)."""
         changes = [c for c in self.backend.history(memory_id) if c.tenant == tenant]
         if not changes:
             self._entry(tenant, memory_id)  # 404 unless it exists (written before history)
-        return HistoryResponse(results=[ChangeItem.of(c) for c in changes])
+        return HistoryResponse(results=[ChangeItem.of(c, self.settings.render_text)
+                                        for c in changes])
 
     # -- deletes
 
@@ -369,8 +371,8 @@ class MemoryService:
     def aml_search(self, tenant: str, request: AmlSearchRequest) -> AmlSearchResponse:
         hits = self._hits(tenant, request.user_id, request.query, request.top_k)
         return AmlSearchResponse(data=[
-            AmlSearchItem(id=h.entry.id, content=_hit(h).rendered, score=h.score,
-                          created_at=h.entry.event_time) for h in hits])
+            AmlSearchItem(id=h.entry.id, content=_hit(h, self.settings.render_text).rendered,
+                          score=h.score, created_at=h.entry.event_time) for h in hits])
 
     # -- health
 
@@ -401,8 +403,8 @@ def erase_user(service: MemoryService, tenant: str, user: str, *,
         sinks=sinks)
 
 
-def _hit(h: ScoredEntry) -> SearchHit:
-    return SearchHit(**MemoryItem.of(h.entry).model_dump(), score=h.score)
+def _hit(h: ScoredEntry, render_text: str | None = None) -> SearchHit:
+    return SearchHit(**MemoryItem.of(h.entry, render_text).model_dump(), score=h.score)
 
 
 class _NoStore:

@@ -193,11 +193,14 @@ class MemoryItem(BaseModel):
     version: int
 
     @classmethod
-    def of(cls, entry: MemoryEntry) -> MemoryItem:
+    def of(cls, entry: MemoryEntry, render_text: str | None = None) -> MemoryItem:
+        """The item for ``entry``; ``rendered`` shows what ``render_text`` says
+        (``LIGHTMEM_RENDER_TEXT``; None: the measured default)."""
         from lightmem.processors.retrieve import render
 
+        rendered = render(entry) if render_text is None else render(entry, render_text)
         return cls(id=entry.id, user=entry.user, conversation=entry.conversation,
-                   speaker=entry.speaker, text=entry.fact, rendered=render(entry),
+                   speaker=entry.speaker, text=entry.fact, rendered=rendered,
                    event_time=entry.event_time, created_at=entry.ingest_time,
                    source_turn_ids=list(entry.source_turn_ids), mode=entry.mode.value,
                    version=entry.version,
@@ -254,11 +257,13 @@ class ChangeItem(BaseModel):
     after: MemoryItem | None = None
 
     @classmethod
-    def of(cls, change: MemoryChange) -> ChangeItem:
+    def of(cls, change: MemoryChange, render_text: str | None = None) -> ChangeItem:
+        def item(e: MemoryEntry | None) -> MemoryItem | None:
+            return None if e is None else MemoryItem.of(e, render_text)
+
         return cls(change_id=change.change_id, op=change.op.value, memory_id=change.memory_id,
-                   at=change.at, reason=change.reason,
-                   before=None if change.before is None else MemoryItem.of(change.before),
-                   after=None if change.after is None else MemoryItem.of(change.after))
+                   at=change.at, reason=change.reason, before=item(change.before),
+                   after=item(change.after))
 
 
 class HistoryResponse(BaseModel):
