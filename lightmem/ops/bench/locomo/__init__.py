@@ -83,6 +83,7 @@ from lightmem.ops.bench.locomo.data import (
     select_questions,
     unit_segments,
 )
+from lightmem.ops.bench.locomo.probes import PHASES, PhaseClock
 from lightmem.ops.bench.locomo.recall import (
     BUDGET_RULE,
     CONTENT_RULE,
@@ -107,10 +108,8 @@ from lightmem.ops.bench.locomo.report import BenchReport, render_markdown, write
 from lightmem.ops.bench.locomo.run import StubRefused, locomo_command, run_locomo_bench
 from lightmem.ops.bench.locomo.systems import (
     DEFAULT_RETRIEVAL,
-    PHASES,
     SYSTEM_KINDS,
     BenchConfig,
-    PhaseClock,
     SystemBuilder,
     SystemResult,
     SystemSpec,
