@@ -197,7 +197,7 @@ def test_every_producer_codec_is_read(stream_env: StreamEnv) -> None:
     assert all(r.letter is not None and r.letter.reason for r in letters)
 
 
-def test_a_second_deployment_cannot_share_the_app_id(stream_env: StreamEnv) -> None:
+def test_a_second_deployment_cannot_share_the_ingest_group(stream_env: StreamEnv) -> None:
     """Same ingest group, another topic prefix: the second worker refuses to start, naming the
     conflict (before, it shared the first one's group and buffers and indexed nothing)."""
     senv = stream_env
