@@ -390,7 +390,8 @@ def stream_command(
     modes: Annotated[str, typer.Option(help="extractive,llm")] = "extractive,llm",
     llm_latency: Annotated[float, typer.Option(
         min=0.0, help="Seconds per LLM call of the stub endpoint (llm mode)")] = 0.2,
-    compressor: Annotated[str, typer.Option(help="entropy | llmlingua2 | none")] = "entropy",
+    compressor: Annotated[str, typer.Option(
+        help="minilm | entropy | llmlingua2 | none")] = "minilm",
     threads: Annotated[int | None, typer.Option(help="torch threads (both sides)")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the bench topics and index")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here")] = None,

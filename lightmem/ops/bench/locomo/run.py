@@ -224,7 +224,8 @@ def locomo_command(
         str | None, typer.Option(help="Topic-buffer thresholds th in tokens, comma-separated")
     ] = None,
     compressor: Annotated[
-        str | None, typer.Option(help="entropy | llmlingua2 | none (default: settings)")
+        str | None, typer.Option(help="minilm | entropy | llmlingua2 | none (default: the setting, "
+                                    "LIGHTMEM_COMPRESSOR)")
     ] = None,
     systems: Annotated[
         str, typer.Option(help="Systems to run: naive,extractive,lightmem,per-turn")
