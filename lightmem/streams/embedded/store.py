@@ -486,7 +486,7 @@ class EmbeddedStore:
         rows = self._db.execute("SELECT tenant, user, count(*) FROM entries GROUP BY tenant, user")
         return {(t, u): int(n) for t, u, n in rows}
 
-    # -- memory changes (the embedded twin of lightmem.memory-changes.v1)
+    # -- memory changes (the embedded twin of lightmem.memory-changes.v2)
 
     def append_changes(self, changes: Sequence[MemoryChange]) -> None:
         """Record changes; a change id already recorded is ignored (idempotent replays)."""

@@ -21,7 +21,7 @@ The loop::
             build_queues (kNN: same scope, event time <= the entry's, top-k 20, keep 10) ->
             targets_from_queues (score >= threshold) -> one consolidation call per target ->
             apply with optimistic concurrency (conflict: re-read, decide again) ->
-            MemoryChange per change to lightmem.memory-changes.v1, flushed ->
+            MemoryChange per change to lightmem.memory-changes.v2, flushed ->
             outbox cleared -> offsets committed (synchronously)
 
 Delivery semantics: at-least-once, made idempotent.
