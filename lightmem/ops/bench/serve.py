@@ -56,6 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightmem.ops.bench.serve_corpus import (
+    TENANT,
     build_elasticsearch,
     build_embedded,
     corpus_docs,
@@ -87,11 +88,6 @@ __all__ = ["serve_command", "synthetic_memories", "measure", "Service"]
 err = Console(stderr=True, width=max(120, Console(stderr=True).width))
 out = Console()
 
-#: The tenant of the benchmark's memories (dev mode: the service's --dev-tenant).
-TENANT = "bench"
-WORDS = ("dog cat kayak cello Lisbon Porto marathon risotto peanuts maps garden piano "
-         "sister brother violin tennis sushi Berlin hiking chess novel bakery ferry tulips "
-         "yoga jazz camera lemon castle harbor").split()
 STORES = ("embedded", "elasticsearch")
 
 

@@ -25,17 +25,16 @@ __all__ = [
     "corpus_docs",
     "drop_non_corpus",
     "TENANT",
+    "WORDS",
 ]
 
 err = Console(stderr=True, width=max(120, Console(stderr=True).width))
-out = Console()
 
 #: The tenant of the benchmark's memories (dev mode: the service's --dev-tenant).
 TENANT = "bench"
 WORDS = ("dog cat kayak cello Lisbon Porto marathon risotto peanuts maps garden piano "
          "sister brother violin tennis sushi Berlin hiking chess novel bakery ferry tulips "
          "yoga jazz camera lemon castle harbor").split()
-STORES = ("embedded", "elasticsearch")
 
 
 # -- corpus ------------------------------------------------------------------------------------

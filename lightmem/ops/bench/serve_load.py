@@ -36,8 +36,6 @@ __all__ = [
 ]
 
 err = Console(stderr=True, width=max(120, Console(stderr=True).width))
-out = Console()
-#: The tenant of the benchmark's memories (dev mode: the service's --dev-tenant).
 
 
 # -- the service as a process ------------------------------------------------------------------
