@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from lightmem.processors.entry_text import EntryText
 from lightmem.processors.lexical import query_terms
 from lightmem.processors.retrieve import DEFAULT_CANDIDATES, Retriever
 from lightmem.processors.store import ScoredEntry, VersionConflict
@@ -403,7 +404,7 @@ def erase_user(service: MemoryService, tenant: str, user: str, *,
         sinks=sinks)
 
 
-def _hit(h: ScoredEntry, render_text: str | None = None) -> SearchHit:
+def _hit(h: ScoredEntry, render_text: EntryText) -> SearchHit:
     return SearchHit(**MemoryItem.of(h.entry, render_text).model_dump(), score=h.score)
 
 

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from lightmem.processors.entry_text import DEFAULT_RENDER_TEXT, EntryText
 from lightmem.schemas import MemoryChange, MemoryEntry
 from lightmem.schemas.records import RFC3339_PATTERN
 
@@ -193,14 +194,13 @@ class MemoryItem(BaseModel):
     version: int
 
     @classmethod
-    def of(cls, entry: MemoryEntry, render_text: str | None = None) -> MemoryItem:
+    def of(cls, entry: MemoryEntry, render_text: EntryText = DEFAULT_RENDER_TEXT) -> MemoryItem:
         """The item for ``entry``; ``rendered`` shows what ``render_text`` says
-        (``LIGHTMEM_RENDER_TEXT``; None: the measured default)."""
+        (``LIGHTMEM_RENDER_TEXT``)."""
         from lightmem.processors.retrieve import render
 
-        rendered = render(entry) if render_text is None else render(entry, render_text)
         return cls(id=entry.id, user=entry.user, conversation=entry.conversation,
-                   speaker=entry.speaker, text=entry.fact, rendered=rendered,
+                   speaker=entry.speaker, text=entry.fact, rendered=render(entry, render_text),
                    event_time=entry.event_time, created_at=entry.ingest_time,
                    source_turn_ids=list(entry.source_turn_ids), mode=entry.mode.value,
                    version=entry.version,
@@ -257,7 +257,8 @@ class ChangeItem(BaseModel):
     after: MemoryItem | None = None
 
     @classmethod
-    def of(cls, change: MemoryChange, render_text: str | None = None) -> ChangeItem:
+    def of(cls, change: MemoryChange,
+           render_text: EntryText = DEFAULT_RENDER_TEXT) -> ChangeItem:
         def item(e: MemoryEntry | None) -> MemoryItem | None:
             return None if e is None else MemoryItem.of(e, render_text)
 
