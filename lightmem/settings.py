@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     #: ``exchanges`` (each exchange's compressed text, again at every cut). ``turns`` won
     #: on ``lightmem bench segment`` and costs no MiniLM pass of its own with minilm.
     segment_b2_input: Literal["exchanges", "turns"] = "turns"
+    #: Which MiniLM layers' attention the attention detector (B1) averages, 1 = the first
+    #: (a JSON list in the environment: ``[3,4,5,6]`` is the reference implementation's
+    #: last four). Only the layers up to the deepest one run; the first alone found the
+    #: same cuts on ``lightmem bench segment`` at a sixth of the cost.
+    segment_b1_layers: tuple[int, ...] = (1,)
     #: Flush a conversation's buffers after this much event-time silence (seconds).
     idle_timeout_s: float = Field(default=1800.0, gt=0)
     #: A turn whose event time is more than this far ahead of the receiving stage's clock

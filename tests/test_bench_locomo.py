@@ -482,3 +482,41 @@ def test_answer_mode_with_an_endpoint(locomo_path: Path, tmp_path: Path) -> None
     assert report.eval_llm is not None and report.eval_llm.calls == 2 * naive.questions
     assert len(answer_prompts) == naive.questions
     assert naive.llm.calls == 0  # answering is not memory-building cost
+
+
+def test_specs_build_each_lightmem_system_once_per_compressor() -> None:
+    one = BenchConfig(systems=("naive", "extractive"))
+    assert [s.name for s in one.specs()] == [
+        "NaiveRAG", "LightMem extractive r=0.6 embeds original"]
+    both = BenchConfig(systems=("naive", "extractive", "lightmem"),
+                       compressors=("entropy", "minilm"))
+    assert [(s.name, s.compressor) for s in both.specs()] == [
+        ("NaiveRAG", None),
+        ("LightMem extractive r=0.6 embeds original [entropy]", "entropy"),
+        ("LightMem extractive r=0.6 embeds original [minilm]", "minilm"),
+        ("LightMem r=0.6 th=512 [entropy]", "entropy"),
+        ("LightMem r=0.6 th=512 [minilm]", "minilm"),
+    ]
+
+
+@pytest.mark.models
+def test_cli_compares_compressors_in_one_run(locomo_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "bench", "locomo", "--data", str(locomo_path), "--out", str(out),
+        "--limit-conversations", "1", "--limit-turns", "24", "--systems", "extractive",
+        "--retrieval", "knn", "--compressor", "entropy,minilm",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "locomo.json").read_text())
+    systems = {s["compressor"]: s for s in report["systems"]}
+    assert sorted(systems) == ["entropy", "minilm"]
+    assert report["settings"]["compressor"] == "entropy,minilm"
+    assert sorted(report["settings"]["compressor_backend_loaded"]) == ["entropy", "minilm"]
+    assert all(s["entries"] == 24 for s in systems.values())
+    # Both keep exactly the top r of each turn's words (the same count, other words).
+    assert systems["entropy"]["words_stored"] == systems["minilm"]["words_stored"]
+    assert "[entropy]" in systems["entropy"]["name"] and "[minilm]" in systems["minilm"]["name"]
+    bad = CliRunner().invoke(app, ["bench", "locomo", "--data", str(locomo_path),
+                                   "--compressor", "minilm,gzip"])
+    assert bad.exit_code == 2 and "gzip" in bad.output

@@ -29,13 +29,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from lightmem.processors.embed import TextEncoder
 from lightmem.schemas import Role, Segment, SegmentTurn, TurnEvent, conversation_key, stable_id
+
+if TYPE_CHECKING:
+    from .packed_encoder import PackedEncoder
 
 __all__ = [
     "SensoryBufferState",
@@ -49,6 +53,7 @@ __all__ = [
     "B2_TAU_START",
     "to_segment_turn",
     "group_exchanges",
+    "B1_LAYERS",
     "adjacent_attention",
     "attention_boundaries",
     "adjacent_similarity",
@@ -440,6 +445,17 @@ def combine_boundaries(
 # --------------------------------------------------------------------------------------
 
 
+#: The encoder layers whose attention B1 averages by default: the first alone. Measured
+#: (``lightmem bench segment --compressor minilm --b2-input turns --limit 200 --threads 2
+#: --b1-layers ...``, 200 + 200 spliced buffers, P/R/F1 % exact match, other conversation |
+#: other session): the reference's last four (3-6) B1 33/51/40 | 30/49/37 and B at tolerance
+#: 3 70/68/69 | 62/55/58; layers 1-2 B1 F1 40 | 37, B 69 | 58; layer 1 alone B1 F1 39 | 36,
+#: B 70/69/70 | 62/55/59. The same cuts where they count (B at the default tolerance), for
+#: one layer's pass instead of six: B1's share of the sensory stage fell from ~0.6 s to
+#: ~0.1 s per 200 turns (``lightmem bench pipeline``).
+B1_LAYERS: tuple[int, ...] = (1,)
+
+
 class SentenceAttention(Protocol):
     """Sentence-level attention: an n x n matrix M for n sentences (B1's input)."""
 
@@ -450,40 +466,56 @@ class MiniLMAttention:
     """:class:`SentenceAttention` from a BERT-style encoder's attention maps.
 
     The sentences are tokenised separately and concatenated between [CLS] and [SEP], so
-    each token's sentence is exact. One forward pass with ``output_attentions=True``; the
-    last ``last_layers`` layers and all heads are averaged into one L x L map A; the first
+    each token's sentence is exact. One pass of the encoder (packed, float32: see
+    :class:`~lightmem.processors.packed_encoder.PackedEncoder`) up to the deepest layer
+    asked for; the chosen layers and all heads are averaged into one L x L map A; the first
     and last ``mask_edge`` positions are masked (as queries and keys: they collect
     attention regardless of content). Then ``M[i, j]`` = mean over the tokens of s_i of
     their summed attention to the tokens of s_j, and each row is normalised to sum to 1.
 
     Args:
-        model: A transformers encoder (e.g. ``AutoModel``) loaded with
-            ``attn_implementation="eager"``: the sdpa kernel returns no attentions.
+        model: A transformers BERT-style encoder (e.g. ``AutoModel``), float32.
         tokenizer: Its tokenizer.
-        last_layers: How many final layers to average (default 4).
         mask_edge: Positions masked at each end (default 3).
+        layers: Which layers to average, 1 = the first (default :data:`B1_LAYERS`, the
+            first layer alone; the reference implementation averages the last four,
+            ``(3, 4, 5, 6)``). Only the layers up to the deepest one run.
         rows: ``"previous"`` normalises each row over the earlier sentences only (the
             reference implementation; M[i, j] = 0 for j >= i), ``"all"`` over every
             sentence, itself included (default ``"previous"``).
         max_positions: The encoder's window, special tokens included (default 512).
+
+    Raises:
+        ValueError: a model that is not a BERT-style encoder, a layer out of range.
     """
 
     def __init__(
         self,
         model: Any,
         tokenizer: Any,
-        last_layers: int = 4,
         mask_edge: int = 3,
         *,
+        layers: Sequence[int] = B1_LAYERS,
         rows: Literal["previous", "all"] = "previous",
         max_positions: int = 512,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.last_layers = last_layers
+        depth = int(getattr(getattr(model, "config", None), "num_hidden_layers", 6))
+        self.layers = tuple(sorted({int(x) for x in layers}))
+        if not self.layers or not all(1 <= x <= depth for x in self.layers):
+            raise ValueError(f"attention layers {list(layers)}: the encoder has layers 1..{depth}")
         self.mask_edge = mask_edge
         self.rows = rows
         self.max_positions = max_positions
+
+    @cached_property
+    def packed(self) -> PackedEncoder:
+        """The encoder's packed pass (built on first use: :meth:`encode_ids` needs only the
+        tokenizer)."""
+        from .packed_encoder import PackedEncoder
+
+        return PackedEncoder(self.model)
 
     def encode_ids(self, sentences: Sequence[str]) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of ``[CLS] s_1 ... s_n [SEP]`` and each sentence's span in them.
@@ -519,32 +551,16 @@ class MiniLMAttention:
         Returns:
             M as a float64 array.
         """
-        import torch
-
-        n = len(sentences)
-        if n == 0:
+        if not sentences:
             return np.zeros((0, 0))
         ids, spans = self.encode_ids(sentences)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                output_attentions=True,
-                return_dict=True,
-            )
-        if not out.attentions or out.attentions[0] is None:
-            raise RuntimeError(
-                "model returned no attentions: load it with attn_implementation='eager'"
-            )
-        layers = torch.stack(out.attentions[-self.last_layers :])  # (layers, 1, heads, L, L)
-        att = layers.float().mean(dim=(0, 2))[0].cpu().numpy().astype(np.float64)
+        att = self.packed.attention_map(ids, self.layers).numpy().astype(np.float64)
         return _sentence_matrix(att, spans, self.mask_edge, self.rows)
 
     def forward_pass(self, sentences: Sequence[str]) -> int:
-        """Run the bare forward pass (no attentions returned) over the same tokens, for
-        benchmarks that compare the segmenter with the model's own cost.
+        """Run the bare encoder pass over the same tokens, through the deepest layer B1
+        reads (no attentions kept), for benchmarks that compare the segmenter with the
+        model's own cost.
 
         Args:
             sentences: The sentences.
@@ -552,13 +568,8 @@ class MiniLMAttention:
         Returns:
             The number of token positions processed.
         """
-        import torch
-
         ids, _ = self.encode_ids(sentences)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        self.packed.hidden_states([ids], [self.layers[-1]])
         return len(ids)
 
 

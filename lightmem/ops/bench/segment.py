@@ -156,6 +156,10 @@ def segment_command(
         float | None, typer.Option(help="B2's first threshold (default: the segmenter's for "
                                    "--b2-input)")
     ] = None,
+    b1_layers: Annotated[
+        str | None, typer.Option(help="MiniLM layers B1 averages, comma-separated (1 = the "
+                                 "first; default: the segmenter's, LIGHTMEM_SEGMENT_B1_LAYERS)")
+    ] = None,
     rate: Annotated[float, typer.Option(min=0.05, max=1.0, help="Compression rate r")] = 0.6,
     seed: Annotated[int, typer.Option(help="Random seed of the splices")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
@@ -185,11 +189,22 @@ def segment_command(
     except FileNotFoundError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    overrides: dict[str, Any] = {}
+    if b1_layers is not None:
+        try:
+            overrides["segment_b1_layers"] = tuple(
+                int(x) for x in b1_layers.split(",") if x.strip()
+            )
+        except ValueError:
+            err.print(f"[red]--b1-layers: {b1_layers!r}: expected layer numbers, "
+                      "comma-separated[/red]")
+            raise typer.Exit(2) from None
     settings = load_settings(
         data_dir=Path(tempfile.mkdtemp(prefix="lightmem-bench-")),
         compressor=compressor,
         compression_rate=rate,
         torch_threads=threads,
+        **overrides,
     )
     parts = Components(settings)
     seg = parts.segmenter  # the workers' own MiniLM attention (B1) and embedder (B2)
@@ -213,6 +228,7 @@ def segment_command(
         "compressor": compressor,
         "rate": rate if compressor != "none" else None,
         "b2_input": b2_input,
+        "b1_layers": list(seg.attention.layers),
         "tau_start": tau,
         "budget_user_tokens": budget,
         "piece_exchanges": [piece_min, piece_max],
@@ -298,7 +314,9 @@ def _print(report: dict[str, Any], all_scores: Mapping[str, Mapping[str, Detecto
     )
     comp = report["compressor"] if report["compressor"] == "none" else (
         f"{report['compressor']} r={report['rate']}")
-    table = Table(title=f"bench segment (compressor {comp}; B2 input {report['b2_input']}, "
+    layers = ",".join(map(str, report["b1_layers"]))
+    table = Table(title=f"bench segment (compressor {comp}; B1 layers {layers}; "
+                        f"B2 input {report['b2_input']}, "
                         f"tau from {report['tau_start']}; {head})\n"
                         "P/R/F1: exact match; F1±1: cut within one exchange of the splice")
     table.add_column("detector")

@@ -107,7 +107,8 @@ class Components:
 
     @cached_property
     def segmenter(self) -> TopicSegmenter:
-        attention = MiniLMAttention(self.encoder.attention_model, self.encoder.tokenizer)
+        attention = MiniLMAttention(self.encoder.attention_model, self.encoder.tokenizer,
+                                    layers=self.settings.segment_b1_layers)
         if self.settings.segment_b2_input == "turns":
             return TopicSegmenter(attention, _turn_embeddings(),
                                   tolerance=self.settings.segment_tolerance, b2_input="turns")

@@ -41,9 +41,10 @@ def configure_torch(threads: int | None) -> None:
 
 @dataclass(frozen=True)
 class MiniLMEncoder:
-    """One MiniLM copy serving three roles: sentence embeddings (B2 and the index),
-    attentions (B1; loaded with eager attention, the sdpa kernel returns none) and the
-    token counter behind the sensory and topic buffers' budgets."""
+    """One MiniLM copy serving three roles: sentence embeddings (B2 and the index), the
+    model behind B1's attention maps and the ``minilm`` compressor (both through
+    :class:`~lightmem.processors.packed_encoder.PackedEncoder`, which computes attention
+    itself) and the token counter behind the sensory and topic buffers' budgets."""
 
     sentence_model: Any
     attention_model: Any
@@ -82,6 +83,8 @@ def load_encoder(device: str = "cpu") -> MiniLMEncoder:
         # the CPU's kernel path would move embeddings, attentions and so the segment
         # boundaries of a replay. In fp32, measured: batched vs one by one <= 1.5e-7, AVX-512
         # vs forced AVX2 path <= 2.2e-7 (cosines are compared to tau in 0.05 steps).
+        # Eager attention: the embeddings the index stores keep the bits they had when B1
+        # still read transformers' attentions (sdpa's differ by ~1e-7).
         model_kwargs={"attn_implementation": "eager", "dtype": torch.float32},
     )
     model.eval()

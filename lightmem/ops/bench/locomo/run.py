@@ -81,7 +81,7 @@ def run_locomo_bench(
     console = console or Console(stderr=True)
     settings = settings or load_settings()
     settings = settings.model_copy(update={
-        "compressor": config.compressor or settings.compressor,
+        "compressor": config.compressors[0] if config.compressors else settings.compressor,
         "torch_threads": config.threads if config.threads is not None else settings.torch_threads,
     })
     specs = config.specs()
@@ -224,8 +224,9 @@ def locomo_command(
         str | None, typer.Option(help="Topic-buffer thresholds th in tokens, comma-separated")
     ] = None,
     compressor: Annotated[
-        str | None, typer.Option(help="minilm | entropy | llmlingua2 | none (default: the setting, "
-                                    "LIGHTMEM_COMPRESSOR)")
+        str | None, typer.Option(help="Compressors, comma-separated, each LightMem system built "
+                                    "with each: minilm | entropy | llmlingua2 | none (default: "
+                                    "the setting, LIGHTMEM_COMPRESSOR)")
     ] = None,
     systems: Annotated[
         str, typer.Option(help="Systems to run: naive,extractive,lightmem,per-turn")
@@ -271,9 +272,14 @@ def locomo_command(
                                  param_hint="--systems")
     if per_turn_unit not in ("exchange", "turn"):
         raise typer.BadParameter("expected exchange or turn", param_hint="--per-turn-unit")
-    if compressor is not None and compressor not in ("entropy", "minilm", "llmlingua2", "none"):
-        raise typer.BadParameter("expected entropy, minilm, llmlingua2 or none",
-                                 param_hint="--compressor")
+    compressors = tuple(dict.fromkeys(
+        c.strip() for c in (compressor or "").split(",") if c.strip()))
+    if compressor is not None and (
+        not compressors
+        or any(c not in ("entropy", "minilm", "llmlingua2", "none") for c in compressors)
+    ):
+        raise typer.BadParameter(f"expected some of entropy, minilm, llmlingua2, none; got "
+                                 f"{compressor!r}", param_hint="--compressor")
     modes = tuple(dict.fromkeys(m.strip() for m in retrieval.split(",") if m.strip()))
     if not modes or any(m not in ("knn", "hybrid") for m in modes):
         raise typer.BadParameter(f"expected knn and/or hybrid, got {retrieval!r}",
@@ -292,7 +298,7 @@ def locomo_command(
         limit_questions=limit_questions,
         rates=rates,
         ths=_ints(th, "--th", low=64) if th else (base.topic_buffer_tokens,),
-        compressor=compressor,
+        compressors=compressors,
         systems=kinds,
         per_turn_unit="turn" if per_turn_unit == "turn" else "exchange",
         answer=answer,

@@ -80,15 +80,21 @@ class SystemSpec:
     #: dimension of the extractive system only (NaiveRAG's entries are whole turns, LLM
     #: facts are their fact).
     embed_text: EntryText = DEFAULT_EMBED_TEXT
+    #: The pre-compression backend (LightMem systems; None: the settings'). Named in the
+    #: system's name only when the run compares several.
+    compressor: str | None = None
+    #: Whether :attr:`name` names the compressor (a run comparing compressors).
+    names_compressor: bool = False
 
     @property
     def name(self) -> str:
         if self.kind == "naive":
             return "NaiveRAG"
+        suffix = f" [{self.compressor}]" if self.names_compressor else ""
         if self.kind == "extractive":
-            return f"LightMem extractive r={self.rate:g} embeds {self.embed_text}"
+            return f"LightMem extractive r={self.rate:g} embeds {self.embed_text}{suffix}"
         if self.kind == "lightmem":
-            return f"LightMem r={self.rate:g} th={self.th}"
+            return f"LightMem r={self.rate:g} th={self.th}{suffix}"
         return "Per-turn extractor"
 
     @property
@@ -159,6 +165,7 @@ class SystemResult:
             "topic_context": self.topic_context,
             "context_hits": self.context_hits,
             "kind": self.spec.kind,
+            "compressor": self.spec.compressor,
             "rate": self.spec.rate,
             "th": self.spec.th,
             "entries": self.entries,
@@ -200,7 +207,9 @@ class BenchConfig:
     limit_questions: int | None = None
     rates: tuple[float, ...] = (0.6,)
     ths: tuple[int, ...] = (512,)
-    compressor: str | None = None
+    #: Pre-compression backends, each LightMem system built once per backend (empty: the
+    #: settings' one).
+    compressors: tuple[str, ...] = ()
     systems: tuple[str, ...] = SYSTEM_KINDS
     per_turn_unit: PerTurnUnit = "exchange"
     ks: tuple[int, ...] = DEFAULT_KS
@@ -240,13 +249,17 @@ class BenchConfig:
     def specs(self) -> list[SystemSpec]:
         """The systems, in report order."""
         specs: list[SystemSpec] = []
+        comps: tuple[str | None, ...] = self.compressors or (None,)
+        named = len(comps) > 1
         if "naive" in self.systems:
             specs.append(SystemSpec("naive"))
         if "extractive" in self.systems:
-            specs += [SystemSpec("extractive", rate=r, embed_text=e)
-                      for r in self.rates for e in self.embed_texts]
+            specs += [SystemSpec("extractive", rate=r, embed_text=e, compressor=c,
+                                 names_compressor=named)
+                      for c in comps for r in self.rates for e in self.embed_texts]
         if "lightmem" in self.systems:
-            specs += [SystemSpec("lightmem", rate=r, th=th) for r in self.rates for th in self.ths]
+            specs += [SystemSpec("lightmem", rate=r, th=th, compressor=c, names_compressor=named)
+                      for c in comps for r in self.rates for th in self.ths]
         if "per-turn" in self.systems:
             specs.append(SystemSpec("per-turn"))
         return specs
@@ -266,7 +279,8 @@ class SystemBuilder:
         self.settings = settings
         self.workdir = workdir
         self.console = console
-        self.sensory: dict[float, SensoryCache] = {}
+        #: Compressed turns and segments per (compressor, rate), shared by the systems.
+        self.sensory: dict[tuple[str | None, float], SensoryCache] = {}
         self.compressor_backends: set[str] = set()
 
     def runtime(self, spec: SystemSpec, **overrides: Any) -> EmbeddedRuntime:
@@ -335,9 +349,11 @@ class SystemBuilder:
                                      "embed_text": spec.embed_text}
         if spec.th is not None:
             overrides["topic_buffer_tokens"] = spec.th
+        if spec.compressor is not None:
+            overrides["compressor"] = spec.compressor
         overrides["llm_base_url"] = self.settings.llm_base_url if spec.uses_llm else None
         rt = self.runtime(spec, **overrides)
-        cache = self.sensory.setdefault(spec.rate, SensoryCache())
+        cache = self.sensory.setdefault((spec.compressor, spec.rate), SensoryCache())
         # The backend actually loaded (llmlingua2 falls back to entropy when unavailable).
         self.compressor_backends.add(rt.compressor.backend.name)
         # Warm-up on the real parts (first calls pay for lazy initialisation).
@@ -488,7 +504,7 @@ def settings_summary(
     settings: Settings, config: BenchConfig, backends: Collection[str]
 ) -> dict[str, Any]:
     return {
-        "compressor": settings.compressor,
+        "compressor": ",".join(config.compressors) or settings.compressor,
         "compressor_backend_loaded": sorted(backends),
         "compressor_model": settings.compressor_model,
         "rates": list(config.rates),
