@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     #: Which MiniLM layers' attention the attention detector (B1) averages, 1 = the first
     #: (a JSON list in the environment: ``[3,4,5,6]`` is the reference implementation's
     #: last four). Only the layers up to the deepest one run; the first alone found the
-    #: same cuts on ``lightmem bench segment`` at a sixth of the cost.
+    #: same cuts on ``lightmem bench segment`` in a fifth of the time.
     segment_b1_layers: tuple[int, ...] = (1,)
     #: Flush a conversation's buffers after this much event-time silence (seconds).
     idle_timeout_s: float = Field(default=1800.0, gt=0)
