@@ -241,3 +241,13 @@ def test_forget_one_user_embedded(tmp_path: Path) -> None:
     assert rt.search("globex", "alice", "dog Pepper", k=3) == []
     assert _snapshot(rt.store._db, "acme", "bob") == before_bob
     rt.store.close()
+
+
+def test_a_bulk_delete_of_a_document_already_gone_is_not_a_failure() -> None:
+    from lightmem.streams.erasure.es_sink import failed_deletes
+
+    gone = {"delete": {"_index": "m", "_id": "event:1", "result": "not_found", "status": 404}}
+    refused = {"delete": {"_index": "m", "_id": "event:2", "status": 429,
+                          "error": {"type": "es_rejected_execution_exception"}}}
+    assert failed_deletes([gone, gone]) == []
+    assert failed_deletes([gone, refused]) == [refused]

@@ -767,3 +767,47 @@ def test_index_cli_usage_and_connection_errors() -> None:
         index_cli.app, ["list"], env={"LIGHTMEM_ES_API_KEY": "k", "LIGHTMEM_ES_USERNAME": "u"}
     )
     assert result.exit_code == 2 and "es_api_key" in result.stderr
+
+
+class _RacingClient:
+    """The Elasticsearch client, except that right after each search another writer (as the
+    index sink retiring a stream event) deletes the first document it found."""
+
+    def __init__(self, client: Any, index: str) -> None:
+        self._client, self._index = client, index
+        self.raced: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def search(self, **kwargs: Any) -> Any:
+        found = self._client.search(**kwargs)
+        hits = found["hits"]["hits"]
+        if hits:
+            self._client.delete(index=self._index, id=hits[0]["_id"], refresh=True)
+            self.raced.append(hits[0]["_id"])
+        return found
+
+
+@pytest.mark.integration
+def test_erasure_by_search_takes_a_document_deleted_meanwhile_as_erased(  # noqa: ANN001
+    es_stores, es_client  # noqa: ANN001
+) -> None:
+    """The erasure's search + bulk-delete rounds (clusters without ``_delete_by_query``): a
+    document gone between the search and the delete is erased already, not a failure; a
+    round where every delete raced is followed by another search, which finds nothing."""
+    from lightmem.streams.erasure.es_sink import _delete_by_search, _scope_query
+
+    store = es_stores()
+    store.bulk_create([entry("a", unit(1)), entry("b", unit(0, 1)),
+                       entry("c", unit(1, 1), user="bob")])
+    [index] = store.alias_indices()
+    racing = _RacingClient(es_client, index)
+    assert _delete_by_search(racing, index, _scope_query("acme", "alice")) == 1
+    assert len(racing.raced) == 1  # the second search found nothing left
+    assert sorted(e.id for e in store.iter_entries()) == ["c"]
+    # Only the racer's delete in a round: nothing deleted here, and no error.
+    store.bulk_create([entry("d", unit(1))])
+    racing.raced.clear()
+    assert _delete_by_search(racing, index, _scope_query("acme", "alice")) == 0
+    assert racing.raced == ["d"] and sorted(e.id for e in store.iter_entries()) == ["c"]
