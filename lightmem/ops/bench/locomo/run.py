@@ -272,13 +272,14 @@ def locomo_command(
                                  param_hint="--systems")
     if per_turn_unit not in ("exchange", "turn"):
         raise typer.BadParameter("expected exchange or turn", param_hint="--per-turn-unit")
+    from lightmem.streams.models.causal_lm import COMPRESSION_BACKENDS
+
     compressors = tuple(dict.fromkeys(
         c.strip() for c in (compressor or "").split(",") if c.strip()))
     if compressor is not None and (
-        not compressors
-        or any(c not in ("entropy", "minilm", "llmlingua2", "none") for c in compressors)
+        not compressors or any(c not in COMPRESSION_BACKENDS for c in compressors)
     ):
-        raise typer.BadParameter(f"expected some of entropy, minilm, llmlingua2, none; got "
+        raise typer.BadParameter(f"expected some of {', '.join(COMPRESSION_BACKENDS)}; got "
                                  f"{compressor!r}", param_hint="--compressor")
     modes = tuple(dict.fromkeys(m.strip() for m in retrieval.split(",") if m.strip()))
     if not modes or any(m not in ("knn", "hybrid") for m in modes):
